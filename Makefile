@@ -1,0 +1,41 @@
+# civt-cache: every target works from a fresh clone with nothing but Python 3 installed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CLI    := $(VENV)/bin/civt-cache
+STAMP  := $(VENV)/.installed
+PIPELINE ?= pipelines/demo.toml
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo cache-teachers train-student bench clean
+
+setup: $(STAMP)
+
+# Reinstall only when the package definition changes: a second `make setup` is instant.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m civt_cache.demo --pipeline $(PIPELINE)
+
+cache-teachers: setup
+	$(CLI) cache-teachers --pipeline $(PIPELINE)
+
+train-student: setup
+	$(CLI) train-student --pipeline $(PIPELINE)
+
+bench: setup
+	$(CLI) bench cache --pipeline $(PIPELINE)
+	$(CLI) bench student --pipeline $(PIPELINE)
+
+clean:
+	rm -rf runs data build

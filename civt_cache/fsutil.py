@@ -1,0 +1,67 @@
+"""Small filesystem helpers shared by every stage: atomic writes and checksums.
+
+Every file another process may read (manifests, progress records, checkpoints) is written to a
+temporary file in the same directory and renamed into place, so a reader sees either the old
+file or the complete new one, never a torn write, even when the writer is killed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+_CHUNK = 1 << 20
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (temp file in the same directory, fsync, rename)."""
+    atomic_write_with(path, lambda f: f.write(data))
+
+
+def atomic_write_with(path: str | Path, writer: Callable[[Any], Any]) -> None:
+    """Open a temp file beside `path`, let `writer` fill it, then rename it over `path`.
+
+    On any error (including a full disk) the temp file is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Serialise `obj` as indented JSON and write it atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, streamed so large shards and checkpoints never sit in memory."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes | memoryview) -> str:
+    """Hex sha256 of an in-memory buffer."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_sha256(obj: Any) -> str:
+    """Fingerprint of a JSON-serialisable object, independent of key order and whitespace."""
+    return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())

@@ -1,0 +1,161 @@
+"""The data manifest: which shards make a dataset, in which order, and how samples map to rows.
+
+A manifest is the root of sample identity (DESIGN.md). Its shards are listed in a fixed order;
+shard ``i`` owns the global rows ``[shard_base(i), shard_base(i) + num_samples)``. Every shard's
+range starts on a multiple of ``row_stride`` (the largest shard rounded up to ``ROW_ALIGN``), so
+one cache chunk along the row axis holds exactly one shard and rows past a shard's end are padding.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ManifestError
+from .fsutil import atomic_write_json, canonical_sha256, sha256_file
+
+ROW_ALIGN = 64
+MANIFEST_VERSION = 1
+
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard as the manifest records it (path relative to the manifest's directory)."""
+
+    path: str
+    num_samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class DataManifest:
+    """A typed view of ``data_manifests/NAME.json``; see the module docstring for the row mapping."""
+
+    name: str
+    classes: list[str]
+    shards: list[ShardInfo]
+    source: str = ""
+    seed: int | None = None
+    encoding: dict[str, Any] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    location: Path | None = None  # the manifest file this was read from / written to
+
+    # ---- identity -------------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def fingerprint(self) -> str:
+        """Hash of what defines the samples (classes, shard order, counts, checksums).
+
+        Paths and the manifest's own location are left out so a dataset can be moved.
+        """
+        return canonical_sha256(
+            {"classes": self.classes,
+             "shards": [[s.num_samples, s.sha256] for s in self.shards]})
+
+    # ---- row mapping ----------------------------------------------------------------------
+    @property
+    def row_stride(self) -> int:
+        """Rows reserved per shard: the largest shard rounded up to ``ROW_ALIGN``."""
+        largest = max((s.num_samples for s in self.shards), default=1)
+        return max(ROW_ALIGN, -(-largest // ROW_ALIGN) * ROW_ALIGN)
+
+    @property
+    def num_rows(self) -> int:
+        """Total rows including padding (the length of every per-row cache array)."""
+        return len(self.shards) * self.row_stride
+
+    def shard_base(self, shard: int) -> int:
+        """First global row of ``shard``."""
+        return shard * self.row_stride
+
+    def row_of(self, shard: int, position: int) -> int:
+        """Global row of the ``position``-th sample of ``shard``."""
+        if not 0 <= position < self.shards[shard].num_samples:
+            raise IndexError(f"position {position} outside shard {shard} "
+                             f"({self.shards[shard].num_samples} samples)")
+        return self.shard_base(shard) + position
+
+    def locate(self, row: int) -> tuple[int, int]:
+        """(shard, position) of a global row; raises for padding rows."""
+        shard, position = divmod(row, self.row_stride)
+        if shard >= len(self.shards) or position >= self.shards[shard].num_samples:
+            raise IndexError(f"row {row} is padding or out of range")
+        return shard, position
+
+    # ---- files ----------------------------------------------------------------------------
+    def shard_path(self, shard: int) -> Path:
+        """Absolute path of a shard (manifest paths are relative to the manifest's folder)."""
+        p = Path(self.shards[shard].path)
+        if not p.is_absolute() and self.location is not None:
+            p = self.location.parent / p
+        return p
+
+    def verify_shard(self, shard: int) -> None:
+        """Check a shard's size and sha256 against the manifest; raise naming the file."""
+        info, path = self.shards[shard], self.shard_path(shard)
+        if not path.exists():
+            raise ManifestError(f"{path}: shard listed in manifest {self.location} is missing")
+        size = path.stat().st_size
+        if size != info.bytes:
+            raise ManifestError(f"{path}: size {size} differs from manifest ({info.bytes} bytes)")
+        digest = sha256_file(path)
+        if digest != info.sha256:
+            raise ManifestError(f"{path}: sha256 {digest[:12]}... differs from manifest "
+                                f"({info.sha256[:12]}...); the shard changed since it was listed")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": MANIFEST_VERSION,
+            "name": self.name,
+            "source": self.source,
+            "seed": self.seed,
+            "classes": self.classes,
+            "num_classes": self.num_classes,
+            "num_samples": self.num_samples,
+            "encoding": self.encoding,
+            "shards": [asdict(s) for s in self.shards],
+            "skipped": self.skipped,
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically, so no reader ever sees a manifest for shards not fully written."""
+        self.location = Path(path).resolve()
+        atomic_write_json(self.location, self.to_json())
+
+
+def load_manifest(path: str | Path) -> DataManifest:
+    """Read and validate a manifest; errors name the file and the problem."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: manifest not found") from None
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    try:
+        shards = [ShardInfo(str(s["path"]), int(s["num_samples"]), int(s["bytes"]), str(s["sha256"]))
+                  for s in raw["shards"]]
+        m = DataManifest(name=str(raw["name"]), classes=[str(c) for c in raw["classes"]],
+                         shards=shards, source=str(raw.get("source", "")), seed=raw.get("seed"),
+                         encoding=dict(raw.get("encoding", {})),
+                         skipped=list(raw.get("skipped", [])), location=path.resolve())
+    except (KeyError, TypeError, ValueError) as e:
+        raise ManifestError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+    if "num_samples" in raw and int(raw["num_samples"]) != m.num_samples:
+        raise ManifestError(f"{path}: num_samples {raw['num_samples']} != sum over shards "
+                            f"{m.num_samples}")
+    return m
+
+
+def default_manifest_path(name: str) -> Path:
+    """Where manifests go unless told otherwise: ``data_manifests/NAME.json`` in the cwd."""
+    return Path("data_manifests") / f"{name}.json"

@@ -1,0 +1,126 @@
+"""Reading WebDataset shards: one shard's samples as (key, image bytes, label) in stored order.
+
+Shards are plain tar files in the WebDataset convention: members ``KEY.EXT`` grouped by key,
+one image member (jpg/jpeg/png/webp) and one ``cls`` member (the integer label) per sample.
+The reader is deliberately strict, because a silently short shard would shift every row after
+it: a truncated tar, a sample without image or label, or a bad label raises ``ShardError``
+naming the shard and the key.
+"""
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from .errors import ManifestError, ShardError
+from .fsutil import sha256_bytes
+from .manifest import DataManifest
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+LABEL_EXT = "cls"
+_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+_TAR_END = 1024  # two zero blocks end every complete tar archive
+
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One stored sample: its WebDataset key, the encoded image, and the integer label."""
+
+    key: str
+    image: bytes
+    label: int
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """WebDataset's rule: key = path up to the first dot of the basename; ext = the rest."""
+    m = _KEY_RE.match(name)
+    return (m.group(1), m.group(2).lower()) if m else None
+
+
+def _finish_sample(shard: str, key: str, parts: dict[str, bytes]) -> Sample:
+    image_ext = next((e for e in IMAGE_EXTS if e in parts), None)
+    if image_ext is None:
+        raise ShardError(f"{shard}: sample {key!r} has no image member "
+                         f"(one of {', '.join(IMAGE_EXTS)}); has {sorted(parts)}")
+    if LABEL_EXT not in parts:
+        raise ShardError(f"{shard}: sample {key!r} has no '{LABEL_EXT}' label member")
+    text = parts[LABEL_EXT].decode("utf-8", "replace").strip()
+    try:
+        label = int(text)
+    except ValueError:
+        raise ShardError(f"{shard}: sample {key!r} has a non-integer label {text[:20]!r}") from None
+    if label < 0:
+        raise ShardError(f"{shard}: sample {key!r} has a negative label {label}")
+    return Sample(key, parts[image_ext], label)
+
+
+def iter_tar_samples(fileobj: BinaryIO, shard: str) -> Iterator[Sample]:
+    """Yield the samples of an open tar stream in stored order (see the module docstring)."""
+    key: str | None = None
+    parts: dict[str, bytes] = {}
+    seen: set[str] = set()
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r:") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                split = split_member_name(member.name)
+                if split is None:
+                    continue
+                mkey, ext = split
+                if mkey != key:
+                    if key is not None:
+                        yield _finish_sample(shard, key, parts)
+                    if mkey in seen:
+                        raise ShardError(f"{shard}: key {mkey!r} appears twice (members not grouped)")
+                    seen.add(mkey)
+                    key, parts = mkey, {}
+                data = tf.extractfile(member)
+                assert data is not None
+                parts[ext] = data.read()
+                if len(parts[ext]) != member.size:
+                    raise ShardError(f"{shard}: member {member.name!r} is truncated")
+            end = tf.offset
+    except tarfile.TarError as e:
+        raise ShardError(f"{shard}: truncated or corrupt tar ({e})") from None
+    if key is not None:
+        yield _finish_sample(shard, key, parts)
+    # tarfile stops silently when a file ends exactly between members; a complete archive
+    # always ends in two zero blocks, so their absence means the shard was cut short.
+    fileobj.seek(end)
+    tail = fileobj.read(_TAR_END)
+    if len(tail) < _TAR_END or tail.count(0) != _TAR_END:
+        raise ShardError(f"{shard}: truncated tar (no end-of-archive marker after offset {end})")
+
+
+def iter_shard_file(path: str | Path) -> Iterator[Sample]:
+    """Stream the samples of a shard file without loading it whole."""
+    with open(path, "rb") as f:
+        yield from iter_tar_samples(f, str(path))
+
+
+def read_shard(manifest: DataManifest, shard: int, verify: bool = True) -> list[Sample]:
+    """Load one shard of a manifest into memory, checking size and sha256 on the same read.
+
+    Stage one and stage two call this once per unit of work, so the checksum costs no extra I/O.
+    """
+    path = manifest.shard_path(shard)
+    info = manifest.shards[shard]
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: shard listed in manifest {manifest.location} is missing") from None
+    if verify:
+        if len(data) != info.bytes:
+            raise ManifestError(f"{path}: size {len(data)} differs from manifest ({info.bytes} bytes)")
+        if sha256_bytes(data) != info.sha256:
+            raise ManifestError(f"{path}: sha256 differs from manifest {manifest.location}; "
+                                "the shard changed since the manifest was written")
+    samples = list(iter_tar_samples(io.BytesIO(data), str(path)))
+    if len(samples) != info.num_samples:
+        raise ManifestError(f"{path}: holds {len(samples)} samples, manifest says {info.num_samples}")
+    return samples

@@ -1,0 +1,36 @@
+"""Shared fixtures: small data sets built once per test session."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool = True,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``civt-cache ARGS`` in a subprocess, as a user would."""
+    proc = subprocess.run([sys.executable, "-m", "civt_cache.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"civt-cache {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> dict[str, Path]:
+    """The built-in digits data set as shards of 256 plus train/val manifests."""
+    from civt_cache.digits import digits_items
+    from civt_cache.shard_writer import write_shards
+
+    root = tmp_path_factory.mktemp("digits")
+    out = {}
+    for split, (classes, items) in digits_items().items():
+        path = root / "manifests" / f"digits-{split}.json"
+        write_shards(items, classes, root / "shards", f"digits-{split}", 256, 0, "digits", path,
+                     workers=1)
+        out[split] = path
+    return out

@@ -108,3 +108,25 @@ def _classifier_name(model: nn.Module) -> str:
     """Dotted name of the module ``get_classifier()`` returns (e.g. 'fc', 'head.fc')."""
     head = model.get_classifier()  # type: ignore[operator]
     return next(n for n, m in model.named_modules() if m is head)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU; plain fp32 on CPU (where autocast is slower and less exact)."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+@torch.no_grad()
+def teacher_logits(teacher: Teacher, views: torch.Tensor, view_mean: tuple[float, ...],
+                   view_std: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """Full float32 logits of ``teacher`` on a batch of views normalised with the recipe's
+    mean/std (re-normalised to the teacher's own when they differ)."""
+    x = views.to(device, non_blocking=True)
+    if tuple(teacher.mean) != tuple(view_mean) or tuple(teacher.std) != tuple(view_std):
+        vm, vs = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (view_mean, view_std))
+        tm, ts = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (teacher.mean, teacher.std))
+        x = ((x * vs + vm) - tm) / ts
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    dtype = autocast_dtype(device)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        return teacher.model(x).float()

@@ -1,0 +1,339 @@
+"""The teacher cache: one zarr v3 group per (data manifest, view recipe, seed). This module
+alone knows its layout.
+
+Layout (E epochs, R = manifest rows incl. padding, U = epoch blocks, F = record fields)::
+
+    CACHE/zarr.json                  group attributes: schema, manifest / recipe fingerprints,
+                                     seed, epochs, epochs_per_unit, k, classes
+    CACHE/views/params   int32 [E, R, F]  view records (civt_cache.views layout)
+    CACHE/views/keys     uint64 [U, R]    hash of each sample's __key__, per epoch block
+    CACHE/views/labels   int32 [U, R]     each sample's label (inspect, alignment checks)
+    CACHE/teachers/NAME/ (attrs: arch, checkpoint sha256, normalisation)
+        logits   float16 [E, R, k]   top-k logits, descending
+        indices  int16|int32 [E, R, k]
+        lse      float32 [E, R]      log-sum-exp of the full logits
+    CACHE/progress/sSSSSSS-bBBBB.json  commit record of one unit (shard, epoch block)
+    CACHE/claims/RUN/...               claim files when ranks claim units dynamically
+
+Every chunk covers exactly one unit (epochs_per_unit epochs x one shard's rows), so no two
+processes ever write the same stored object. A unit is committed by writing its chunks and then
+its progress record (temp file + rename) holding checksums; a unit without a record is redone.
+New caches and new teachers are created beside the cache and renamed into place, so several
+processes may race to create them without a coordinator.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, TransposeCodec
+
+from .errors import CacheMismatchError
+from .fsutil import atomic_write_json
+from .manifest import DataManifest
+from .recipe import Recipe
+from .views import NUM_FIELDS
+
+SCHEMA_VERSION = 1
+_VALUES = [BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)]
+_BITS = [BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle)]
+
+
+def key_hash(key: str) -> int:
+    """64-bit hash of a sample key, stored per row so readers can assert alignment."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def _checksum(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a cache is built for; two specs must agree for a cache to be reused."""
+
+    manifest_name: str
+    manifest_fingerprint: str
+    num_shards: int
+    row_stride: int
+    recipe: Recipe
+    seed: int
+    epochs: int
+    epochs_per_unit: int
+    topk: int
+    num_classes: int
+
+    @classmethod
+    def for_manifest(cls, manifest: DataManifest, recipe: Recipe, seed: int, epochs: int,
+                     epochs_per_unit: int, topk: int) -> "CacheSpec":
+        if epochs < 1 or epochs_per_unit < 1:
+            raise CacheMismatchError(f"epochs ({epochs}) and epochs_per_unit ({epochs_per_unit}) must be >= 1")
+        if not 1 <= topk <= manifest.num_classes:
+            raise CacheMismatchError(f"topk {topk} must be between 1 and the {manifest.num_classes} classes")
+        return cls(manifest.name, manifest.fingerprint(), len(manifest.shards), manifest.row_stride,
+                   recipe, seed, epochs, min(epochs_per_unit, epochs), topk, manifest.num_classes)
+
+    @property
+    def num_rows(self) -> int:
+        return self.num_shards * self.row_stride
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.epochs // self.epochs_per_unit)
+
+    @property
+    def index_dtype(self) -> str:
+        return "int16" if self.num_classes <= 32767 else "int32"
+
+    def attrs(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, "kind": "civt-cache",
+                "manifest": {"name": self.manifest_name, "fingerprint": self.manifest_fingerprint,
+                             "num_shards": self.num_shards, "row_stride": self.row_stride},
+                "recipe": self.recipe.to_json(), "recipe_fingerprint": self.recipe.fingerprint(),
+                "seed": self.seed, "epochs": self.epochs, "epochs_per_unit": self.epochs_per_unit,
+                "topk": self.topk, "num_classes": self.num_classes}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> "CacheSpec":
+        m = attrs["manifest"]
+        return cls(m["name"], m["fingerprint"], m["num_shards"], m["row_stride"],
+                   Recipe.from_json(attrs["recipe"]), attrs["seed"], attrs["epochs"],
+                   attrs["epochs_per_unit"], attrs["topk"], attrs["num_classes"])
+
+    def differences(self, other: "CacheSpec") -> list[str]:
+        """Human-readable list of what differs between a stored spec (self) and a request."""
+        out = []
+        if self.manifest_fingerprint != other.manifest_fingerprint:
+            out.append(f"data manifest: cache built for {self.manifest_name!r} "
+                       f"({self.manifest_fingerprint[:12]}), asked for {other.manifest_name!r} "
+                       f"({other.manifest_fingerprint[:12]})")
+        if self.recipe != other.recipe:
+            a, b = self.recipe.to_json(), other.recipe.to_json()
+            diff = ", ".join(f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k])
+            out.append(f"view recipe differs ({diff})")
+        for name in ("seed", "epochs", "epochs_per_unit", "topk", "num_classes", "row_stride"):
+            if getattr(self, name) != getattr(other, name):
+                out.append(f"{name}: cache has {getattr(self, name)}, asked {getattr(other, name)}")
+        return out
+
+
+def _create_beside(final: Path, build) -> bool:
+    """Build a directory tree at a temp path beside ``final`` and rename it into place.
+    Returns False if another process created ``final`` first (its version is kept)."""
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+            return True
+        except OSError:
+            if final.exists():
+                return False
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class CacheStore:
+    """Read/write access to one cache directory."""
+
+    def __init__(self, root: Path, group: zarr.Group, spec: CacheSpec) -> None:
+        self.root, self.group, self.spec = root, group, spec
+
+    # ---- opening ------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, root: str | Path, mode: str = "r") -> "CacheStore":
+        """Open an existing cache; errors say what is wrong with the directory."""
+        root = Path(root)
+        if not (root / "zarr.json").exists():
+            raise CacheMismatchError(f"{root}: not a civt-cache (no zarr.json); run cache-teachers first")
+        group = zarr.open_group(str(root), mode=mode, zarr_format=3)
+        attrs = dict(group.attrs)
+        if attrs.get("kind") != "civt-cache":
+            raise CacheMismatchError(f"{root}: zarr group is not a civt-cache")
+        if attrs.get("schema_version") != SCHEMA_VERSION:
+            raise CacheMismatchError(f"{root}: cache schema {attrs.get('schema_version')}, "
+                                     f"this civt-cache reads schema {SCHEMA_VERSION}")
+        return cls(root, group, CacheSpec.from_attrs(attrs))
+
+    @classmethod
+    def create_or_open(cls, root: str | Path, spec: CacheSpec) -> "CacheStore":
+        """Open the cache at ``root`` if it matches ``spec`` (else refuse, saying what differs),
+        or create it atomically."""
+        root = Path(root)
+        if not root.exists():
+            root.parent.mkdir(parents=True, exist_ok=True)
+            _create_beside(root, lambda tmp: cls._build(tmp, spec))
+        store = cls.open(root, mode="r+")
+        store.check_spec(spec)
+        return store
+
+    def check_spec(self, spec: CacheSpec) -> None:
+        diffs = self.spec.differences(spec)
+        if diffs:
+            raise CacheMismatchError(f"{self.root}: cache does not match the request:\n  - "
+                                     + "\n  - ".join(diffs)
+                                     + "\nUse another --out, or rebuild with the cache's settings.")
+
+    @staticmethod
+    def _build(path: Path, spec: CacheSpec) -> None:
+        g = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=spec.attrs())
+        e, r, b = spec.epochs, spec.num_rows, spec.epochs_per_unit
+        g.create_array("views/params", shape=(e, r, NUM_FIELDS), chunks=(b, spec.row_stride, NUM_FIELDS),
+                       dtype="int32", fill_value=0, filters=[TransposeCodec(order=(0, 2, 1))],
+                       compressors=_BITS)
+        g.create_array("views/keys", shape=(spec.num_blocks, r), chunks=(1, spec.row_stride),
+                       dtype="uint64", fill_value=0, compressors=None)
+        g.create_array("views/labels", shape=(spec.num_blocks, r), chunks=(1, spec.row_stride),
+                       dtype="int32", fill_value=-1, compressors=_BITS)
+        g.require_group("teachers")
+        (path / "progress").mkdir()
+
+    # ---- teachers -----------------------------------------------------------------------------
+    def teachers(self) -> dict[str, dict[str, Any]]:
+        """Identity of every teacher in the cache, by name."""
+        tg = zarr.open_group(str(self.root / "teachers"), mode="r", zarr_format=3)
+        return {name: dict(sub.attrs) for name, sub in sorted(tg.groups())}
+
+    def ensure_teacher(self, identity: dict[str, Any]) -> None:
+        """Add a teacher's (empty) arrays, or check that the stored one is the same teacher."""
+        name = identity["name"]
+        final = self.root / "teachers" / name
+        if not final.exists():
+            _create_beside(final, lambda tmp: self._build_teacher(tmp, identity))
+        stored = self.teachers()[name]
+        for field in ("arch", "checkpoint_sha256", "num_classes"):
+            if stored.get(field) != identity.get(field):
+                raise CacheMismatchError(
+                    f"{self.root}: teacher {name!r} in the cache has {field} {stored.get(field)!r}, "
+                    f"asked {identity.get(field)!r}; give the new teacher another name")
+
+    def _build_teacher(self, path: Path, identity: dict[str, Any]) -> None:
+        s = self.spec
+        if identity["num_classes"] != s.num_classes:
+            raise CacheMismatchError(f"teacher {identity['name']!r} predicts {identity['num_classes']} "
+                                     f"classes, the data has {s.num_classes}")
+        g = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=identity)
+        chunks = (s.epochs_per_unit, s.row_stride, s.topk)
+        g.create_array("logits", shape=(s.epochs, s.num_rows, s.topk), chunks=chunks,
+                       dtype="float16", fill_value=0, compressors=_VALUES)
+        g.create_array("indices", shape=(s.epochs, s.num_rows, s.topk), chunks=chunks,
+                       dtype=s.index_dtype, fill_value=0, compressors=_BITS)
+        g.create_array("lse", shape=(s.epochs, s.num_rows), chunks=chunks[:2],
+                       dtype="float32", fill_value=0, compressors=_VALUES)
+
+    # ---- units --------------------------------------------------------------------------------
+    def units(self) -> list[tuple[int, int]]:
+        """All (shard, block) units in their canonical order."""
+        return [(s, b) for b in range(self.spec.num_blocks) for s in range(self.spec.num_shards)]
+
+    def block_epochs(self, block: int) -> range:
+        b = self.spec.epochs_per_unit
+        return range(block * b, min((block + 1) * b, self.spec.epochs))
+
+    def _progress_path(self, shard: int, block: int) -> Path:
+        return self.root / "progress" / f"s{shard:06d}-b{block:04d}.json"
+
+    def unit_record(self, shard: int, block: int) -> dict[str, Any] | None:
+        """The commit record of a unit, or None if it is not (fully) committed."""
+        try:
+            return json.loads(self._progress_path(shard, block).read_text())
+        except FileNotFoundError:
+            return None
+
+    def commit_unit(self, shard: int, block: int, num_samples: int, views: dict[str, str],
+                    teachers: dict[str, dict[str, str]]) -> None:
+        """Atomically record that the unit's chunks for these components are written."""
+        atomic_write_json(self._progress_path(shard, block), {
+            "shard": shard, "block": block, "epochs": list(self.block_epochs(block)),
+            "num_samples": num_samples, "views": views, "teachers": teachers})
+
+    def claim(self, run_id: str, shard: int, block: int) -> bool:
+        """Claim a unit for this process within run ``run_id`` (O_EXCL create: one winner)."""
+        d = self.root / "claims" / run_id
+        d.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(d / f"s{shard:06d}-b{block:04d}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            return False
+
+    # ---- chunk I/O ----------------------------------------------------------------------------
+    def _rows(self, shard: int) -> slice:
+        base = shard * self.spec.row_stride
+        return slice(base, base + self.spec.row_stride)
+
+    def _pad(self, a: np.ndarray, axis: int = 1) -> np.ndarray:
+        """Pad a unit's rows to the full chunk so every write covers whole chunks."""
+        pad = self.spec.row_stride - a.shape[axis]
+        if pad == 0:
+            return a
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (0, pad)
+        return np.pad(a, widths)
+
+    def write_views(self, shard: int, block: int, keys: list[str], labels: np.ndarray,
+                    records: np.ndarray) -> str:
+        """Write a unit's records [B, n, F], key hashes and labels; returns their checksum."""
+        ep, rows = self.block_epochs(block), self._rows(shard)
+        hashes = np.array([key_hash(k) for k in keys], dtype=np.uint64)
+        labels = np.asarray(labels, dtype=np.int32)
+        self.group["views/params"][ep.start:ep.stop, rows] = self._pad(records)
+        self.group["views/keys"][block:block + 1, rows] = self._pad(hashes[None])
+        self.group["views/labels"][block:block + 1, rows] = self._pad(labels[None])
+        return _checksum(records, hashes, labels)
+
+    def write_teacher(self, name: str, shard: int, block: int, logits: np.ndarray,
+                      indices: np.ndarray, lse: np.ndarray) -> str:
+        """Write a unit's top-k logits / indices [B, n, k] and lse [B, n]; returns a checksum."""
+        ep, rows = self.block_epochs(block), self._rows(shard)
+        g = self.group[f"teachers/{name}"]
+        g["logits"][ep.start:ep.stop, rows] = self._pad(logits.astype(np.float16))
+        g["indices"][ep.start:ep.stop, rows] = self._pad(indices.astype(self.spec.index_dtype))
+        g["lse"][ep.start:ep.stop, rows] = self._pad(lse.astype(np.float32))
+        return _checksum(logits.astype(np.float16), indices.astype(self.spec.index_dtype),
+                         lse.astype(np.float32))
+
+    def read_views(self, shard: int, block: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(records [B, n, F], key hashes [n]) of a unit."""
+        ep, rows = self.block_epochs(block), self._rows(shard)
+        recs = self.group["views/params"][ep.start:ep.stop, rows][:, :n]
+        keys = self.group["views/keys"][block, rows][:n]
+        return recs, keys
+
+    def read_labels(self, shard: int, block: int, n: int) -> np.ndarray:
+        return self.group["views/labels"][block, self._rows(shard)][:n]
+
+    def read_epoch(self, shard: int, epoch: int, n: int,
+                   teachers: list[str]) -> tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, ...]]]:
+        """One (shard, epoch) block: records [n, F], key hashes [n], and per teacher
+        (logits [n, k] float32, indices [n, k] int64, lse [n] float32). One read per array."""
+        rows = self._rows(shard)
+        block = epoch // self.spec.epochs_per_unit
+        recs = self.group["views/params"][epoch, rows][:n]
+        keys = self.group["views/keys"][block, rows][:n]
+        out = {}
+        for name in teachers:
+            g = self.group[f"teachers/{name}"]
+            out[name] = (g["logits"][epoch, rows][:n].astype(np.float32),
+                         g["indices"][epoch, rows][:n].astype(np.int64),
+                         g["lse"][epoch, rows][:n].astype(np.float32))
+        return recs, keys, out
+
+    def disk_bytes(self) -> dict[str, int]:
+        """Bytes on disk per top-level component (views, each teacher, progress)."""
+        out: dict[str, int] = {}
+        for sub in ["views", "progress"] + [f"teachers/{t}" for t in self.teachers()]:
+            out[sub] = sum(f.stat().st_size for f in (self.root / sub).rglob("*") if f.is_file())
+        return out

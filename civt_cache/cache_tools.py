@@ -1,0 +1,171 @@
+"""``inspect`` and ``verify``: read a cache and say what it holds and whether it is right."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cache_store import CacheStore, key_hash
+from .distributed import pick_device
+from .errors import CacheMismatchError
+from .manifest import load_manifest
+from .models.teachers import build_teacher, teacher_logits
+from .shards import read_shard
+from .views import LAM, LAM_ONE, MIX_MODE, MIX_NONE, PARTNER, apply_records, decode_rgb, \
+    sample_shard_records
+
+INSPECT_MAX_UNITS = 64
+
+
+def inspect_cache(root: Path) -> str:
+    """A human-readable report on a cache (see the ``inspect`` command)."""
+    store = CacheStore.open(root)
+    s = store.spec
+    teachers = store.teachers()
+    lines = [f"cache {root}", f"  data: {s.manifest_name} ({s.num_shards} shards, fingerprint "
+             f"{s.manifest_fingerprint[:12]})",
+             f"  views: {s.epochs} epochs x {s.num_shards} shards, {s.epochs_per_unit} epoch(s)/unit, "
+             f"img {s.recipe.img_size}px, seed {s.seed}, top-{s.topk} of {s.num_classes} classes"]
+    for name, ident in teachers.items():
+        lines.append(f"  teacher {name}: {ident['arch']} (checkpoint sha256 {ident['checkpoint_sha256'][:12]})")
+    done: Counter = Counter()
+    missing: dict[str, list[str]] = {n: [] for n in ["views", *teachers]}
+    views_committed = 0
+    committed_units = []
+    for shard, block in store.units():
+        rec = store.unit_record(shard, block)
+        for comp in missing:
+            has = rec is not None and (rec.get("views") if comp == "views" else comp in rec["teachers"])
+            if has:
+                done[comp] += 1
+            else:
+                missing[comp].append(f"s{shard}b{block}")
+        if rec and rec.get("views"):
+            views_committed += rec["num_samples"] * len(rec["epochs"])
+            committed_units.append((shard, block, rec))
+    total = len(store.units())
+    lines.append(f"  units: {total} in all; views committed in {done['views']}; "
+                 + ", ".join(f"{n} in {done[n]}" for n in teachers))
+    for comp, miss in missing.items():
+        if miss:
+            lines.append(f"  missing {comp}: {len(miss)} unit(s), e.g. {', '.join(miss[:6])}"
+                         " (rerun cache-teachers to fill them)")
+    sizes = store.disk_bytes()
+    all_bytes = sum(sizes.values())
+    lines.append(f"  bytes on disk: {all_bytes:,} ("
+                 + ", ".join(f"{k} {v:,}" for k, v in sizes.items()) + ")")
+    if views_committed:
+        lines.append(f"  bytes per view: {all_bytes / views_committed:.1f} "
+                     f"(records {sizes['views'] / views_committed:.1f}"
+                     + "".join(f", {n} {sizes['teachers/' + n] / views_committed:.1f}" for n in teachers)
+                     + ")")
+    lines += _agreement(store, committed_units[:INSPECT_MAX_UNITS], list(teachers))
+    if len(committed_units) > INSPECT_MAX_UNITS:
+        lines.append(f"  (agreement over the first {INSPECT_MAX_UNITS} committed units)")
+    return "\n".join(lines)
+
+
+def _agreement(store: CacheStore, units: list, teachers: list[str]) -> list[str]:
+    """Top-1 agreement of each teacher with the dominant label and with each other teacher."""
+    top1: dict[str, list[np.ndarray]] = {t: [] for t in teachers}
+    labels, keep = [], []
+    for shard, block, rec in units:
+        n = rec["num_samples"]
+        recs, _ = store.read_views(shard, block, n)
+        own = store.read_labels(shard, block, n)
+        for j, epoch in enumerate(rec["epochs"]):
+            r = recs[j]
+            # the row's own label is the view's dominant label unless its partner outweighs it
+            keep.append((r[:, MIX_MODE] == MIX_NONE) | (r[:, LAM] >= LAM_ONE // 2))
+            labels.append(own)
+            for t in teachers:
+                if t in rec["teachers"]:
+                    idx = store.group[f"teachers/{t}/indices"][epoch, store._rows(shard)][:n, 0]
+                    top1[t].append(idx)
+                else:
+                    top1[t].append(np.full(n, -1))
+    if not labels:
+        return ["  agreement: no committed units yet"]
+    y, k = np.concatenate(labels), np.concatenate(keep)
+    out = []
+    for t in teachers:
+        p = np.concatenate(top1[t])
+        valid = k & (p >= 0)
+        if valid.any():
+            out.append(f"  {t} top-1 = label (dominant label of the view): "
+                       f"{100 * (p[valid] == y[valid]).mean():.1f}% of {int(valid.sum())} views")
+    for i, a in enumerate(teachers):
+        for b in teachers[i + 1:]:
+            pa, pb = np.concatenate(top1[a]), np.concatenate(top1[b])
+            both = (pa >= 0) & (pb >= 0)
+            if both.any():
+                out.append(f"  {a} vs {b} top-1 agreement: {100 * (pa[both] == pb[both]).mean():.1f}%")
+    return out
+
+
+def verify_cache(root: Path, manifest_path: Path, teacher_specs: list[str], samples: int,
+                 seed: int, device_pref: str = "auto") -> tuple[str, bool]:
+    """Rebuild ``samples`` random committed views through the same view function, check their
+    records regenerate identically, rerun the teachers and compare with the stored top-k."""
+    store = CacheStore.open(root)
+    manifest = load_manifest(manifest_path)
+    if manifest.fingerprint() != store.spec.manifest_fingerprint:
+        raise CacheMismatchError(f"{root}: built for data {store.spec.manifest_name!r}, not "
+                                 f"{manifest_path} (fingerprints differ)")
+    device = pick_device(device_pref)
+    stored_teachers = store.teachers()
+    teachers = [build_teacher(t, device) for t in teacher_specs]
+    for t in teachers:
+        ident = stored_teachers.get(t.name)
+        if ident is None or ident["checkpoint_sha256"] != t.sha256:
+            raise CacheMismatchError(f"{root}: teacher {t.name!r} ({t.checkpoint}) is not the one "
+                                     f"cached ({ident and ident['checkpoint_sha256'][:12]})")
+    committed = [(s, b, r) for s, b in store.units() if (r := store.unit_record(s, b)) and r.get("views")]
+    if not committed:
+        return f"{root}: no committed units to verify", False
+    rng = np.random.default_rng(seed)
+    picks: dict[int, list[tuple[int, int]]] = {}
+    for _ in range(samples):
+        shard, block, rec = committed[rng.integers(len(committed))]
+        picks.setdefault(shard, []).append((int(rng.choice(rec["epochs"])),
+                                            int(rng.integers(rec["num_samples"]))))
+    recipe, spec = store.spec.recipe, store.spec
+    worst, mismatched, total_k, record_errors, checked = 0.0, 0, 0, 0, 0
+    budget_ok = True
+    atol, rtol, max_mismatch = (0.02, 2**-9, 0.02) if device.type == "cpu" else (0.25, 0.03, 0.1)
+    for shard, items in sorted(picks.items()):
+        samples_ = read_shard(manifest, shard)
+        rows = [manifest.row_of(shard, i) for i in range(len(samples_))]
+        hashes = store.read_views(shard, items[0][0] // spec.epochs_per_unit, len(rows))[1]
+        if hashes.tolist() != [key_hash(s.key) for s in samples_]:
+            raise CacheMismatchError(f"{root}: keys of shard {shard} differ from {manifest.shard_path(shard)}")
+        images = {}
+        for epoch, pos in items:
+            recs, _, outs = store.read_epoch(shard, epoch, len(rows), [t.name for t in teachers])
+            fresh = sample_shard_records(recipe, spec.seed, epoch, shard, rows,
+                                         [decode_rgb(s.image).size for s in samples_])
+            record_errors += int(not np.array_equal(fresh[pos], recs[pos]))
+            row, partner = rows[pos], int(recs[pos, PARTNER])
+            for r in (row, partner):
+                images.setdefault(r, decode_rgb(samples_[r - rows[0]].image))
+            view = apply_records(images, {row: recs[pos], partner: recs[partner - rows[0]]}, [row], recipe)
+            for t in teachers:
+                full = teacher_logits(t, view, recipe.mean, recipe.std, device)[0].cpu()
+                logits, idx, lse = (a[pos] for a in outs[t.name])
+                diff = (full[torch.from_numpy(idx)] - torch.from_numpy(logits)).abs()
+                worst = max(worst, float(diff.max()))
+                budget_ok &= bool((diff <= atol + rtol * torch.from_numpy(logits).abs()).all())
+                worst = max(worst, abs(float(torch.logsumexp(full, 0)) - float(lse)))
+                fresh_idx = set(full.topk(spec.topk).indices.tolist())
+                mismatched += len(fresh_idx - set(idx.tolist()))
+                total_k += spec.topk
+            checked += 1
+    rate = mismatched / max(total_k, 1)
+    ok = budget_ok and rate <= max_mismatch and record_errors == 0
+    report = (f"verified {checked} views x {len(teachers)} teacher(s) on {device}: largest logit "
+              f"difference {worst:.4g} (tolerance {atol} + {rtol:.3g}*|logit|), top-{spec.topk} "
+              f"index mismatch {100 * rate:.2f}% (tolerance {100 * max_mismatch:.0f}%), "
+              f"records regenerated differently: {record_errors} -> {'OK' if ok else 'FAILED'}")
+    return report, ok

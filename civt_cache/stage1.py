@@ -1,0 +1,241 @@
+"""Stage one, ``cache-teachers``: run every teacher once over the augmented views of a data set
+and store their top-k logits plus the exact view records in the cache.
+
+Pipeline per process: DataLoader workers read a unit's shard (checksum verified on the same
+read), decode each image once and build all of the unit's views through ``views.apply_records``;
+the main thread runs the teachers (bf16 autocast + channels_last on GPU, fp32 on CPU) and takes
+top-k on the device; a writer thread writes the unit's chunks and commits it, so the device
+never waits on the disk. Units are split over torchrun ranks statically (unit index modulo world
+size) or claimed with claim files (``--claim``, for several nodes on one shared filesystem).
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from .cache_store import CacheSpec, CacheStore, key_hash
+from .distributed import DistInfo, barrier, init_distributed, shutdown
+from .errors import CacheMismatchError
+from .manifest import DataManifest, load_manifest
+from .models.teachers import Teacher, build_teacher, teacher_logits
+from .recipe import Recipe
+from .shards import read_shard
+from .views import apply_records, decode_rgb, sample_shard_records
+
+
+@dataclass
+class CacheJob:
+    """Everything ``cache-teachers`` needs; built from flags and/or a pipeline TOML."""
+
+    manifest: Path
+    teachers: list[str]
+    out: Path
+    epochs: int = 1
+    epochs_per_unit: int = 1
+    topk: int = 10
+    seed: int = 0
+    recipe: Recipe = field(default_factory=Recipe)
+    batch_size: int = 256
+    workers: int = 2
+    device: str = "auto"
+    compile: bool = False
+    claim: bool = False
+    run_id: str = ""
+
+
+@dataclass
+class UnitEpoch:
+    """The views of one epoch of one unit, as a worker hands them to the teachers."""
+
+    shard: int
+    block: int
+    epoch: int
+    views: torch.Tensor
+    records: np.ndarray
+    keys: list[str]
+    labels: np.ndarray
+    new_views: bool  # records were sampled now (not read back from the cache)
+
+
+class UnitViews(IterableDataset):
+    """Yields UnitEpoch items for a list of units; each worker takes every k-th unit."""
+
+    def __init__(self, manifest: DataManifest, store_root: Path, units: list[tuple[int, int]],
+                 committed_views: set[tuple[int, int]], recipe: Recipe, seed: int,
+                 epochs_per_unit: int, total_epochs: int) -> None:
+        self.manifest, self.store_root, self.units = manifest, store_root, units
+        self.committed_views, self.recipe, self.seed = committed_views, recipe, seed
+        self.b, self.total_epochs = epochs_per_unit, total_epochs
+
+    def __iter__(self) -> Iterator[UnitEpoch]:
+        info = get_worker_info()
+        mine = self.units[info.id::info.num_workers] if info else self.units
+        store = CacheStore.open(self.store_root) if mine else None
+        for shard, block in mine:
+            samples = read_shard(self.manifest, shard, verify=True)
+            rows = [self.manifest.row_of(shard, i) for i in range(len(samples))]
+            images = {r: decode_rgb(s.image) for r, s in zip(rows, samples)}
+            keys = [s.key for s in samples]
+            labels = np.array([s.label for s in samples], np.int32)
+            stored = (shard, block) in self.committed_views
+            if stored:
+                assert store is not None
+                recs_all, hashes = store.read_views(shard, block, len(samples))
+                if [key_hash(k) for k in keys] != hashes.tolist():
+                    raise CacheMismatchError(f"{self.store_root}: stored keys of shard {shard} do "
+                                             f"not match {self.manifest.shard_path(shard)}")
+            epochs = range(block * self.b, min((block + 1) * self.b, self.total_epochs))
+            for j, epoch in enumerate(epochs):
+                recs = (recs_all[j] if stored else sample_shard_records(
+                    self.recipe, self.seed, epoch, shard, rows, [images[r].size for r in rows]))
+                views = apply_records(images, dict(zip(rows, recs)), rows, self.recipe)
+                yield UnitEpoch(shard, block, epoch, views, recs, keys, labels, not stored)
+
+
+class _Writer(threading.Thread):
+    """Writes finished units and commits them; errors surface in the main thread."""
+
+    def __init__(self, store: CacheStore) -> None:
+        super().__init__(daemon=True)
+        self.store, self.q, self.error = store, queue.Queue(maxsize=4), None
+
+    def run(self) -> None:
+        while (job := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    self._write(*job)
+                except BaseException as e:  # reported by put()/finish()
+                    self.error = e
+
+    def _write(self, shard: int, block: int, acc: dict[str, Any], prior: dict[str, Any] | None) -> None:
+        views = prior["views"] if prior else {}
+        teachers = dict(prior["teachers"]) if prior else {}
+        if acc["new_views"]:
+            views = {"sha256": self.store.write_views(shard, block, acc["keys"], acc["labels"],
+                                                      np.stack(acc["records"]))}
+        for name, parts in acc["teachers"].items():
+            teachers[name] = {"sha256": self.store.write_teacher(
+                name, shard, block, np.stack(parts["logits"]), np.stack(parts["indices"]),
+                np.stack(parts["lse"]))}
+        self.store.commit_unit(shard, block, len(acc["keys"]), views, teachers)
+
+    def put(self, job: tuple) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(job)
+
+    def finish(self) -> None:
+        self.q.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def plan_units(store: CacheStore, teacher_names: list[str], info: DistInfo, claim: bool) -> tuple[
+        list[tuple[int, int]], set[tuple[int, int]], dict[tuple[int, int], list[str]]]:
+    """Units this process should (try to) do, which of them already have views, and which
+    teachers each still needs. Static split: the canonical unit index modulo world size."""
+    units, with_views, needs = [], set(), {}
+    for i, (shard, block) in enumerate(store.units()):
+        if not claim and i % info.world_size != info.rank:
+            continue
+        rec = store.unit_record(shard, block)
+        missing = [t for t in teacher_names if not rec or t not in rec["teachers"]]
+        if missing or not rec or not rec.get("views"):
+            units.append((shard, block))
+            needs[(shard, block)] = missing
+            if rec and rec.get("views"):
+                with_views.add((shard, block))
+    return units, with_views, needs
+
+
+def cache_teachers(job: CacheJob) -> dict[str, Any]:
+    """Run stage one; returns a summary (units done, views/s). Safe to rerun at any point."""
+    info = init_distributed(job.device)
+    try:
+        return _run(job, info)
+    finally:
+        shutdown(info)
+
+
+def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
+    manifest = load_manifest(job.manifest)
+    spec = CacheSpec.for_manifest(manifest, job.recipe, job.seed, job.epochs, job.epochs_per_unit,
+                                  job.topk)
+    store = CacheStore.create_or_open(job.out, spec)
+    teachers = [build_teacher(t, info.device) for t in job.teachers]
+    if len({t.name for t in teachers}) != len(teachers):
+        raise CacheMismatchError("two teachers share a name; name them NAME=ARCH:CKPT")
+    for t in teachers:
+        store.ensure_teacher(t.identity())
+        if job.compile:
+            t.model = torch.compile(t.model)
+    if info.device.type == "cuda":
+        for t in teachers:
+            t.model = t.model.to(memory_format=torch.channels_last)
+    barrier(info)
+    units, with_views, needs = plan_units(store, [t.name for t in teachers], info, job.claim)
+    if job.claim:
+        run_id = job.run_id or os.environ.get("TORCHELASTIC_RUN_ID", "") or "default"
+        units = [u for u in units if store.claim(run_id, *u)]
+    n_views = sum(manifest.shards[s].num_samples * len(store.block_epochs(b)) for s, b in units)
+    loader = DataLoader(
+        UnitViews(manifest, store.root, units, with_views, job.recipe, job.seed,
+                  spec.epochs_per_unit, spec.epochs),
+        batch_size=None, num_workers=min(job.workers, len(units)),
+        pin_memory=info.device.type == "cuda", persistent_workers=False)
+    writer = _Writer(store)
+    writer.start()
+    pending: dict[tuple[int, int], dict[str, Any]] = {}
+    start, done = time.perf_counter(), 0
+    bar = tqdm(total=n_views, unit="view", desc=f"cache-teachers r{info.rank}", disable=None,
+               smoothing=0.1)
+    try:
+        for item in loader:
+            unit = (item.shard, item.block)
+            acc = pending.setdefault(unit, {"keys": item.keys, "labels": item.labels,
+                                            "records": [], "new_views": item.new_views,
+                                            "teachers": {n: {"logits": [], "indices": [], "lse": []}
+                                                         for n in needs[unit]}, "epochs": 0})
+            acc["records"].append(item.records)
+            for t in teachers:
+                if t.name in needs[unit]:
+                    _run_teacher(t, item.views, job, acc["teachers"][t.name], info.device)
+            acc["epochs"] += 1
+            done += len(item.keys)
+            bar.update(len(item.keys))
+            if acc["epochs"] == len(store.block_epochs(item.block)):
+                writer.put((item.shard, item.block, pending.pop(unit), store.unit_record(*unit)))
+    finally:
+        bar.close()
+        writer.finish()
+    elapsed = time.perf_counter() - start
+    barrier(info)
+    return {"units": len(units), "views": done, "seconds": elapsed,
+            "views_per_s": done / elapsed if elapsed > 0 else 0.0, "rank": info.rank}
+
+
+def _run_teacher(teacher: Teacher, views: torch.Tensor, job: CacheJob, out: dict[str, list],
+                 device: torch.device) -> None:
+    """Top-k logits, indices and log-sum-exp of one epoch of a unit, in batches."""
+    logits, indices, lse = [], [], []
+    for i in range(0, len(views), job.batch_size):
+        full = teacher_logits(teacher, views[i:i + job.batch_size], job.recipe.mean, job.recipe.std,
+                              device)
+        top = full.topk(job.topk, dim=1)
+        logits.append(top.values.half().cpu())
+        indices.append(top.indices.cpu())
+        lse.append(torch.logsumexp(full, dim=1).cpu())
+    out["logits"].append(torch.cat(logits).numpy())
+    out["indices"].append(torch.cat(indices).numpy())
+    out["lse"].append(torch.cat(lse).numpy())

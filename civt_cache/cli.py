@@ -124,6 +124,85 @@ def verify_cmd(
         raise typer.Exit(1)
 
 
+@app.command("train-student")
+def train_student_cmd(
+    pipeline: Optional[Path] = PIPELINE_OPT,
+    manifest: Optional[Path] = typer.Option(None, help="Training data manifest."),
+    val_manifest: Optional[Path] = typer.Option(None, help="Validation data manifest."),
+    cache: Optional[Path] = typer.Option(None, help="Teacher cache from cache-teachers."),
+    model: Optional[str] = typer.Option(None, help="Student: civt_micro | civt_tiny | civt_small | civt_base."),
+    img_size: Optional[int] = typer.Option(None, help="View size (must match the cache's recipe)."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs (cached epochs cycle if fewer)."),
+    teachers: Optional[str] = typer.Option(None, help="both | conv | inv | none (ablations)."),
+    online: Optional[bool] = typer.Option(None, "--online/--cached", help="Run the teachers live instead of reading the cache."),
+    teacher: list[str] = typer.Option([], help="NAME=ARCH:CKPT: live teachers (--online) or a check of the cached ones."),
+    seed: Optional[int] = typer.Option(None, help="Seed (must match the cache's)."),
+    batch_size: Optional[int] = typer.Option(None, help="Per-rank batch size."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate [5e-4 x global batch / 512]."),
+    temperature: Optional[float] = typer.Option(None, help="Distillation temperature T."),
+    renormalize: Optional[bool] = typer.Option(None, "--renormalize/--spread-rest", help="Top-k targets renormalised, or the remaining mass spread over other classes."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the student."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Also checkpoint every N steps."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (checkpoints, metrics, plot)."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--fresh", help="Continue from RUN_DIR/checkpoint.pt."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps in all."),
+) -> None:
+    """Stage two: train a CivT student from images plus the cached soft targets."""
+    from .pipeline import build_config, load_pipeline
+    from .stage2 import StudentJob, train_student
+
+    cfg = load_pipeline(pipeline)
+    job = build_config(StudentJob, cfg, "student", dict(
+        manifest=manifest, val_manifest=val_manifest, cache=cache, model=model, img_size=img_size,
+        epochs=epochs, teachers=teachers, online=online, teacher=teacher, seed=seed,
+        batch_size=batch_size, lr=lr, temperature=temperature, renormalize=renormalize,
+        workers=workers, device=device, compile=compile, checkpoint_every=checkpoint_every,
+        out=out, resume=resume, max_steps=max_steps), pipeline)
+    res = train_student(job)
+    typer.echo(f"val top-1 {res.get('val_top1', float('nan')):.2f}% -> {job.out}/results.json")
+
+
+@app.command("train-teacher")
+def train_teacher_cmd(
+    manifest: Path = typer.Option(..., help="Training data manifest."),
+    val_manifest: Path = typer.Option(..., help="Validation data manifest."),
+    arch: str = typer.Option(..., help="timm architecture (e.g. resnet18, regnety_006, rednet26)."),
+    epochs: int = typer.Option(30, help="Epochs."),
+    img_size: int = typer.Option(224, help="Training image size."),
+    out: Path = typer.Option(..., help="Checkpoint path (.pth)."),
+    seed: int = typer.Option(0, help="Seed."),
+    batch_size: int = typer.Option(128, help="Batch size."),
+    opt: str = typer.Option("adamw", help="adamw | sgd"),
+    lr: Optional[float] = typer.Option(None, help="Peak LR [adamw 1e-3, sgd 0.1, x batch/256]."),
+    workers: int = typer.Option(2, help="DataLoader workers."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+) -> None:
+    """Train a teacher and write a checkpoint (+ its sha256)."""
+    from .train_teacher import TeacherJob, train_teacher
+
+    res = train_teacher(TeacherJob(manifest, val_manifest, arch, out, epochs, img_size, seed,
+                                   batch_size, opt, lr, workers=workers, device=device))
+    typer.echo(f"{arch}: val top-1 {res['val_top1']:.2f}% top-5 {res['val_top5']:.2f}% in "
+               f"{res['train_seconds']:.0f}s -> {out} (sha256 {res['sha256'][:16]})")
+
+
+@app.command("eval")
+def eval_cmd(
+    manifest: Path = typer.Option(..., help="Validation data manifest."),
+    arch: str = typer.Option(..., help="Architecture of the checkpoint."),
+    checkpoint: Path = typer.Option(..., help="Checkpoint file."),
+    img_size: Optional[int] = typer.Option(None, help="Image size [from the checkpoint]."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+) -> None:
+    """Top-1/top-5 of a checkpoint (for CivT: each head and their mean)."""
+    from .train_teacher import evaluate_checkpoint
+
+    for k, v in evaluate_checkpoint(manifest, arch, checkpoint, img_size, device).items():
+        typer.echo(f"{k}: {v:.2f}")
+
+
 def main() -> None:
     """Entry point: library errors become one clear line and exit code 2, not a traceback."""
     from .errors import USER_ERRORS

@@ -1,0 +1,67 @@
+"""Teacher soft targets from the cache's top-k, and the co-advise loss.
+
+From top-k logits z_1..z_k and the log-sum-exp L of the full logits, the top-k probabilities at
+T = 1 are exact: p_i = exp(z_i - L), and the remaining mass r = 1 - sum p_i is known. The other
+C - k classes get equal shares of r (the default), which is the same as giving each of them the
+logit L + log(r / (C - k)); at any temperature T the target is softmax(pseudo-logits / T). With
+``renormalize`` the remaining classes get nothing and the top-k probabilities are rescaled to 1.
+With k = C the target is exactly the teacher's softmax (up to the fp16 storage of the logits).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def pseudo_logits(topk_logits: torch.Tensor, topk_idx: torch.Tensor, lse: torch.Tensor,
+                  num_classes: int, renormalize: bool = False) -> torch.Tensor:
+    """Dense [B, C] logits whose softmax is the teacher target described in the module doc."""
+    b, k = topk_logits.shape
+    if k == num_classes or renormalize:
+        fill = torch.full((b, 1), -math.inf, device=topk_logits.device)
+    else:
+        mass = torch.exp(topk_logits - lse[:, None]).sum(1, keepdim=True)
+        rest = (1.0 - mass).clamp_min(1e-12)
+        fill = lse[:, None] + torch.log(rest / (num_classes - k))
+    out = fill.expand(b, num_classes).clone()
+    return out.scatter_(1, topk_idx, topk_logits)
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """co-advise's loss: w_ce * CE(class head) + T^2 * (w_conv * KL_conv + w_inv * KL_inv)."""
+
+    ce: float = 1.0
+    conv: float = 1.0
+    inv: float = 1.0
+    temperature: float = 1.0
+
+
+def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
+    """T^2 * KL(teacher || student) at temperature T, averaged over the batch."""
+    return F.kl_div(F.log_softmax(student_logits.float() / t, dim=1),
+                    F.log_softmax(teacher_logits.float() / t, dim=1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+def soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with a (mixed, smoothed) probability target."""
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+
+
+def coadvise_loss(heads: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ce_target: torch.Tensor,
+                  teacher: dict[str, torch.Tensor], w: LossWeights) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total loss and its parts. A head whose teacher is absent (ablations) learns from the
+    labels instead, so all three heads stay meaningful for the averaged prediction."""
+    cls_head, conv_head, inv_head = heads
+    parts = {"ce": soft_ce(cls_head, ce_target) * w.ce}
+    for name, head, weight in (("conv", conv_head, w.conv), ("inv", inv_head, w.inv)):
+        if name in teacher:
+            parts[name] = kd_term(head, teacher[name], w.temperature) * weight
+        else:
+            parts[name] = soft_ce(head, ce_target) * weight
+    total = parts["ce"] + parts["conv"] + parts["inv"]
+    return total, {k: float(v.detach()) for k, v in parts.items()}

@@ -1,0 +1,275 @@
+"""Stage two, ``train-student``: train CivT from images plus the cached teacher targets, read top
+to bottom: set up, check the cache fits, build model/optimiser, loop over epochs and steps,
+evaluate, checkpoint, write metrics. ``--online`` computes the same targets with live teachers.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .cache_store import CacheStore
+from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from .errors import CacheMismatchError, ConfigError
+from .fsutil import sha256_file
+from .manifest import load_manifest
+from .models.teachers import build_teacher, parse_teacher_spec, teacher_logits
+from .recipe import Recipe
+from .soft_targets import LossWeights, coadvise_loss, pseudo_logits
+from .student_data import EpochSource, StudentViews, rank_shards, steps_per_epoch, worker_skips
+from .training import (append_metrics, evaluate, optimizer_and_schedule, plot_curves,
+                       save_checkpoint, write_results)
+from .views import mixed_targets
+
+TEACHER_SETS = {"both": ("conv", "inv"), "conv": ("conv",), "inv": ("inv",), "none": ()}
+
+
+@dataclass
+class StudentJob:
+    """Every setting of ``train-student`` (flags and/or the pipeline's [student] table)."""
+
+    manifest: Path
+    val_manifest: Path
+    out: Path
+    cache: Path | None = None
+    model: str = "civt_tiny"
+    epochs: int = 300
+    teachers: str = "both"
+    online: bool = False
+    teacher: list[str] = field(default_factory=list)  # NAME=ARCH:CKPT (online, or to check the cache)
+    seed: int = 0
+    recipe: Recipe = field(default_factory=Recipe)
+    batch_size: int = 128
+    lr: float | None = None  # default 5e-4 x global batch / 512 (DeiT)
+    weight_decay: float = 0.05
+    warmup_epochs: float = 5.0
+    min_lr: float = 1e-5
+    clip_grad: float = 5.0
+    label_smoothing: float = 0.1
+    temperature: float = 1.0
+    w_ce: float = 1.0
+    w_conv: float = 1.0
+    w_inv: float = 1.0
+    renormalize: bool = False
+    drop_path: float = 0.1
+    workers: int = 2
+    device: str = "auto"
+    compile: bool = False
+    checkpoint_every: int = 0  # steps; 0: at epoch ends only
+    resume: bool = False
+    max_steps: int = 0  # stop after this many steps in all (tests and benchmarks); 0: no limit
+
+
+def train_student(job: StudentJob) -> dict[str, Any]:
+    info = init_distributed(job.device)
+    try:
+        return _train(job, info)
+    finally:
+        shutdown(info)
+
+
+def _check_cache(job: StudentJob, names: tuple[str, ...], manifest, log) -> CacheStore:
+    """Refuse a cache that does not fit the data, recipe, teachers or epochs asked for."""
+    if job.cache is None:
+        raise ConfigError(f"--teachers {job.teachers} needs --cache CACHE (or --online with --teacher specs)")
+    store = CacheStore.open(job.cache)
+    s = store.spec
+    if s.manifest_fingerprint != manifest.fingerprint():
+        raise CacheMismatchError(f"{job.cache}: built for data {s.manifest_name!r}, not {job.manifest} "
+                                 "(manifest fingerprints differ)")
+    if s.recipe != job.recipe:
+        a, b = s.recipe.to_json(), job.recipe.to_json()
+        raise CacheMismatchError(f"{job.cache}: view recipe differs from the one asked for: "
+                                 + ", ".join(f"{k}: cache {a[k]!r}, asked {b[k]!r}" for k in a if a[k] != b[k]))
+    if s.seed != job.seed:
+        raise CacheMismatchError(f"{job.cache}: views cached with seed {s.seed}, asked seed {job.seed}")
+    stored = store.teachers()
+    for name in names:
+        if name not in stored:
+            raise CacheMismatchError(f"{job.cache}: no teacher {name!r} in the cache (has {sorted(stored)})")
+    for spec in job.teacher:
+        name, arch, ckpt = parse_teacher_spec(spec)
+        if name in stored and (stored[name]["arch"] != arch or stored[name]["checkpoint_sha256"] != sha256_file(ckpt)):
+            raise CacheMismatchError(f"{job.cache}: teacher {name!r} was cached from "
+                                     f"{stored[name]['arch']} sha256 {stored[name]['checkpoint_sha256'][:12]}, "
+                                     f"not {arch}:{ckpt}")
+    needed = sorted({e % s.epochs for e in range(job.epochs)})
+    incomplete = set()
+    for shard, block in store.units():
+        rec = store.unit_record(shard, block)
+        epochs = store.block_epochs(block)
+        if any(e in needed for e in epochs) and (rec is None or any(n not in rec["teachers"] for n in names)):
+            incomplete.update(e for e in epochs if e in needed)
+    if incomplete:
+        raise CacheMismatchError(f"{job.cache}: cached epochs {sorted(incomplete)} are not complete for "
+                                 f"teachers {list(names)}; run `civt-cache cache-teachers` with the same "
+                                 "settings to finish them (or `civt-cache inspect` to see what is missing)")
+    if job.epochs > s.epochs:
+        log(f"training for {job.epochs} epochs on a cache of {s.epochs}: epoch e replays cached "
+            f"epoch e mod {s.epochs}")
+    return store
+
+
+def _train(job: StudentJob, info: DistInfo) -> dict[str, Any]:
+    log = (lambda msg: tqdm.write(f"train-student: {msg}")) if info.is_main else (lambda msg: None)
+    device = info.device
+    manifest, val_manifest = load_manifest(job.manifest), load_manifest(job.val_manifest)
+    if job.teachers not in TEACHER_SETS:
+        raise ConfigError(f"--teachers must be one of {list(TEACHER_SETS)}, got {job.teachers!r}")
+    names = TEACHER_SETS[job.teachers]
+    live: dict[str, Any] = {}
+    store = None
+    if names and job.online:
+        specs = {parse_teacher_spec(s)[0]: s for s in job.teacher}
+        missing = [n for n in names if n not in specs]
+        if missing:
+            raise ConfigError(f"--online needs --teacher {missing[0]}=ARCH:CKPT for {list(missing)}")
+        live = {n: build_teacher(specs[n], device) for n in names}
+    elif names:
+        store = _check_cache(job, names, manifest, log)
+    num_classes = manifest.num_classes
+    job.out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(job.seed)
+    model = timm.create_model(job.model, num_classes=num_classes, img_size=job.recipe.img_size,
+                              drop_path_rate=job.drop_path).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    global_batch = job.batch_size * info.world_size
+    lr = job.lr if job.lr is not None else 5e-4 * global_batch / 512
+    steps = [steps_per_epoch(manifest, job.seed, e, info.world_size, job.batch_size) for e in range(job.epochs)]
+    if steps[0] == 0:
+        raise ConfigError(f"batch size {job.batch_size} x {info.world_size} rank(s) exceeds a rank's "
+                          f"share of {manifest.num_samples} samples: no whole step per epoch")
+    warmup = int(job.warmup_epochs * steps[0])
+    optimizer, schedule = optimizer_and_schedule(model, "adamw", lr, job.weight_decay, sum(steps),
+                                                 warmup, job.min_lr)
+    ckpt_path = job.out / "checkpoint.pt"
+    start_epoch, start_step, global_step = 0, 0, 0
+    sums = {"loss": 0.0, "ce": 0.0, "conv": 0.0, "inv": 0.0, "n": 0.0, "seconds": 0.0}
+    if job.resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if state["job"]["model"] != job.model or state["job"]["seed"] != job.seed:
+            raise ConfigError(f"{ckpt_path}: checkpoint is for model {state['job']['model']} seed "
+                              f"{state['job']['seed']}; not resuming a different run")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
+        sums = state["sums"]
+        torch.set_rng_state(state["rng"])
+        log(f"resumed from {ckpt_path} at epoch {start_epoch} step {start_step}")
+    ddp_model = DistributedDataParallel(model) if info.distributed else model
+    if job.compile:
+        ddp_model = torch.compile(ddp_model)
+    weights = LossWeights(job.w_ce, job.w_conv, job.w_inv, job.temperature)
+
+    def checkpoint(epoch: int, step: int) -> None:
+        if info.is_main:
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "schedule": schedule.state_dict(), "epoch": epoch, "step": step,
+                                        "global_step": global_step, "sums": sums,
+                                        "rng": torch.get_rng_state(), "job": _jsonable(job)})
+        barrier(info)
+
+    rows: list[dict[str, Any]] = []
+    for epoch in range(start_epoch, job.epochs):
+        cache_epoch = epoch % store.spec.epochs if store else epoch
+        source = EpochSource(epoch, store.root if store else None, cache_epoch, names if store else ())
+        skip = start_step if epoch == start_epoch else 0
+        dataset = StudentViews(manifest, job.recipe, job.seed,
+                               rank_shards(manifest, job.seed, epoch, info.rank, info.world_size), source,
+                               worker_skips(skip, job.batch_size, job.workers))
+        loader = DataLoader(dataset, batch_size=job.batch_size, num_workers=job.workers,
+                            pin_memory=device.type == "cuda", drop_last=True)
+        if skip == 0:
+            sums = dict.fromkeys(sums, 0.0)
+        ddp_model.train()
+        bar = tqdm(total=steps[epoch], initial=skip, desc=f"epoch {epoch + 1}/{job.epochs}",
+                   unit="step", disable=None if info.is_main else True)
+        tick = time.perf_counter()
+        for step, batch in zip(range(skip, steps[epoch]), loader):
+            x = batch["view"].to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            ce_target = mixed_targets(batch["label"], batch["partner_label"], batch["lam"],
+                                      num_classes, job.label_smoothing).to(device)
+            if live:
+                targets = {n: teacher_logits(t, x, job.recipe.mean, job.recipe.std, device)
+                           for n, t in live.items()}
+            else:
+                targets = {n: pseudo_logits(*(a.to(device) for a in batch[f"t_{n}"]), num_classes,
+                                            job.renormalize) for n in names}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                heads = ddp_model(x)
+            loss, parts = coadvise_loss(heads, ce_target, targets, weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if job.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), job.clip_grad)
+            optimizer.step()
+            global_step += 1
+            schedule.step_update(global_step)
+            n = x.shape[0]
+            sums["loss"] += float(loss) * n
+            for k in ("ce", "conv", "inv"):
+                sums[k] += parts[k] * n
+            sums["n"] += n
+            now = time.perf_counter()
+            sums["seconds"] += now - tick
+            tick = now
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{sums['n'] * info.world_size / max(sums['seconds'], 1e-9):.0f}")
+            bar.update(1)
+            if job.checkpoint_every and global_step % job.checkpoint_every == 0 and step + 1 < steps[epoch]:
+                checkpoint(epoch, step + 1)
+            if job.max_steps and global_step >= job.max_steps:
+                break
+        bar.close()
+        totals = all_reduce_sum(info, [sums["loss"], sums["ce"], sums["conv"], sums["inv"], sums["n"]])
+        metrics = evaluate(ddp_model, val_manifest, job.recipe, info, _student_heads,
+                           job.batch_size, job.workers)
+        row = {"epoch": epoch, "cache_epoch": cache_epoch if store else None,
+               "train_loss": totals[0] / max(totals[4], 1), "loss_ce": totals[1] / max(totals[4], 1),
+               "loss_conv": totals[2] / max(totals[4], 1), "loss_inv": totals[3] / max(totals[4], 1),
+               "lr": optimizer.param_groups[0]["lr"], "steps": steps[epoch],
+               "img_per_s": sums["n"] * info.world_size / max(sums["seconds"], 1e-9),
+               "train_seconds": sums["seconds"], **metrics}
+        if info.is_main:
+            rows = append_metrics(job.out, row)
+            plot_curves(rows, job.out / "curves.png", f"{job.model} teachers={job.teachers}"
+                        + (" online" if live else ""))
+            log(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, val top-1 {row['val_top1']:.2f}% "
+                f"(cls {row['val_top1_cls']:.1f} conv {row['val_top1_conv']:.1f} inv {row['val_top1_inv']:.1f}), "
+                f"{row['img_per_s']:.0f} img/s")
+        checkpoint(epoch + 1, 0)
+        if job.max_steps and global_step >= job.max_steps:
+            break
+    results = {"model": job.model, "teachers": job.teachers, "online": bool(live),
+               "epochs": job.epochs, **({k: v for k, v in rows[-1].items() if k.startswith("val_")} if rows else {}),
+               "img_per_s": rows[-1]["img_per_s"] if rows else None,
+               "train_seconds": sum(r["train_seconds"] for r in rows)}
+    if info.is_main:
+        write_results(job.out, results)
+    return results
+
+
+def _student_heads(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Named outputs evaluated for CivT: the mean (the model's prediction) and each head."""
+    m = model.module if isinstance(model, DistributedDataParallel) else model
+    m = getattr(m, "_orig_mod", m)
+    cls_head, conv_head, inv_head = m.forward_heads(x)
+    return {"": (cls_head + conv_head + inv_head) / 3, "_cls": cls_head, "_conv": conv_head,
+            "_inv": inv_head}
+
+
+def _jsonable(job: StudentJob) -> dict[str, Any]:
+    d = asdict(job)
+    d["recipe"] = job.recipe.to_json()
+    return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}

@@ -1,0 +1,108 @@
+"""Pieces shared by ``train-student`` and ``train-teacher``: optimiser and schedule from timm's
+factories, evaluation, checkpoints, metrics files and the curves plot."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .distributed import DistInfo, all_reduce_sum
+from .fsutil import atomic_write_json, atomic_write_with
+from .manifest import DataManifest
+from .recipe import Recipe
+from .student_data import ValViews
+
+
+def optimizer_and_schedule(model: nn.Module, opt: str, lr: float, weight_decay: float,
+                           total_steps: int, warmup_steps: int, min_lr: float,
+                           momentum: float = 0.9) -> tuple[torch.optim.Optimizer, CosineLRScheduler]:
+    """timm's optimizer factory (no decay on norms, biases and ``no_weight_decay()`` params)
+    and a per-step cosine schedule with linear warmup."""
+    kwargs = {"momentum": momentum} if opt.lower() in ("sgd", "momentum") else {}
+    optimizer = create_optimizer_v2(model, opt, lr=lr, weight_decay=weight_decay, **kwargs)
+    schedule = CosineLRScheduler(optimizer, t_initial=max(total_steps, 1), lr_min=min_lr,
+                                 warmup_t=warmup_steps, warmup_lr_init=min(1e-6, lr),
+                                 warmup_prefix=True, t_in_epochs=False)
+    return optimizer, schedule
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, manifest: DataManifest, recipe: Recipe, info: DistInfo,
+             heads_of: Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]],
+             batch_size: int, workers: int) -> dict[str, float]:
+    """Top-1 (and top-5) in percent of every named output, over the whole validation set
+    (shards split across ranks, counts summed)."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(ValViews(manifest, recipe, list(range(len(manifest.shards)))[info.rank::info.world_size]),
+                        batch_size=batch_size, num_workers=workers)
+    names: list[str] = []
+    counts: list[float] = []
+    n = 0
+    for x, y in loader:
+        x, y = x.to(info.device), y.to(info.device)
+        if info.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=info.device.type == "cuda"):
+            outs = heads_of(model, x)
+        if not names:
+            names = list(outs)
+            counts = [0.0] * (2 * len(names))
+        for i, name in enumerate(names):
+            top5 = outs[name].float().topk(min(5, outs[name].shape[1]), dim=1).indices
+            counts[2 * i] += float((top5[:, 0] == y).sum())
+            counts[2 * i + 1] += float((top5 == y[:, None]).any(1).sum())
+        n += len(y)
+    total = all_reduce_sum(info, [float(n), *counts])
+    model.train(was_training)
+    out = {}
+    for i, name in enumerate(names):
+        out[f"val_top1{name}"] = 100.0 * total[1 + 2 * i] / max(total[0], 1)
+        out[f"val_top5{name}"] = 100.0 * total[2 + 2 * i] / max(total[0], 1)
+    return out
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomic torch.save: a crash mid-write never leaves a broken checkpoint behind."""
+    atomic_write_with(path, lambda f: torch.save(state, f))
+
+
+def append_metrics(run_dir: Path, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rewrite metrics.jsonl with ``row`` replacing any rows of the same or later epoch (a
+    resumed run redoes them), atomically; returns all rows."""
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+    rows = [r for r in rows if r["epoch"] < row["epoch"]] + [row]
+    atomic_write_with(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    return rows
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Training loss and validation top-1 per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    epochs = [r["epoch"] + 1 for r in rows]
+    a.plot(epochs, [r["train_loss"] for r in rows], marker="o")
+    a.set(xlabel="epoch", ylabel="train loss", title="loss")
+    for key in sorted(k for k in rows[-1] if k.startswith("val_top1")):
+        b.plot(epochs, [r[key] for r in rows], marker="o", label=key.replace("val_top1", "top-1 ").strip())
+    b.set(xlabel="epoch", ylabel="val top-1 (%)", title="validation")
+    b.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write_with(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+def write_results(run_dir: Path, results: dict[str, Any]) -> None:
+    atomic_write_json(run_dir / "results.json", results)

@@ -218,7 +218,7 @@ def _train(job: StudentJob, info: DistInfo) -> dict[str, Any]:
             global_step += 1
             schedule.step_update(global_step)
             n = x.shape[0]
-            sums["loss"] += float(loss) * n
+            sums["loss"] += loss.item() * n
             for k in ("ce", "conv", "inv"):
                 sums[k] += parts[k] * n
             sums["n"] += n
@@ -229,8 +229,10 @@ def _train(job: StudentJob, info: DistInfo) -> dict[str, Any]:
             bar.update(1)
             if job.checkpoint_every and global_step % job.checkpoint_every == 0 and step + 1 < steps[epoch]:
                 checkpoint(epoch, step + 1)
-            if job.max_steps and global_step >= job.max_steps:
-                break
+            if job.max_steps and global_step >= job.max_steps and step + 1 < steps[epoch]:
+                bar.close()
+                checkpoint(epoch, step + 1)  # stopped mid-epoch: resumable, no epoch metrics
+                return {"stopped_at": {"epoch": epoch, "step": step + 1}, "global_step": global_step}
         bar.close()
         totals = all_reduce_sum(info, [sums["loss"], sums["ce"], sums["conv"], sums["inv"], sums["n"]])
         metrics = evaluate(ddp_model, val_manifest, job.recipe, info, _student_heads,

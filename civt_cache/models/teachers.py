@@ -94,7 +94,10 @@ def build_teacher(spec: str, device: torch.device | str = "cpu") -> Teacher:
     if num_classes <= 0:
         raise ConfigError(f"{ckpt}: cannot tell the number of classes (no classifier weights)")
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ConfigError(f"{ckpt}: does not fit {arch}: {str(e).splitlines()[-1].strip()}") from None
     if missing or unexpected:
         raise ConfigError(f"{ckpt}: does not fit {arch}: missing {missing[:4]}, "
                           f"unexpected {unexpected[:4]}")

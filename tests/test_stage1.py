@@ -1,0 +1,203 @@
+"""cache-teachers, the cache, inspect and verify (issue: stage one)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import zarr
+
+from civt_cache import CacheMismatchError, ManifestError, load_manifest
+from civt_cache.cache_tools import inspect_cache, verify_cache
+from civt_cache.recipe import Recipe
+from civt_cache.stage1 import CacheJob, UnitViews, cache_teachers
+from civt_cache.student_data import EpochSource, StudentViews
+from civt_cache.views import sample_record, sample_shard_records
+
+from .conftest import run_cli
+
+RECIPE = Recipe(img_size=32, crop_scale=(0.35, 1.0))
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory) -> dict[str, str]:
+    """Small random-weight teachers (a conv net and RedNet-26) saved as checkpoints."""
+    d = tmp_path_factory.mktemp("teachers")
+    torch.manual_seed(0)
+    torch.save(timm.create_model("resnet10t", num_classes=10).state_dict(), d / "conv.pth")
+    torch.save({"state_dict": timm.create_model("rednet26", num_classes=10).state_dict()}, d / "inv.pth")
+    return {"conv": f"conv=resnet10t:{d / 'conv.pth'}", "inv": f"inv=rednet26:{d / 'inv.pth'}"}
+
+
+def job(manifest: Path, out: Path, teacher_specs: list[str], **kw) -> CacheJob:
+    base = dict(epochs=2, epochs_per_unit=1, topk=5, recipe=RECIPE, workers=0, batch_size=64)
+    return CacheJob(manifest=manifest, teachers=teacher_specs, out=out, **{**base, **kw})
+
+
+def arrays(root: Path) -> dict[str, np.ndarray]:
+    g = zarr.open_group(str(root), mode="r")
+    return {name: a[...] for name, a in g.arrays()} | {
+        f"teachers/{t}/{n}": a[...] for t, sub in g["teachers"].groups() for n, a in sub.arrays()}
+
+
+@pytest.fixture(scope="module")
+def reference(digits, teachers, tmp_path_factory) -> Path:
+    """An uninterrupted single-process cache of the val split (2 shards), both teachers."""
+    out = tmp_path_factory.mktemp("ref") / "cache"
+    cache_teachers(job(digits["val"], out, [teachers["conv"], teachers["inv"]]))
+    return out
+
+
+def test_records_independent_of_order_and_grouping() -> None:
+    rows = list(range(100, 140))
+    sizes = [(30 + r % 7, 28 + r % 5) for r in rows]
+    a = sample_shard_records(RECIPE, 7, 3, 1, rows, sizes)
+    single = np.stack([sample_record(RECIPE, 7, 3, r, *s) for r, s in zip(rows, sizes)])
+    assert np.array_equal(a[:, :18], single[:, :18])  # everything but the partner assignment
+    b = sample_shard_records(RECIPE, 7, 3, 1, rows, sizes)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, sample_shard_records(RECIPE, 8, 3, 1, rows, sizes))
+
+
+def test_cache_contents_inspect_and_verify(reference, digits, teachers) -> None:
+    a = arrays(reference)
+    m = load_manifest(digits["val"])
+    assert a["teachers/conv/logits"].shape == (2, m.num_rows, 5)
+    assert a["teachers/inv/indices"].dtype == np.int16
+    n0 = m.shards[0].num_samples
+    logits = a["teachers/conv/logits"][:, :n0].astype(np.float32)
+    assert (np.diff(logits, axis=2) <= 0).all()  # top-k descending
+    assert (logits[..., 0] <= a["teachers/conv/lse"][:, :n0] + 1e-3).all()
+    report = inspect_cache(reference)
+    assert "units: 4 in all; views committed in 4; conv in 4, inv in 4" in report
+    bpv = float(report.split("bytes per view: ")[1].split()[0])
+    assert bpv < 100
+    text, ok = verify_cache(reference, digits["val"], [teachers["conv"], teachers["inv"]], 6, 0, "cpu")
+    assert ok, text
+
+
+def test_stage_two_rebuilds_the_same_view_tensors(reference, digits) -> None:
+    m = load_manifest(digits["val"])
+    stage1 = next(iter(UnitViews(m, reference, [(1, 1)], {(1, 1)}, RECIPE, 0, 1, 2)))
+    assert stage1.epoch == 1
+    items = list(StudentViews(m, RECIPE, 0, [1], EpochSource(1, reference, 1, ("conv",))))
+    base = m.shard_base(1)
+    fresh = next(iter(UnitViews(m, reference, [(1, 1)], set(), RECIPE, 0, 1, 2)))  # re-sampled
+    assert np.array_equal(fresh.records, stage1.records)
+    assert torch.equal(fresh.views, stage1.views)
+    # StudentViews yields in its own (keyed) order: match items to positions through it
+    ds = StudentViews(m, RECIPE, 0, [1], EpochSource(1, reference, 1, ("conv",)))
+    order = ds._order(1, stage1.records, base)
+    for k, pos in enumerate(order):
+        assert torch.equal(items[k]["view"], stage1.views[pos])  # bit for bit
+
+
+def test_worker_count_and_rerun(reference, digits, teachers, tmp_path) -> None:
+    out = tmp_path / "c"
+    cache_teachers(job(digits["val"], out, [teachers["conv"], teachers["inv"]], workers=2, batch_size=17))
+    ref, got = arrays(reference), arrays(out)
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert np.array_equal(ref[k], got[k]), k
+    before = {p: p.stat().st_mtime_ns for p in (out / "progress").iterdir()}
+    summary = cache_teachers(job(digits["val"], out, [teachers["conv"], teachers["inv"]]))
+    assert summary["units"] == 0  # finished cache: nothing to do
+    assert before == {p: p.stat().st_mtime_ns for p in (out / "progress").iterdir()}
+
+
+def test_mismatching_rerun_refused(reference, digits, teachers, tmp_path) -> None:
+    for change, needle in [(dict(seed=1), "seed: cache has 0, asked 1"),
+                           (dict(recipe=replace(RECIPE, erase_prob=0.5)), "erase_prob: 0.25 -> 0.5"),
+                           (dict(topk=3), "topk")]:
+        with pytest.raises(CacheMismatchError, match=needle):
+            cache_teachers(job(digits["val"], reference, [teachers["conv"]], **change))
+    with pytest.raises(CacheMismatchError, match="data manifest"):
+        cache_teachers(job(digits["train"], reference, [teachers["conv"]]))
+    other = tmp_path / "o.pth"
+    torch.manual_seed(5)
+    torch.save(timm.create_model("resnet10t", num_classes=10).state_dict(), other)
+    with pytest.raises(CacheMismatchError, match="teacher 'conv'.*checkpoint_sha256"):
+        cache_teachers(job(digits["val"], reference, [f"conv=resnet10t:{other}"]))
+
+
+def test_adding_a_teacher_later(reference, digits, teachers, tmp_path) -> None:
+    out = tmp_path / "c"
+    cache_teachers(job(digits["val"], out, [teachers["conv"]]))
+    views_before = arrays(out)["views/params"].copy()
+    summary = cache_teachers(job(digits["val"], out, [teachers["conv"], teachers["inv"]]))
+    assert summary["units"] == 4
+    got, ref = arrays(out), arrays(reference)
+    assert np.array_equal(got["views/params"], views_before)
+    for k in ref:
+        assert np.array_equal(ref[k], got[k]), k
+
+
+def test_corrupt_shard_refused_and_committed_units_intact(reference, digits, teachers, tmp_path) -> None:
+    m = load_manifest(digits["val"])
+    data = tmp_path / "data"
+    shutil.copytree(m.shard_path(0).parent, data)
+    raw = json.loads(digits["val"].read_text())
+    for s in raw["shards"]:
+        s["path"] = str(data / Path(s["path"]).name)
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps(raw))
+    out = tmp_path / "c"
+    cache_teachers(job(manifest, out, [teachers["conv"]], epochs=1))
+    committed = {p.name: p.read_bytes() for p in (out / "progress").iterdir()}
+    shard1 = data / Path(raw["shards"][1]["path"]).name
+    blob = bytearray(shard1.read_bytes())
+    blob[5000] ^= 0xFF
+    shard1.write_bytes(bytes(blob))
+    shutil.rmtree(out / "progress")  # force a redo of every unit
+    (out / "progress").mkdir()
+    (out / "progress" / "s000000-b0000.json").write_bytes(committed["s000000-b0000.json"])
+    with pytest.raises(ManifestError, match=shard1.name + ".*sha256"):
+        cache_teachers(job(manifest, out, [teachers["conv"]], epochs=1))
+    assert (out / "progress" / "s000000-b0000.json").read_bytes() == committed["s000000-b0000.json"]
+    assert not (out / "progress" / "s000001-b0000.json").exists()
+
+
+def _cli_job_args(manifest: Path, out: Path, teachers: dict[str, str]) -> list[str]:
+    return ["cache-teachers", "--manifest", str(manifest), "--teacher", teachers["conv"],
+            "--teacher", teachers["inv"], "--epochs", "2", "--epochs-per-unit", "1", "--topk", "5",
+            "--pipeline", str(Path(__file__).parent / "data" / "tiny.toml"), "--out", str(out),
+            "--workers", "0", "--batch-size", "64"]
+
+
+def test_sigkill_at_random_moments_then_resume(reference, digits, teachers, tmp_path) -> None:
+    out = tmp_path / "c"
+    args = [sys.executable, "-m", "civt_cache.cli", *_cli_job_args(digits["val"], out, teachers)]
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(float(rng.uniform(4.0, 9.0)))  # startup takes ~4 s; units ~1 s each
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    run_cli(*_cli_job_args(digits["val"], out, teachers))
+    ref, got = arrays(reference), arrays(out)
+    for k in ref:
+        assert np.array_equal(ref[k], got[k]), k
+
+
+def test_two_ranks_under_torchrun_match_one_process(reference, digits, teachers, tmp_path) -> None:
+    out = tmp_path / "c"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", "29517", "-m", "civt_cache.cli",
+                           *_cli_job_args(digits["val"], out, teachers)],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0: 2 unit(s)" in proc.stdout and "rank 1: 2 unit(s)" in proc.stdout
+    ref, got = arrays(reference), arrays(out)
+    for k in ref:
+        assert np.array_equal(ref[k], got[k]), k

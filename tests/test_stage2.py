@@ -1,0 +1,172 @@
+"""train-student from the cache (issue: stage two)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from civt_cache import CacheMismatchError, load_manifest
+from civt_cache.models.teachers import build_teacher, teacher_logits
+from civt_cache.recipe import Recipe
+from civt_cache.soft_targets import LossWeights, coadvise_loss, pseudo_logits
+from civt_cache.stage1 import CacheJob, cache_teachers
+from civt_cache.stage2 import StudentJob, train_student
+from civt_cache.student_data import EpochSource, StudentViews, rank_shards, steps_per_epoch
+from civt_cache.views import mixed_targets
+
+RECIPE = Recipe(img_size=32, crop_scale=(0.35, 1.0))
+
+
+@pytest.fixture(scope="module")
+def full_cache(digits, tmp_path_factory) -> tuple[Path, list[str]]:
+    """Cache of the val split with k = number of classes (10), two random teachers."""
+    d = tmp_path_factory.mktemp("s2")
+    torch.manual_seed(1)
+    torch.save(timm.create_model("resnet10t", num_classes=10).state_dict(), d / "conv.pth")
+    torch.save(timm.create_model("rednet26", num_classes=10).state_dict(), d / "inv.pth")
+    specs = [f"conv=resnet10t:{d / 'conv.pth'}", f"inv=rednet26:{d / 'inv.pth'}"]
+    cache_teachers(CacheJob(digits["val"], specs, d / "cache", epochs=2, epochs_per_unit=2, topk=10,
+                            recipe=RECIPE, workers=0))
+    return d / "cache", specs
+
+
+def student_job(digits, cache: Path, out: Path, **kw) -> StudentJob:
+    base = dict(model="civt_micro", epochs=2, teachers="both", recipe=RECIPE, batch_size=32, lr=1e-3,
+                warmup_epochs=0.5, workers=0, drop_path=0.1, device="cpu")
+    return StudentJob(manifest=digits["val"], val_manifest=digits["val"], out=out, cache=cache,
+                      **{**base, **kw})
+
+
+def test_soft_targets_exact_at_full_k_and_mass_preserved() -> None:
+    torch.manual_seed(0)
+    full = torch.randn(4, 10) * 3
+    lse = torch.logsumexp(full, 1)
+    top = full.topk(10)
+    torch.testing.assert_close(pseudo_logits(top.values, top.indices, lse, 10).softmax(1), full.softmax(1))
+    top3 = full.topk(3)
+    p = pseudo_logits(top3.values, top3.indices, lse, 10).softmax(1)
+    torch.testing.assert_close(p.gather(1, top3.indices), full.softmax(1).gather(1, top3.indices))
+    torch.testing.assert_close(p.sum(1), torch.ones(4))
+    r = pseudo_logits(top3.values, top3.indices, lse, 10, renormalize=True).softmax(1)
+    assert (r > 0).sum(1).tolist() == [3] * 4
+
+
+def test_cached_step_equals_online_step(digits, full_cache) -> None:
+    cache, specs = full_cache
+    m = load_manifest(digits["val"])
+    items = list(StudentViews(m, RECIPE, 0, [0], EpochSource(1, cache, 1, ("conv", "inv"))))[:24]
+    online_items = list(StudentViews(m, RECIPE, 0, [0], EpochSource(1)))[:24]  # records re-sampled
+    x = torch.stack([it["view"] for it in items])
+    assert torch.equal(x, torch.stack([it["view"] for it in online_items]))
+    torch.manual_seed(0)
+    student = timm.create_model("civt_micro", num_classes=10, drop_path_rate=0.0)
+    target = mixed_targets(torch.tensor([it["label"] for it in items]),
+                           torch.tensor([it["partner_label"] for it in items]),
+                           torch.tensor([it["lam"] for it in items]), 10, 0.1)
+    heads = student(x)
+    cached = {n: pseudo_logits(torch.stack([it[f"t_{n}"][0] for it in items]),
+                               torch.stack([it[f"t_{n}"][1] for it in items]),
+                               torch.stack([it[f"t_{n}"][2] for it in items]), 10) for n in ("conv", "inv")}
+    live = {n: teacher_logits(build_teacher(s), x, RECIPE.mean, RECIPE.std, torch.device("cpu"))
+            for n, s in zip(("conv", "inv"), specs)}
+    loss_cached, _ = coadvise_loss(heads, target, cached, LossWeights())
+    loss_online, _ = coadvise_loss(heads, target, live, LossWeights())
+    # the cache stores logits as float16: agreement to ~1e-3 of the loss
+    torch.testing.assert_close(loss_cached, loss_online, rtol=2e-3, atol=2e-3)
+
+
+def test_ranks_get_disjoint_shards_and_equal_steps(digits) -> None:
+    m = load_manifest(digits["train"])
+    for epoch in range(3):
+        parts = [rank_shards(m, 0, epoch, r, 2) for r in range(2)]
+        assert not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == list(range(6))
+    assert rank_shards(m, 0, 0, 0, 1) != rank_shards(m, 0, 1, 0, 1)  # reshuffled per epoch
+    assert steps_per_epoch(m, 0, 0, 2, 64) == min(sum(m.shards[s].num_samples for s in p)
+                                                  for p in [rank_shards(m, 0, 0, r, 2) for r in range(2)]) // 64
+
+
+def test_mismatching_caches_refused(digits, full_cache, tmp_path) -> None:
+    cache, specs = full_cache
+    with pytest.raises(CacheMismatchError, match="seed 0, asked seed 3"):
+        train_student(student_job(digits, cache, tmp_path / "r", seed=3))
+    with pytest.raises(CacheMismatchError, match="view recipe differs.*erase_prob"):
+        train_student(student_job(digits, cache, tmp_path / "r", recipe=replace(RECIPE, erase_prob=0.0)))
+    with pytest.raises(CacheMismatchError, match="manifest fingerprints differ"):
+        train_student(replace(student_job(digits, cache, tmp_path / "r"), manifest=digits["train"]))
+    other = tmp_path / "other.pth"
+    torch.save(timm.create_model("resnet10t", num_classes=10).state_dict(), other)
+    with pytest.raises(CacheMismatchError, match="teacher 'conv' was cached from"):
+        train_student(student_job(digits, cache, tmp_path / "r", teacher=[f"conv=resnet10t:{other}"]))
+
+
+def test_incomplete_cache_refused_with_what_to_run(digits, full_cache, tmp_path) -> None:
+    cache, _ = full_cache
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(cache, partial)
+    (partial / "progress" / "s000001-b0000.json").unlink()
+    with pytest.raises(CacheMismatchError, match=r"epochs \[0, 1\] are not complete.*cache-teachers"):
+        train_student(student_job(digits, partial, tmp_path / "r"))
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_cycles_cache_and_resume_after_kill_reproduces(digits, full_cache, tmp_path) -> None:
+    cache, _ = full_cache
+    ref = student_job(digits, cache, tmp_path / "ref", epochs=3)
+    res = train_student(ref)
+    rows = _metrics(tmp_path / "ref")
+    assert [r["cache_epoch"] for r in rows] == [0, 1, 0]  # 3 epochs on a 2-epoch cache
+    assert set(res) >= {"val_top1", "val_top1_cls", "val_top1_conv", "val_top1_inv"}
+    assert (tmp_path / "ref" / "curves.png").stat().st_size > 1000
+    # killed mid-epoch (SIGKILL right after a step checkpoint), then resumed
+    run = tmp_path / "killed"
+    args = [sys.executable, "-m", "civt_cache.cli", "train-student", "--pipeline",
+            str(Path(__file__).parent / "data" / "tiny.toml"), "--manifest", str(digits["val"]),
+            "--val-manifest", str(digits["val"]), "--cache", str(cache), "--model", "civt_micro",
+            "--epochs", "3", "--batch-size", "32", "--lr", "1e-3", "--workers", "0",
+            "--device", "cpu", "--out", str(run), "--checkpoint-every", "5"]
+    proc = subprocess.Popen(args + ["--fresh"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = run / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(ckpt, weights_only=False)
+    assert (state["epoch"], state["step"]) != (3, 0)  # really interrupted
+    subprocess.run(args + ["--resume"], check=True, capture_output=True)
+    got = _metrics(run)
+    assert [r["epoch"] for r in got] == [0, 1, 2]
+    for a, b in zip(rows, got):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+        assert a["val_top1"] == pytest.approx(b["val_top1"])
+
+
+def test_ddp_two_processes_on_cpu(digits, full_cache, tmp_path) -> None:
+    cache, _ = full_cache
+    run = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", "29533", "-m", "civt_cache.cli", "train-student",
+                           "--pipeline", str(Path(__file__).parent / "data" / "tiny.toml"),
+                           "--manifest", str(digits["val"]), "--val-manifest", str(digits["val"]),
+                           "--cache", str(cache), "--model", "civt_micro", "--epochs", "1",
+                           "--batch-size", "16", "--workers", "0", "--device", "cpu", "--out", str(run)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = _metrics(run)[0]
+    m = load_manifest(digits["val"])
+    assert row["steps"] == steps_per_epoch(m, 0, 0, 2, 16) > 0
+    assert 0.0 <= row["val_top1"] <= 100.0

@@ -187,8 +187,11 @@ def _train(job: StudentJob, info: DistInfo) -> dict[str, Any]:
         dataset = StudentViews(manifest, job.recipe, job.seed,
                                rank_shards(manifest, job.seed, epoch, info.rank, info.world_size), source,
                                worker_skips(skip, job.batch_size, job.workers))
+        # its own generator: creating the iterator must not draw from the global RNG, whose
+        # state (drop-path masks) a resumed run restores mid-epoch
         loader = DataLoader(dataset, batch_size=job.batch_size, num_workers=job.workers,
-                            pin_memory=device.type == "cuda", drop_last=True)
+                            pin_memory=device.type == "cuda", drop_last=True,
+                            generator=torch.Generator().manual_seed(job.seed + epoch))
         if skip == 0:
             sums = dict.fromkeys(sums, 0.0)
         ddp_model.train()

@@ -203,6 +203,36 @@ def eval_cmd(
         typer.echo(f"{k}: {v:.2f}")
 
 
+bench_app = typer.Typer(help="Throughput benchmarks that print ratios measured side by side.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("cache")
+def bench_cache_cmd(pipeline: Path = typer.Option(Path("pipelines/demo.toml"), "--pipeline"),
+                    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda")) -> None:
+    """Stage one: full pipeline views/s vs teacher-only views/s, and bytes per view."""
+    from .bench import bench_cache
+    from .pipeline import build_config, load_pipeline
+    from .stage1 import CacheJob
+
+    job = build_config(CacheJob, load_pipeline(pipeline), "cache", {"device": device}, pipeline)
+    typer.echo(bench_cache(job))
+
+
+@bench_app.command("student")
+def bench_student_cmd(pipeline: Path = typer.Option(Path("pipelines/demo.toml"), "--pipeline"),
+                      steps: int = typer.Option(20, help="Timed steps per mode."),
+                      device: Optional[str] = typer.Option(None, help="auto | cpu | cuda")) -> None:
+    """Stage two: from-cache vs plain vs online training img/s."""
+    from .bench import bench_student
+    from .pipeline import build_config, load_pipeline
+    from .stage2 import StudentJob
+
+    cfg = load_pipeline(pipeline)
+    job = build_config(StudentJob, cfg, "student", {"device": device}, pipeline)
+    typer.echo(bench_student(job, cfg.get("cache", {}).get("teachers", []), steps))
+
+
 def main() -> None:
     """Entry point: library errors become one clear line and exit code 2, not a traceback."""
     from .errors import USER_ERRORS

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .digits import digits_items
-from .manifest import default_manifest_path
+from .manifest import default_manifest_path, load_manifest
 from .pipeline import build_config, load_pipeline
 from .shard_writer import write_shards
 from .stage1 import CacheJob, cache_teachers
@@ -33,7 +33,13 @@ def main() -> None:
     t0 = time.perf_counter()
 
     manifests = {s: default_manifest_path(f"digits-{s}") for s in ("train", "val")}
-    if not all(p.exists() for p in manifests.values()):
+    def built(path: Path) -> bool:  # committed manifests, but the shards may not exist yet
+        if not path.exists():
+            return False
+        m = load_manifest(path)
+        return all(m.shard_path(i).exists() for i in range(len(m.shards)))
+
+    if not all(built(p) for p in manifests.values()):
         for split, (classes, items) in digits_items().items():
             write_shards(items, classes, Path(cfg["data"]["shards"]), f"digits-{split}",
                          cfg["data"]["shard_size"], 0, "sklearn.datasets.load_digits (32x32 RGB)",

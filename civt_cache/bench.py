@@ -1,82 +1,226 @@
-"""``civt-cache bench cache|student``: side-by-side throughput ratios measured in one run.
+"""``civt-cache bench cache|student|imagenet``: throughput ratios measured side by side in one run.
 
-cache:   views/s of the full stage one (read shards, decode, build views, teachers, write
-         zarr) against the teachers' forward pass alone on the same pre-built view batches,
-         plus bytes per view on disk.
-student: student training img/s from the cache, against plain training (no distillation) and
-         online co-advising (teachers run live), same student, batch and steps.
+cache:    views/s of the full stage one (read shards, decode, build views, teachers, write
+          zarr) against the teachers' forward pass alone on pre-built views of the first unit,
+          plus the cache's bytes per view.
+student:  student training img/s from the cache, against plain training (no distillation) and
+          online co-advising (teachers run live), same student, batch and steps.
+imagenet: both of the above on synthetic ImageNet-shaped shards (``synthetic.py``) with the
+          paper's teachers (RegNetY-600MF + RedNet-26, random weights, 1000 classes), k = 10,
+          224 px, civt_tiny, plus the peak memory of each stage (RSS summed over the process
+          tree, and /dev/shm, which DataLoader workers use to hand over tensors).
 """
 from __future__ import annotations
 
+import os
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import timm
 import torch
 
 from .cache_store import CacheStore
 from .distributed import pick_device
 from .manifest import load_manifest
 from .models.teachers import build_teacher, teacher_logits
+from .recipe import Recipe
 from .stage1 import CacheJob, UnitViews, cache_teachers
 from .stage2 import StudentJob, train_student
 
+PAPER_TEACHERS = {"conv": "regnety_006", "inv": "rednet26"}
 
-def bench_cache(job: CacheJob) -> str:
-    """Full stage one vs teacher-only forward on the same views (one epoch, all shards)."""
+
+class PeakMemory:
+    """Peak RSS summed over this process and all its descendants (DataLoader workers), and peak
+    growth of /dev/shm, sampled every ``interval`` seconds while the ``with`` block runs."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval, self.rss, self.shm = interval, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._shm0 = _shm_used()
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _poll(self) -> None:
+        while True:
+            self.rss = max(self.rss, _tree_rss(os.getpid()))
+            self.shm = max(self.shm, _shm_used() - self._shm0)
+            if self._stop.wait(self.interval):
+                return
+
+
+def _tree_rss(root: int) -> int:
+    """Resident bytes of ``root`` and its descendants, from /proc (0 where /proc is absent)."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):  # the process ended meanwhile
+                continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [c for c, p in parent.items() if p == pid and c not in tree]
+        tree.update(children)
+        frontier += children
+    total = 0
+    for pid in tree:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def _shm_used() -> int:
+    """Bytes in use on /dev/shm (0 where there is none)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return 0
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def measure_cache(job: CacheJob, out: Path | None = None) -> dict[str, Any]:
+    """Full stage one (one epoch, all shards) vs teachers alone; bytes per view; peak memory.
+    The one-epoch cache is written to ``out`` (kept) or to a temporary folder."""
     device = pick_device(job.device)
     manifest = load_manifest(job.manifest)
     with tempfile.TemporaryDirectory() as tmp:
-        one = replace(job, epochs=1, epochs_per_unit=1, out=Path(tmp) / "cache")
-        t0 = time.perf_counter()
-        summary = cache_teachers(one)
-        full = summary["views"] / (time.perf_counter() - t0)
+        one = replace(job, epochs=1, epochs_per_unit=1, out=out or Path(tmp) / "cache")
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            summary = cache_teachers(one)
+            full = summary["views"] / (time.perf_counter() - t0)
         store = CacheStore.open(one.out)
-        sizes = store.disk_bytes()
-        per_view = sum(sizes.values()) / summary["views"]
-        units = [(s, 0) for s in range(len(manifest.shards))]
-        batches = [item.views for item in UnitViews(manifest, one.out, units, {u for u in units},
-                                                     job.recipe, job.seed, 1, 1)]
+        chunks = sum(store.disk_bytes(chunks_only=True).values())
+        files = sum(store.disk_bytes().values())
+        units = [(0, 0)]
+        views = next(iter(UnitViews(manifest, one.out, units, set(units), job.recipe, job.seed, 1, 1))).views
     teachers = [build_teacher(t, device) for t in job.teachers]
-    n, t0 = 0, time.perf_counter()
-    for views in batches:
-        for i in range(0, len(views), job.batch_size):
-            chunk = views[i:i + job.batch_size]
-            for t in teachers:
-                full_logits = teacher_logits(t, chunk, job.recipe.mean, job.recipe.std, device)
-                full_logits.topk(job.topk, dim=1)
-            n += len(chunk)
+    batches = [views[i:i + job.batch_size] for i in range(0, len(views), job.batch_size)]
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    teacher_only = n / (time.perf_counter() - t0)
-    return (f"bench cache on {device} ({manifest.name}, {summary['views']} views, "
-            f"{len(teachers)} teachers, k={job.topk}, {job.recipe.img_size}px, batch {job.batch_size}, "
-            f"{job.workers} workers)\n"
-            f"  full stage one:   {full:8.1f} views/s (wall clock incl. start-up)\n"
-            f"  teachers alone:   {teacher_only:8.1f} views/s (same views, pre-built)\n"
-            f"  ratio full/teacher-only: {full / teacher_only:.2f}  (target >= 0.8)\n"
-            f"  bytes per view on disk: {per_view:.1f}  (target <= 100 for 2 teachers at k=10)")
+        batches = [b.to(device) for b in batches]
+    for t in teachers:  # warm-up: allocator, cuDNN algorithm choice
+        teacher_logits(t, batches[0], job.recipe.mean, job.recipe.std, device)
+    _sync(device)
+    t0 = time.perf_counter()
+    for chunk in batches:
+        for t in teachers:
+            teacher_logits(t, chunk, job.recipe.mean, job.recipe.std, device).topk(job.topk, dim=1)
+    _sync(device)
+    alone = len(views) / (time.perf_counter() - t0)
+    return {"device": str(device), "data": manifest.name, "views": summary["views"],
+            "teachers": len(teachers), "topk": job.topk, "img_size": job.recipe.img_size,
+            "batch_size": job.batch_size, "workers": job.workers, "full_views_per_s": full,
+            "teachers_alone_views_per_s": alone, "teachers_alone_views": len(views),
+            "bytes_per_view": chunks / summary["views"], "file_bytes_per_view": files / summary["views"],
+            "peak_rss": mem.rss, "peak_shm": mem.shm}
 
 
-def bench_student(job: StudentJob, teacher_specs: list[str], steps: int) -> str:
-    """img/s of plain, from-cache and online training for ``steps`` steps each."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def format_cache(r: dict[str, Any]) -> str:
+    return (f"bench cache on {r['device']} ({r['data']}, {r['views']} views, {r['teachers']} teachers, "
+            f"k={r['topk']}, {r['img_size']}px, batch {r['batch_size']}, {r['workers']} workers)\n"
+            f"  full stage one:   {r['full_views_per_s']:8.1f} views/s (wall clock incl. start-up)\n"
+            f"  teachers alone:   {r['teachers_alone_views_per_s']:8.1f} views/s (pre-built views "
+            f"of the first unit, {r['teachers_alone_views']} views)\n"
+            f"  ratio full / teachers alone: {r['full_views_per_s'] / r['teachers_alone_views_per_s']:.2f}\n"
+            f"  bytes per view: {r['bytes_per_view']:.1f} in chunks (records + all teachers), "
+            f"{r['file_bytes_per_view']:.1f} with metadata and progress records\n"
+            f"  peak memory: {r['peak_rss'] / 2**20:.0f} MiB RSS (process tree), "
+            f"{r['peak_shm'] / 2**20:.1f} MiB /dev/shm")
+
+
+def bench_cache(job: CacheJob) -> str:
+    return format_cache(measure_cache(job))
+
+
+def measure_student(job: StudentJob, teacher_specs: list[str], steps: int,
+                    online: bool = True) -> dict[str, Any]:
+    """img/s of plain, from-cache (and online) training for ``steps`` steps each, after two
+    untimed warm-up steps per mode; peak memory over all modes."""
     rates = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        modes = {"plain (no distillation)": dict(teachers="none", cache=None),
-                 "from cache (both teachers)": dict(teachers="both"),
-                 "online (both teachers live)": dict(teachers="both", online=True, cache=None,
-                                                     teacher=teacher_specs)}
+    modes = {"plain (no distillation)": dict(teachers="none", cache=None),
+             "from cache (both teachers)": dict(teachers="both")}
+    if online:
+        modes["online (both teachers live)"] = dict(teachers="both", online=True, cache=None,
+                                                    teacher=teacher_specs)
+    with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
         for name, change in modes.items():
-            run = replace(job, **change, out=Path(tmp) / name.split()[0], max_steps=steps, epochs=max(job.epochs, 2))
-            warm = replace(run, max_steps=2, out=Path(tmp) / "warm")
-            train_student(warm)  # imports, first-iteration allocations
+            run = replace(job, **change, out=Path(tmp) / name.split()[0], max_steps=steps,
+                          epochs=max(job.epochs, 2))
+            train_student(replace(run, max_steps=2, out=Path(tmp) / "warm"))
             t0 = time.perf_counter()
             train_student(run)
             rates[name] = steps * job.batch_size / (time.perf_counter() - t0)
-    plain = rates["plain (no distillation)"]
-    lines = [f"bench student ({job.model}, batch {job.batch_size}, {steps} steps each, "
-             f"{job.recipe.img_size}px, {job.workers} workers)"]
-    lines += [f"  {k:28s} {v:8.1f} img/s  ({v / plain:.2f}x plain)" for k, v in rates.items()]
-    lines.append("  target: from cache >= 0.95x plain")
+    return {"model": job.model, "batch_size": job.batch_size, "steps": steps,
+            "img_size": job.recipe.img_size, "workers": job.workers, "rates": rates,
+            "peak_rss": mem.rss, "peak_shm": mem.shm}
+
+
+def format_student(r: dict[str, Any]) -> str:
+    plain = r["rates"]["plain (no distillation)"]
+    lines = [f"bench student ({r['model']}, batch {r['batch_size']}, {r['steps']} steps each, "
+             f"{r['img_size']}px, {r['workers']} workers)"]
+    lines += [f"  {k:28s} {v:8.1f} img/s  ({v / plain:.2f}x plain)" for k, v in r["rates"].items()]
+    lines.append(f"  peak memory: {r['peak_rss'] / 2**20:.0f} MiB RSS (process tree), "
+                 f"{r['peak_shm'] / 2**20:.1f} MiB /dev/shm")
     return "\n".join(lines)
+
+
+def bench_student(job: StudentJob, teacher_specs: list[str], steps: int) -> str:
+    return format_student(measure_student(job, teacher_specs, steps))
+
+
+def bench_imagenet(samples: int, device: str = "auto", workers: int = 2, teacher_batch: int = 64,
+                   student_batch: int = 16, steps: int = 4, online: bool = True) -> str:
+    """Both stages on ``samples`` synthetic ImageNet-shaped images (see the module docstring)."""
+    from .synthetic import write_imagenet_like
+
+    if steps + 2 > samples // student_batch:
+        raise ValueError(f"--samples {samples} gives {samples // student_batch} steps of "
+                         f"{student_batch}; the student bench needs {steps + 2} in one epoch")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        manifest = write_imagenet_like(root / "data", samples, workers=min(workers, 2) or 1)
+        made = time.perf_counter() - t0
+        avg_kb = sum(s.bytes for s in manifest.shards) / manifest.num_samples / 1e3
+        specs = []
+        for name, arch in PAPER_TEACHERS.items():
+            torch.manual_seed(0)
+            path = root / f"{name}_{arch}.pth"
+            torch.save(timm.create_model(arch, num_classes=manifest.num_classes).state_dict(), path)
+            specs.append(f"{name}={arch}:{path}")
+        recipe = Recipe(img_size=224)
+        cache_job = CacheJob(manifest.location, specs, root / "cache", topk=10, recipe=recipe,  # type: ignore[arg-type]
+                             batch_size=teacher_batch, workers=workers, device=device)
+        cache = measure_cache(cache_job, out=cache_job.out)
+        student = StudentJob(manifest.location, manifest.location, root / "run",  # type: ignore[arg-type]
+                             cache=cache_job.out, model="civt_tiny", epochs=2, recipe=recipe,
+                             batch_size=student_batch, workers=workers, device=device,
+                             cycle_cache=True, drop_path=0.1)
+        stu = measure_student(student, specs, steps, online)
+    head = (f"synthetic ImageNet: {manifest.num_samples} JPEGs in {len(manifest.shards)} shard(s), "
+            f"{manifest.num_classes} classes, {avg_kb:.0f} KB each (made in {made:.0f}s); teachers "
+            + " + ".join(PAPER_TEACHERS.values()) + " (random weights)")
+    return "\n".join([head, format_cache(cache), format_student(stu)])

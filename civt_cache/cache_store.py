@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,7 @@ class CacheSpec:
     epochs_per_unit: int
     topk: int
     num_classes: int
+    manifest_path: str = field(default="", compare=False)  # where to find the data again (verify)
 
     @classmethod
     def for_manifest(cls, manifest: DataManifest, recipe: Recipe, seed: int, epochs: int,
@@ -82,7 +83,8 @@ class CacheSpec:
         if not 1 <= topk <= manifest.num_classes:
             raise CacheMismatchError(f"topk {topk} must be between 1 and the {manifest.num_classes} classes")
         return cls(manifest.name, manifest.fingerprint(), len(manifest.shards), manifest.row_stride,
-                   recipe, seed, epochs, min(epochs_per_unit, epochs), topk, manifest.num_classes)
+                   recipe, seed, epochs, min(epochs_per_unit, epochs), topk, manifest.num_classes,
+                   str(manifest.location or ""))
 
     @property
     def num_rows(self) -> int:
@@ -99,7 +101,8 @@ class CacheSpec:
     def attrs(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "kind": "civt-cache",
                 "manifest": {"name": self.manifest_name, "fingerprint": self.manifest_fingerprint,
-                             "num_shards": self.num_shards, "row_stride": self.row_stride},
+                             "num_shards": self.num_shards, "row_stride": self.row_stride,
+                             "path": self.manifest_path},
                 "recipe": self.recipe.to_json(), "recipe_fingerprint": self.recipe.fingerprint(),
                 "seed": self.seed, "epochs": self.epochs, "epochs_per_unit": self.epochs_per_unit,
                 "topk": self.topk, "num_classes": self.num_classes}
@@ -109,7 +112,7 @@ class CacheSpec:
         m = attrs["manifest"]
         return cls(m["name"], m["fingerprint"], m["num_shards"], m["row_stride"],
                    Recipe.from_json(attrs["recipe"]), attrs["seed"], attrs["epochs"],
-                   attrs["epochs_per_unit"], attrs["topk"], attrs["num_classes"])
+                   attrs["epochs_per_unit"], attrs["topk"], attrs["num_classes"], m.get("path", ""))
 
     def differences(self, other: "CacheSpec") -> list[str]:
         """Human-readable list of what differs between a stored spec (self) and a request."""
@@ -331,9 +334,14 @@ class CacheStore:
                          g["lse"][epoch, rows][:n].astype(np.float32))
         return recs, keys, out
 
-    def disk_bytes(self) -> dict[str, int]:
-        """Bytes on disk per top-level component (views, each teacher, progress)."""
+    def disk_bytes(self, chunks_only: bool = False) -> dict[str, int]:
+        """Bytes on disk per top-level component (views, each teacher, progress); with
+        ``chunks_only`` just the arrays' chunk files (zarr v3 keeps them under ``c/``), which is
+        what grows with the data, without the fixed metadata and progress records."""
         out: dict[str, int] = {}
-        for sub in ["views", "progress"] + [f"teachers/{t}" for t in self.teachers()]:
-            out[sub] = sum(f.stat().st_size for f in (self.root / sub).rglob("*") if f.is_file())
+        subs = ["views", "progress"] + [f"teachers/{t}" for t in self.teachers()]
+        for sub in subs[:1] + subs[2:] if chunks_only else subs:
+            base = self.root / sub
+            out[sub] = sum(f.stat().st_size for f in base.rglob("*") if f.is_file()
+                           and (not chunks_only or "c" in f.relative_to(base).parts))
         return out

@@ -11,7 +11,7 @@ from .cache_store import CacheStore, key_hash
 from .distributed import pick_device
 from .errors import CacheMismatchError
 from .manifest import load_manifest
-from .models.teachers import build_teacher, teacher_logits
+from .models.teachers import build_teacher, parse_teacher_spec, teacher_logits
 from .shards import read_shard
 from .views import LAM, LAM_ONE, MIX_MODE, MIX_NONE, PARTNER, apply_records, decode_rgb, \
     sample_shard_records
@@ -105,23 +105,49 @@ def _agreement(store: CacheStore, units: list, teachers: list[str]) -> list[str]
     return out
 
 
-def verify_cache(root: Path, manifest_path: Path, teacher_specs: list[str], samples: int,
+def cached_teacher_specs(root: Path, stored: dict[str, dict], overrides: list[str]) -> list[str]:
+    """``NAME=ARCH:CKPT`` of every cached teacher: from the path the cache recorded, or from
+    ``overrides`` (``--teacher``) for files that moved. The file's sha256 is checked later."""
+    given = {parse_teacher_spec(spec)[0]: spec for spec in overrides}
+    unknown = sorted(set(given) - set(stored))
+    if unknown:
+        raise CacheMismatchError(f"{root}: no teacher {unknown[0]!r} in the cache (has {sorted(stored)})")
+    specs = []
+    for name, ident in stored.items():
+        if name in given:
+            specs.append(given[name])
+            continue
+        path = ident.get("checkpoint", "")
+        if not path or not Path(path).is_file():
+            raise CacheMismatchError(f"{root}: teacher {name!r} was cached from {path or 'a file it did not record'}, "
+                                     f"which is not there now; give --teacher {name}={ident['arch']}:NEW_PATH")
+        specs.append(f"{name}={ident['arch']}:{path}")
+    return specs
+
+
+def verify_cache(root: Path, manifest_path: Path | None, teacher_specs: list[str], samples: int,
                  seed: int, device_pref: str = "auto") -> tuple[str, bool]:
     """Rebuild ``samples`` random committed views through the same view function, check their
-    records regenerate identically, rerun the teachers and compare with the stored top-k."""
+    records regenerate identically, rerun every cached teacher and compare with the stored top-k.
+    The data manifest and checkpoints are found where the cache recorded them unless given."""
     store = CacheStore.open(root)
+    if manifest_path is None:
+        manifest_path = Path(store.spec.manifest_path)
+        if not store.spec.manifest_path or not manifest_path.is_file():
+            raise CacheMismatchError(f"{root}: its data manifest {store.spec.manifest_path or '(not recorded)'} "
+                                     "is not there now; give --manifest PATH")
     manifest = load_manifest(manifest_path)
     if manifest.fingerprint() != store.spec.manifest_fingerprint:
         raise CacheMismatchError(f"{root}: built for data {store.spec.manifest_name!r}, not "
                                  f"{manifest_path} (fingerprints differ)")
     device = pick_device(device_pref)
     stored_teachers = store.teachers()
-    teachers = [build_teacher(t, device) for t in teacher_specs]
+    teachers = [build_teacher(t, device) for t in cached_teacher_specs(root, stored_teachers, teacher_specs)]
     for t in teachers:
-        ident = stored_teachers.get(t.name)
-        if ident is None or ident["checkpoint_sha256"] != t.sha256:
+        ident = stored_teachers[t.name]
+        if ident["checkpoint_sha256"] != t.sha256:
             raise CacheMismatchError(f"{root}: teacher {t.name!r} ({t.checkpoint}) is not the one "
-                                     f"cached ({ident and ident['checkpoint_sha256'][:12]})")
+                                     f"cached: sha256 {t.sha256[:12]}, cached {ident['checkpoint_sha256'][:12]}")
     committed = [(s, b, r) for s, b in store.units() if (r := store.unit_record(s, b)) and r.get("views")]
     if not committed:
         return f"{root}: no committed units to verify", False

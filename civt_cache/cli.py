@@ -1,6 +1,7 @@
 """The ``civt-cache`` command line. Each command is a thin shell over a library function."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -53,12 +54,16 @@ def scan_shards_cmd(
     classes: Optional[Path] = typer.Option(None, help="Text file of class names, one per line."),
 ) -> None:
     """Write a data manifest for WebDataset shards made elsewhere, checking every sample."""
-    from .shard_writer import scan_shards
+    from .shard_writer import ShardOrderWarning, scan_shards
 
     names = classes.read_text().split("\n") if classes else None
     names = [n for n in names if n.strip()] if names else None
     path = manifest or default_manifest_path(name)
-    m = scan_shards(pattern, name, path, names)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ShardOrderWarning)
+        m = scan_shards(pattern, name, path, names)
+    for w in caught:
+        typer.echo(f"civt-cache: warning: {w.message}", err=True)
     typer.echo(f"{path}: {m.num_samples} samples in {len(m.shards)} shards, "
                f"{m.num_classes} classes")
 
@@ -109,8 +114,8 @@ def inspect_cmd(cache: Path = typer.Argument(..., help="Cache directory.")) -> N
 @app.command("verify")
 def verify_cmd(
     cache: Path = typer.Argument(..., help="Cache directory."),
-    manifest: Path = typer.Option(..., help="Data manifest the cache was built from."),
-    teacher: list[str] = typer.Option(..., help="NAME=ARCH:CHECKPOINT of the cached teachers."),
+    manifest: Optional[Path] = typer.Option(None, help="Data manifest [the one the cache recorded]."),
+    teacher: list[str] = typer.Option([], help="NAME=ARCH:CHECKPOINT for a cached teacher whose file moved [recorded path]."),
     samples: int = typer.Option(32, help="Random (epoch, row) views to rebuild and rerun."),
     seed: int = typer.Option(0, help="Seed of the sample choice."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
@@ -132,11 +137,13 @@ def train_student_cmd(
     cache: Optional[Path] = typer.Option(None, help="Teacher cache from cache-teachers."),
     model: Optional[str] = typer.Option(None, help="Student: civt_micro | civt_tiny | civt_small | civt_base."),
     img_size: Optional[int] = typer.Option(None, help="View size (must match the cache's recipe)."),
-    epochs: Optional[int] = typer.Option(None, help="Training epochs (cached epochs cycle if fewer)."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs (at most the cached ones unless --cycle-cache)."),
     teachers: Optional[str] = typer.Option(None, help="both | conv | inv | none (ablations)."),
     online: Optional[bool] = typer.Option(None, "--online/--cached", help="Run the teachers live instead of reading the cache."),
     teacher: list[str] = typer.Option([], help="NAME=ARCH:CKPT: live teachers (--online) or a check of the cached ones."),
-    seed: Optional[int] = typer.Option(None, help="Seed (must match the cache's)."),
+    seed: Optional[int] = typer.Option(None, help="The student's seed: initialisation, drop path, data order."),
+    view_seed: Optional[int] = typer.Option(None, help="Seed of the views without a cache [--seed]; a cache replays its own."),
+    cycle_cache: Optional[bool] = typer.Option(None, "--cycle-cache/--no-cycle-cache", help="Allow more epochs than cached by replaying cached epochs."),
     batch_size: Optional[int] = typer.Option(None, help="Per-rank batch size."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate [5e-4 x global batch / 512]."),
     temperature: Optional[float] = typer.Option(None, help="Distillation temperature T."),
@@ -157,7 +164,7 @@ def train_student_cmd(
     job = build_config(StudentJob, cfg, "student", dict(
         manifest=manifest, val_manifest=val_manifest, cache=cache, model=model, img_size=img_size,
         epochs=epochs, teachers=teachers, online=online, teacher=teacher, seed=seed,
-        batch_size=batch_size, lr=lr, temperature=temperature, renormalize=renormalize,
+        view_seed=view_seed, cycle_cache=cycle_cache, batch_size=batch_size, lr=lr, temperature=temperature, renormalize=renormalize,
         workers=workers, device=device, compile=compile, checkpoint_every=checkpoint_every,
         out=out, resume=resume, max_steps=max_steps), pipeline)
     res = train_student(job)
@@ -231,6 +238,22 @@ def bench_student_cmd(pipeline: Path = typer.Option(Path("pipelines/demo.toml"),
     cfg = load_pipeline(pipeline)
     job = build_config(StudentJob, cfg, "student", {"device": device}, pipeline)
     typer.echo(bench_student(job, cfg.get("cache", {}).get("teachers", []), steps))
+
+
+@bench_app.command("imagenet")
+def bench_imagenet_cmd(
+    samples: int = typer.Option(256, help="Synthetic ImageNet-shaped images (shards of 1,250)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    workers: int = typer.Option(2, help="DataLoader workers of both stages."),
+    teacher_batch: int = typer.Option(64, help="Stage one batch size."),
+    student_batch: int = typer.Option(16, help="Stage two batch size."),
+    steps: int = typer.Option(4, help="Timed student steps per mode."),
+    online: bool = typer.Option(True, "--online/--no-online", help="Also time online co-advising."),
+) -> None:
+    """Both stages at 224 px on synthetic ImageNet-shaped shards with the paper's teachers."""
+    from .bench import bench_imagenet
+
+    typer.echo(bench_imagenet(samples, device, workers, teacher_batch, student_batch, steps, online))
 
 
 def main() -> None:

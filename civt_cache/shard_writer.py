@@ -12,6 +12,8 @@ import hashlib
 import io
 import os
 import tarfile
+import warnings
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,14 +216,16 @@ def scan_shards(pattern: str, name: str, manifest_path: Path,
                 classes: list[str] | None = None) -> DataManifest:
     """Count and check every sample of existing shards and write their manifest."""
     paths = expand_shard_pattern(pattern)
-    shards, max_label = [], -1
+    shards, max_label, label_counts = [], -1, []
     for path in tqdm(paths, unit="shard", desc=f"scan-shards {name}", disable=None):
-        n = 0
+        n, counts = 0, Counter()
         for sample in iter_shard_file(path):
             n += 1
+            counts[sample.label] += 1
             max_label = max(max_label, sample.label)
         if n == 0:
             raise ShardError(f"{path}: holds no samples")
+        label_counts.append(counts)
         shards.append(ShardInfo(os.path.relpath(path.resolve(), manifest_path.resolve().parent), n,
                                 path.stat().st_size, sha256_file(path)))
     if classes is None:
@@ -230,7 +234,46 @@ def scan_shards(pattern: str, name: str, manifest_path: Path,
         raise ValueError(f"{pattern}: label {max_label} but only {len(classes)} class names given")
     manifest = DataManifest(name=name, classes=classes, shards=shards, source=f"scan:{pattern}")
     manifest.save(manifest_path)
+    warning = class_sorted_warning(paths, label_counts)
+    if warning:
+        warnings.warn(warning, ShardOrderWarning, stacklevel=2)
     return manifest
+
+
+class ShardOrderWarning(UserWarning):
+    """Shards whose samples are grouped by class (see ``class_sorted_warning``)."""
+
+
+def class_sorted_warning(paths: Sequence[Path], label_counts: Sequence[Counter]) -> str | None:
+    """A warning when most shards hold far fewer classes than shuffled data would.
+
+    Shards made by other tools are often written class by class. Stage two reads a shard at a
+    time and pairs Mixup/CutMix partners inside a shard (DESIGN.md), so such shards give
+    single-class batches and single-class mixing partners. A shard of n samples drawn from the
+    data's label distribution p would hold sum_c 1 - (1 - p_c)^n classes on average; a shard with
+    less than half of that counts as sorted."""
+    total = Counter()
+    for counts in label_counts:
+        total.update(counts)
+    n_all = sum(total.values())
+    if len(total) < 2:
+        return None
+    spread = []
+    for path, counts in zip(paths, label_counts):
+        n = sum(counts.values())
+        expected = sum(1.0 - (1.0 - c / n_all) ** n for c in total.values())
+        spread.append((path, n, len(counts), expected, max(counts.values()) / n))
+    sorted_like = [row for row in spread if row[2] < 0.5 * row[3]]
+    if 2 * len(sorted_like) < len(spread):
+        return None
+    lines = [f"{len(sorted_like)} of {len(spread)} shards look sorted by class: batches and "
+             "Mixup/CutMix partners (paired inside a shard) would be nearly single-class. "
+             "Rewrite them shuffled with `civt-cache make-shards` (recommended). Label spread:"]
+    lines += [f"  {p.name}: {n} samples, {k} classes (about {e:.0f} if shuffled), largest class "
+              f"{100 * top:.0f}%" for p, n, k, e, top in spread[:8]]
+    if len(spread) > 8:
+        lines.append(f"  ... and {len(spread) - 8} more shards")
+    return "\n".join(lines)
 
 
 def iter_in_memory(images: Iterable[tuple[str, int, bytes]], origin: str) -> Iterator[SourceItem]:

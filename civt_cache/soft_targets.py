@@ -41,10 +41,16 @@ class LossWeights:
 
 
 def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
-    """T^2 * KL(teacher || student) at temperature T, averaged over the batch."""
-    return F.kl_div(F.log_softmax(student_logits.float() / t, dim=1),
-                    F.log_softmax(teacher_logits.float() / t, dim=1),
-                    reduction="batchmean", log_target=True) * (t * t)
+    """T^2 * KL(teacher || student) at temperature T, averaged over the batch.
+
+    Classes the teacher gives no mass (``-inf`` pseudo-logits: ``renormalize``, or k = C after
+    an fp16 underflow) contribute 0, as 0 * log 0 = 0 in the definition; ``F.kl_div`` with
+    ``log_target=True`` would give 0 * inf = NaN there."""
+    log_t = F.log_softmax(teacher_logits.float() / t, dim=1)
+    log_s = F.log_softmax(student_logits.float() / t, dim=1)
+    p_t = log_t.exp()
+    log_t = torch.where(p_t > 0, log_t, torch.zeros_like(log_t))
+    return (p_t * (log_t - log_s)).sum(1).mean() * (t * t)
 
 
 def soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

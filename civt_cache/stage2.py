@@ -44,7 +44,9 @@ class StudentJob:
     teachers: str = "both"
     online: bool = False
     teacher: list[str] = field(default_factory=list)  # NAME=ARCH:CKPT (online, or to check the cache)
-    seed: int = 0
+    seed: int = 0  # the student's: initialisation, drop path, data order
+    view_seed: int | None = None  # the views' seed without a cache [--seed]; a cache brings its own
+    cycle_cache: bool = False  # train past the cached epochs by replaying them (epoch e -> e mod E)
     recipe: Recipe = field(default_factory=Recipe)
     batch_size: int = 128
     lr: float | None = None  # default 5e-4 x global batch / 512 (DeiT)
@@ -88,8 +90,14 @@ def _check_cache(job: StudentJob, names: tuple[str, ...], manifest, log) -> Cach
         a, b = s.recipe.to_json(), job.recipe.to_json()
         raise CacheMismatchError(f"{job.cache}: view recipe differs from the one asked for: "
                                  + ", ".join(f"{k}: cache {a[k]!r}, asked {b[k]!r}" for k in a if a[k] != b[k]))
-    if s.seed != job.seed:
-        raise CacheMismatchError(f"{job.cache}: views cached with seed {s.seed}, asked seed {job.seed}")
+    if job.view_seed is not None and job.view_seed != s.seed:
+        raise CacheMismatchError(f"{job.cache}: views cached with seed {s.seed}, --view-seed "
+                                 f"{job.view_seed} asked (the cache's views are replayed as cached)")
+    if job.epochs > s.epochs and not job.cycle_cache:
+        raise CacheMismatchError(
+            f"{job.cache}: holds {s.epochs} epoch(s) of views, training asks for {job.epochs}. "
+            f"The paper draws fresh views every epoch: cache {job.epochs} epochs (cache-teachers "
+            f"--epochs {job.epochs}), or replay the cached ones with --cycle-cache")
     stored = store.teachers()
     for name in names:
         if name not in stored:
@@ -112,8 +120,8 @@ def _check_cache(job: StudentJob, names: tuple[str, ...], manifest, log) -> Cach
                                  f"teachers {list(names)}; run `civt-cache cache-teachers` with the same "
                                  "settings to finish them (or `civt-cache inspect` to see what is missing)")
     if job.epochs > s.epochs:
-        log(f"training for {job.epochs} epochs on a cache of {s.epochs}: epoch e replays cached "
-            f"epoch e mod {s.epochs}")
+        log(f"--cycle-cache: training for {job.epochs} epochs on a cache of {s.epochs}: epoch e "
+            f"replays cached epoch e mod {s.epochs}")
     return store
 
 
@@ -135,6 +143,7 @@ def _train(job: StudentJob, info: DistInfo) -> dict[str, Any]:
     elif names:
         store = _check_cache(job, names, manifest, log)
     num_classes = manifest.num_classes
+    view_seed = store.spec.seed if store else (job.seed if job.view_seed is None else job.view_seed)
     job.out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(job.seed)
@@ -182,7 +191,8 @@ def _train(job: StudentJob, info: DistInfo) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for epoch in range(start_epoch, job.epochs):
         cache_epoch = epoch % store.spec.epochs if store else epoch
-        source = EpochSource(epoch, store.root if store else None, cache_epoch, names if store else ())
+        source = EpochSource(epoch, view_seed, store.root if store else None, cache_epoch,
+                             names if store else ())
         skip = start_step if epoch == start_epoch else 0
         dataset = StudentViews(manifest, job.recipe, job.seed,
                                rank_shards(manifest, job.seed, epoch, info.rank, info.world_size), source,

@@ -64,14 +64,16 @@ class EpochSource:
     """Where one epoch's records and teacher targets come from."""
 
     epoch: int                  # training epoch (orders the data)
+    view_seed: int = 0          # seed of records sampled on the fly (a cache holds its own)
     cache: Path | None = None   # None: sample records on the fly
     cache_epoch: int = 0        # cached epoch replayed (cycles when training outlasts the cache)
     teachers: tuple[str, ...] = ()
 
 
 class StudentViews(IterableDataset):
-    """Yields per-sample dicts: view, label, partner_label, lam, and per cached teacher its
-    top-k logits / indices / lse. DataLoader workers split this rank's shards."""
+    """Yields per-sample dicts: row, view, label, partner_label, lam, and per cached teacher its
+    top-k logits / indices / lse. DataLoader workers split this rank's shards. ``seed`` orders
+    the samples; the views come from ``source`` (the cache's records, or its ``view_seed``)."""
 
     def __init__(self, manifest: DataManifest, recipe: Recipe, seed: int, shards: list[int],
                  source: EpochSource, skip_samples: list[int] | None = None) -> None:
@@ -97,7 +99,8 @@ class StudentViews(IterableDataset):
                                              f"not match {self.manifest.shard_path(shard)}")
             else:
                 sizes = [Image.open(io.BytesIO(s.image)).size for s in samples]
-                recs = sample_shard_records(self.recipe, self.seed, self.source.epoch, shard, rows, sizes)
+                recs = sample_shard_records(self.recipe, self.source.view_seed, self.source.epoch,
+                                            shard, rows, sizes)
             images = _LazyImages(samples, base)
             records = dict(zip(rows, recs))
             labels = [s.label for s in samples]
@@ -107,7 +110,7 @@ class StudentViews(IterableDataset):
                     continue
                 row = base + pos
                 rec = recs[pos]
-                item = {"view": apply_records(images, records, [row], self.recipe)[0],
+                item = {"row": row, "view": apply_records(images, records, [row], self.recipe)[0],
                         "label": labels[pos], "partner_label": labels[int(rec[PARTNER]) - base],
                         "lam": float(rec[LAM]) / LAM_ONE}
                 for name, (lg, idx, lse) in teacher_out.items():

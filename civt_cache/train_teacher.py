@@ -87,7 +87,7 @@ def _train(job: TeacherJob, info: DistInfo) -> dict[str, Any]:
     bar = tqdm(total=sum(steps), desc=f"train-teacher {job.arch}", unit="step", disable=None)
     for epoch in range(job.epochs):
         loader = DataLoader(StudentViews(manifest, recipe, job.seed,
-                                         rank_shards(manifest, job.seed, epoch, 0, 1), EpochSource(epoch)),
+                                         rank_shards(manifest, job.seed, epoch, 0, 1), EpochSource(epoch, job.seed)),
                             batch_size=job.batch_size, num_workers=job.workers, drop_last=True)
         model.train()
         for _, batch in zip(range(steps[epoch]), loader):

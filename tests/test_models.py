@@ -7,7 +7,6 @@ import torch
 
 import civt_cache  # noqa: F401  (registers the models)
 from civt_cache.models.involution import Involution
-from civt_cache.models.teachers import build_teacher, load_checkpoint_file
 
 
 @pytest.mark.parametrize("channels,k,stride,size", [(32, 3, 1, 9), (64, 7, 1, 15), (64, 7, 2, 15),
@@ -88,39 +87,3 @@ def test_civt_outputs_and_drop_path() -> None:
     torch.testing.assert_close(m(x), (cls_head + conv_head + inv_head) / 3)
     tiny = timm.create_model("civt_tiny", num_classes=5, img_size=64, token_stride=8)
     assert tiny.pos_embed.shape[1] == (64 // 8) ** 2 + 3
-
-
-def test_mmcls_rednet_checkpoint_loads(tmp_path) -> None:
-    torch.manual_seed(0)
-    ours = timm.create_model("rednet26", num_classes=7).eval()
-    official = {("head.fc." + k[3:] if k.startswith("fc.") else "backbone." + k): v
-                for k, v in ours.state_dict().items()}
-    assert "backbone.layer1.0.conv2.conv1.conv.weight" in official
-    assert "backbone.stem.1.conv2.conv.bias" in official
-    torch.save({"meta": {"epoch": 130}, "state_dict": official}, tmp_path / "red.pth")
-    sd, _ = load_checkpoint_file(tmp_path / "red.pth")
-    assert set(sd) == set(ours.state_dict())
-    t = build_teacher(f"inv=rednet26:{tmp_path / 'red.pth'}")
-    assert t.num_classes == 7 and len(t.sha256) == 64
-    x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(t.model(x), ours(x))
-
-
-def test_wrong_checkpoint_refused(tmp_path) -> None:
-    torch.save(timm.create_model("resnet10t", num_classes=10).state_dict(), tmp_path / "r.pth")
-    with pytest.raises(civt_cache.ConfigError, match="r.pth.*does not fit rednet26"):
-        build_teacher(f"rednet26:{tmp_path / 'r.pth'}")
-    (tmp_path / "junk.pth").write_bytes(b"junk")
-    with pytest.raises(civt_cache.ConfigError, match="junk.pth: cannot read"):
-        build_teacher(f"resnet10t:{tmp_path / 'junk.pth'}")
-
-
-def test_train_teacher_beats_chance_on_digits(digits, tmp_path) -> None:
-    from civt_cache.train_teacher import TeacherJob, train_teacher
-
-    res = train_teacher(TeacherJob(digits["train"], digits["val"], "resnet10t", tmp_path / "t.pth",
-                                   epochs=3, img_size=32, batch_size=64, workers=0))
-    # measured 83.8% (3 epochs, seed 0, this machine); chance is 10%
-    assert res["val_top1"] > 60.0
-    t = build_teacher(f"conv=resnet10t:{tmp_path / 't.pth'}")
-    assert t.num_classes == 10 and t.sha256 == res["sha256"]

@@ -180,3 +180,29 @@ def test_changed_shard_checksum_refused(digits, tmp_path: Path) -> None:
         read_shard(bad, 0)
     with pytest.raises(ManifestError, match="sha256"):
         bad.verify_shard(0)
+
+
+def test_scan_shards_warns_about_class_sorted_shards(tmp_path: Path) -> None:
+    """Shards written class by class (as many tools do) get a warning with the label spread;
+    shuffled ones do not."""
+    def write(folder: Path, labels: list[int]) -> None:
+        folder.mkdir()
+        for i in range(0, len(labels), 20):
+            with wds.TarWriter(str(folder / f"s-{i // 20:06d}.tar")) as w:
+                for j, label in enumerate(labels[i:i + 20]):
+                    buf = io.BytesIO()
+                    Image.new("RGB", (8, 8), (label * 20, 0, 0)).save(buf, format="PNG")
+                    w.write({"__key__": f"k{i + j}", "png": buf.getvalue(), "cls": str(label)})
+
+    ordered = [c for c in range(10) for _ in range(10)]  # 100 samples, 10 per class, sorted
+    write(tmp_path / "sorted", ordered)
+    proc = run_cli("scan-shards", str(tmp_path / "sorted"), "--name", "s",
+                   "--manifest", str(tmp_path / "s.json"))
+    assert "5 of 5 shards look sorted by class" in proc.stderr
+    assert "s-000000.tar: 20 samples, 2 classes (about 9 if shuffled), largest class 50%" in proc.stderr
+    assert "make-shards" in proc.stderr and load_manifest(tmp_path / "s.json").num_samples == 100
+    shuffled = np.random.default_rng(0).permutation(ordered).tolist()
+    write(tmp_path / "shuffled", shuffled)
+    proc = run_cli("scan-shards", str(tmp_path / "shuffled"), "--name", "u",
+                   "--manifest", str(tmp_path / "u.json"))
+    assert "sorted by class" not in proc.stderr

@@ -89,13 +89,13 @@ def test_stage_two_rebuilds_the_same_view_tensors(reference, digits) -> None:
     m = load_manifest(digits["val"])
     stage1 = next(iter(UnitViews(m, reference, [(1, 1)], {(1, 1)}, RECIPE, 0, 1, 2)))
     assert stage1.epoch == 1
-    items = list(StudentViews(m, RECIPE, 0, [1], EpochSource(1, reference, 1, ("conv",))))
+    items = list(StudentViews(m, RECIPE, 0, [1], EpochSource(1, 0, reference, 1, ("conv",))))
     base = m.shard_base(1)
     fresh = next(iter(UnitViews(m, reference, [(1, 1)], set(), RECIPE, 0, 1, 2)))  # re-sampled
     assert np.array_equal(fresh.records, stage1.records)
     assert torch.equal(fresh.views, stage1.views)
     # StudentViews yields in its own (keyed) order: match items to positions through it
-    ds = StudentViews(m, RECIPE, 0, [1], EpochSource(1, reference, 1, ("conv",)))
+    ds = StudentViews(m, RECIPE, 0, [1], EpochSource(1, 0, reference, 1, ("conv",)))
     order = ds._order(1, stage1.records, base)
     for k, pos in enumerate(order):
         assert torch.equal(items[k]["view"], stage1.views[pos])  # bit for bit
@@ -200,3 +200,25 @@ def test_two_ranks_under_torchrun_match_one_process(reference, digits, teachers,
     ref, got = arrays(reference), arrays(out)
     for k in ref:
         assert np.array_equal(ref[k], got[k]), k
+
+
+def test_verify_needs_only_the_cache_and_finds_moved_files(digits, teachers, tmp_path) -> None:
+    ckpt = Path(teachers["conv"].split(":", 1)[1])
+    own = tmp_path / "conv.pth"
+    shutil.copy(ckpt, own)
+    out = tmp_path / "c"
+    cache_teachers(job(digits["val"], out, [f"conv=resnet10t:{own}"], epochs=1))
+    proc = run_cli("verify", str(out), "--samples", "3")
+    assert "verified 3 views x 1 teacher(s)" in proc.stdout and "OK" in proc.stdout
+    moved = tmp_path / "moved.pth"
+    own.rename(moved)
+    proc = run_cli("verify", str(out), "--samples", "3", check=False)
+    assert proc.returncode == 2
+    assert f"teacher 'conv' was cached from {own}" in proc.stderr
+    assert "give --teacher conv=resnet10t:NEW_PATH" in proc.stderr
+    run_cli("verify", str(out), "--samples", "3", "--teacher", f"conv=resnet10t:{moved}")
+    torch.manual_seed(123)
+    torch.save(timm.create_model("resnet10t", num_classes=10).state_dict(), moved)  # changed file
+    proc = run_cli("verify", str(out), "--samples", "3", "--teacher", f"conv=resnet10t:{moved}",
+                   check=False)
+    assert proc.returncode == 2 and "is not the one cached: sha256" in proc.stderr

@@ -17,11 +17,13 @@ import torch
 from civt_cache import CacheMismatchError, load_manifest
 from civt_cache.models.teachers import build_teacher, teacher_logits
 from civt_cache.recipe import Recipe
-from civt_cache.soft_targets import LossWeights, coadvise_loss, pseudo_logits
+from civt_cache.soft_targets import LossWeights, coadvise_loss, kd_term, pseudo_logits
 from civt_cache.stage1 import CacheJob, cache_teachers
 from civt_cache.stage2 import StudentJob, train_student
 from civt_cache.student_data import EpochSource, StudentViews, rank_shards, steps_per_epoch
 from civt_cache.views import mixed_targets
+
+from .conftest import run_cli
 
 RECIPE = Recipe(img_size=32, crop_scale=(0.35, 1.0))
 
@@ -63,7 +65,7 @@ def test_soft_targets_exact_at_full_k_and_mass_preserved() -> None:
 def test_cached_step_equals_online_step(digits, full_cache) -> None:
     cache, specs = full_cache
     m = load_manifest(digits["val"])
-    items = list(StudentViews(m, RECIPE, 0, [0], EpochSource(1, cache, 1, ("conv", "inv"))))[:24]
+    items = list(StudentViews(m, RECIPE, 0, [0], EpochSource(1, 0, cache, 1, ("conv", "inv"))))[:24]
     online_items = list(StudentViews(m, RECIPE, 0, [0], EpochSource(1)))[:24]  # records re-sampled
     x = torch.stack([it["view"] for it in items])
     assert torch.equal(x, torch.stack([it["view"] for it in online_items]))
@@ -96,8 +98,8 @@ def test_ranks_get_disjoint_shards_and_equal_steps(digits) -> None:
 
 def test_mismatching_caches_refused(digits, full_cache, tmp_path) -> None:
     cache, specs = full_cache
-    with pytest.raises(CacheMismatchError, match="seed 0, asked seed 3"):
-        train_student(student_job(digits, cache, tmp_path / "r", seed=3))
+    with pytest.raises(CacheMismatchError, match="views cached with seed 0, --view-seed 3"):
+        train_student(student_job(digits, cache, tmp_path / "r", view_seed=3))
     with pytest.raises(CacheMismatchError, match="view recipe differs.*erase_prob"):
         train_student(student_job(digits, cache, tmp_path / "r", recipe=replace(RECIPE, erase_prob=0.0)))
     with pytest.raises(CacheMismatchError, match="manifest fingerprints differ"):
@@ -125,7 +127,7 @@ def _metrics(run: Path) -> list[dict]:
 
 def test_train_cycles_cache_and_resume_after_kill_reproduces(digits, full_cache, tmp_path) -> None:
     cache, _ = full_cache
-    ref = student_job(digits, cache, tmp_path / "ref", epochs=3)
+    ref = student_job(digits, cache, tmp_path / "ref", epochs=3, cycle_cache=True)
     res = train_student(ref)
     rows = _metrics(tmp_path / "ref")
     assert [r["cache_epoch"] for r in rows] == [0, 1, 0]  # 3 epochs on a 2-epoch cache
@@ -137,7 +139,7 @@ def test_train_cycles_cache_and_resume_after_kill_reproduces(digits, full_cache,
             str(Path(__file__).parent / "data" / "tiny.toml"), "--manifest", str(digits["val"]),
             "--val-manifest", str(digits["val"]), "--cache", str(cache), "--model", "civt_micro",
             "--epochs", "3", "--batch-size", "32", "--lr", "1e-3", "--workers", "0",
-            "--device", "cpu", "--out", str(run), "--checkpoint-every", "5"]
+            "--device", "cpu", "--out", str(run), "--checkpoint-every", "5", "--cycle-cache"]
     proc = subprocess.Popen(args + ["--fresh"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = run / "checkpoint.pt"
     deadline = time.time() + 120
@@ -170,3 +172,60 @@ def test_ddp_two_processes_on_cpu(digits, full_cache, tmp_path) -> None:
     m = load_manifest(digits["val"])
     assert row["steps"] == steps_per_epoch(m, 0, 0, 2, 16) > 0
     assert 0.0 <= row["val_top1"] <= 100.0
+
+
+def test_renormalized_targets_give_a_finite_loss_and_gradient() -> None:
+    torch.manual_seed(0)
+    full = torch.randn(6, 10) * 4
+    top = full.topk(3)
+    target = pseudo_logits(top.values, top.indices, torch.logsumexp(full, 1), 10, renormalize=True)
+    assert torch.isinf(target).any()  # the classes outside the top-k get no mass
+    student = torch.randn(6, 10, requires_grad=True)
+    for t in (1.0, 3.0):
+        loss = kd_term(student, target, t)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+        p = torch.softmax(target / t, 1)
+        expected = (p * (torch.log(p.clamp_min(1e-30)) - torch.log_softmax(student / t, 1))).sum(1).mean() * t * t
+        torch.testing.assert_close(loss, expected)
+        student.grad = None
+
+
+def test_more_epochs_than_cached_refused_without_cycle_cache(digits, full_cache, tmp_path) -> None:
+    cache, _ = full_cache
+    with pytest.raises(CacheMismatchError, match=r"holds 2 epoch\(s\) of views, training asks for 3.*--cycle-cache"):
+        train_student(student_job(digits, cache, tmp_path / "r", epochs=3))
+    proc = run_cli("train-student", "--manifest", str(digits["val"]), "--val-manifest", str(digits["val"]),
+                   "--cache", str(cache), "--model", "civt_micro", "--epochs", "5",
+                   "--pipeline", str(Path(__file__).parent / "data" / "tiny.toml"),
+                   "--out", str(tmp_path / "cli"), check=False)
+    assert proc.returncode == 2 and "training asks for 5" in proc.stderr
+    assert not (tmp_path / "cli" / "checkpoint.pt").exists()
+
+
+def test_one_cache_serves_students_of_any_seed(digits, full_cache, tmp_path) -> None:
+    """The views belong to the cache: students with other seeds replay the same views with the
+    same targets, in another order, from another initialisation."""
+    cache, _ = full_cache
+    m = load_manifest(digits["val"])
+    by_seed = {}
+    for seed in (0, 7):
+        items = list(StudentViews(m, RECIPE, seed, [0], EpochSource(1, 0, cache, 1, ("conv", "inv"))))
+        by_seed[seed] = items
+    a, b = by_seed[0], by_seed[7]
+    order_a, order_b = [it["row"] for it in a], [it["row"] for it in b]
+    assert order_a != order_b and sorted(order_a) == sorted(order_b)
+    lookup = {it["row"]: it for it in b}
+    for it in a:
+        other = lookup[it["row"]]
+        assert torch.equal(it["view"], other["view"]) and it["label"] == other["label"]
+        for name in ("t_conv", "t_inv"):
+            assert all(torch.equal(x, y) for x, y in zip(it[name], other[name]))
+    results = {}
+    for seed in (0, 7):
+        run = tmp_path / f"s{seed}"
+        train_student(student_job(digits, cache, run, seed=seed, max_steps=2, epochs=2))
+        results[seed] = torch.load(run / "checkpoint.pt", weights_only=False)
+    w0, w7 = (results[s]["model"]["pos_embed"] for s in (0, 7))
+    assert not torch.equal(w0, w7)
+    assert results[7]["job"]["seed"] == 7

@@ -2,6 +2,7 @@
 from . import civt, rednet  # noqa: F401  (registration side effect)
 from .civt import CivT
 from .involution import Involution
-from .rednet import RedNet, remap_mmcls_keys
+from .checkpoints import load_checkpoint_file, match_layout
+from .rednet import RedNet
 
-__all__ = ["CivT", "Involution", "RedNet", "remap_mmcls_keys"]
+__all__ = ["CivT", "Involution", "RedNet", "load_checkpoint_file", "match_layout"]

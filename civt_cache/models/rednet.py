@@ -1,8 +1,9 @@
 """RedNet (Li et al., CVPR 2021): ResNet bottlenecks whose 3x3 conv is a 7x7 involution.
 
 Module names follow the official mmcls code (``stem.N``, ``layerN.M.conv1/bn1/conv2/...``,
-``downsample``), so an official checkpoint loads after ``remap_mmcls_keys`` strips the
-``backbone.`` prefix and renames ``head.fc`` to ``fc``. Registered in timm as rednet26 ... 152.
+``downsample``), so an official checkpoint loads once ``checkpoints.match_layout`` has recognised
+its ``backbone.*``/``head.fc.*`` layout (or co-advise's ``model.*``/``classifier.*``). Registered
+in timm as rednet26 ... 152.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from .checkpoints import match_layout
 from .involution import ConvNormAct, Involution
 
 DEPTHS: dict[int, tuple[int, int, int, int]] = {
@@ -121,18 +123,6 @@ class RedNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def remap_mmcls_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official mmcls RedNet keys (``backbone.*``, ``head.fc.*``) to ours; others unchanged."""
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith("backbone."):
-            k = k[len("backbone."):]
-        elif k.startswith("head.fc."):
-            k = "fc." + k[len("head.fc."):]
-        out[k] = v
-    return out
-
-
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     return {"num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
             "crop_pct": 0.875, "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
@@ -145,7 +135,7 @@ default_cfgs = generate_default_cfgs({f"rednet{d}": _cfg() for d in DEPTHS})
 
 def _create(depth: int, pretrained: bool, **kwargs: Any) -> RedNet:
     return build_model_with_cfg(RedNet, f"rednet{depth}", pretrained, depth=depth,
-                                pretrained_filter_fn=lambda sd, model: remap_mmcls_keys(sd),
+                                pretrained_filter_fn=lambda sd, model: match_layout(sd, model, f"rednet{depth} weights"),
                                 **kwargs)
 
 

@@ -1,9 +1,6 @@
-"""Teachers from ``ARCH:CHECKPOINT``: any timm model (ours included), weights from a local file.
-
-Accepted files: ``.safetensors``, or ``.pth``/``.pt`` holding a plain state dict or one wrapped
-as ``{"state_dict"|"model"|"model_state": ...}`` (DDP ``module.`` prefixes and official mmcls
-RedNet keys are mapped). The checkpoints ``train-teacher`` writes also carry the number of
-classes, image size and normalisation; for others the class count is read off the classifier.
+"""Teachers from ``NAME=ARCH:CHECKPOINT``: any timm classifier (ours included), weights from a
+local file in any layout ``checkpoints`` accepts, in eval mode, plus the one function that runs a
+teacher on a batch of views (bf16 autocast + channels_last on GPU).
 """
 from __future__ import annotations
 
@@ -17,11 +14,9 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..fsutil import sha256_file
-from .rednet import remap_mmcls_keys
+from ..recipe import IMAGENET_MEAN, IMAGENET_STD
+from .checkpoints import classifier_name, load_checkpoint_file, match_layout
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-_WRAPPERS = ("state_dict", "model", "model_state", "state_dict_ema")
 
 
 @dataclass
@@ -38,9 +33,15 @@ class Teacher:
     std: tuple[float, float, float]
 
     def identity(self) -> dict[str, Any]:
-        """What a cache stores to recognise this teacher later."""
+        """What a cache stores to recognise this teacher later (and to find its file again:
+        ``verify`` reruns it from ``checkpoint`` unless told where the file moved)."""
         return {"name": self.name, "arch": self.arch, "checkpoint_sha256": self.sha256,
+                "checkpoint": str(Path(self.checkpoint).resolve()),
                 "num_classes": self.num_classes, "mean": list(self.mean), "std": list(self.std)}
+
+    def spec(self) -> str:
+        """The ``NAME=ARCH:CKPT`` that rebuilds this teacher."""
+        return f"{self.name}={self.arch}:{self.checkpoint}"
 
 
 def parse_teacher_spec(spec: str) -> tuple[str, str, str]:
@@ -52,65 +53,36 @@ def parse_teacher_spec(spec: str) -> tuple[str, str, str]:
     return name or arch, arch, ckpt
 
 
-def load_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict, metadata) from any accepted checkpoint file; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: checkpoint file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path)), {}
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or foreign files fail in many library-specific ways
-        raise ConfigError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: checkpoint holds a {type(raw).__name__}, not a state dict")
-    meta = {k: v for k, v in raw.items() if not isinstance(v, (dict, torch.Tensor))}
-    for key in _WRAPPERS:
-        if isinstance(raw.get(key), dict):
-            raw = raw[key]
-            break
-    sd = {k.removeprefix("module."): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
-    if not sd:
-        raise ConfigError(f"{path}: no tensors found in checkpoint")
-    return remap_mmcls_keys(sd), meta
-
-
 def build_teacher(spec: str, device: torch.device | str = "cpu") -> Teacher:
     """Build and load a teacher from ``NAME=ARCH:CKPT``, in eval mode on ``device``."""
     name, arch, ckpt = parse_teacher_spec(spec)
     sd, meta = load_checkpoint_file(ckpt)
     if "arch" in meta and meta["arch"] != arch:
         raise ConfigError(f"{ckpt}: checkpoint is for arch {meta['arch']!r}, not {arch!r}")
-    try:
-        probe = timm.create_model(arch, pretrained=False, num_classes=1)
-    except RuntimeError as e:
-        raise ConfigError(f"teacher {name}: unknown architecture {arch!r} ({e})") from None
-    head_key = next((k for k in sd if k.endswith(".weight") and k.rsplit(".", 1)[0]
-                     == _classifier_name(probe)), None)
-    num_classes = int(meta.get("num_classes", sd[head_key].shape[0] if head_key else 0))
+    probe = create_teacher_model(arch, 1)
+    sd = match_layout(sd, probe, ckpt)
+    head_weight = sd.get(f"{classifier_name(probe)}.weight")
+    num_classes = int(meta.get("num_classes", head_weight.shape[0] if head_weight is not None else 0))
     if num_classes <= 0:
-        raise ConfigError(f"{ckpt}: cannot tell the number of classes (no classifier weights)")
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+        raise ConfigError(f"{ckpt}: cannot tell the number of classes (no weight for "
+                          f"{arch}'s classifier {classifier_name(probe)!r})")
+    model = create_teacher_model(arch, num_classes)
     try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
+        model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatches
         raise ConfigError(f"{ckpt}: does not fit {arch}: {str(e).splitlines()[-1].strip()}") from None
-    if missing or unexpected:
-        raise ConfigError(f"{ckpt}: does not fit {arch}: missing {missing[:4]}, "
-                          f"unexpected {unexpected[:4]}")
     mean = tuple(meta.get("mean", model.pretrained_cfg.get("mean", IMAGENET_MEAN)))
     std = tuple(meta.get("std", model.pretrained_cfg.get("std", IMAGENET_STD)))
     return Teacher(name, arch, str(ckpt), sha256_file(ckpt), model.eval().to(device), num_classes,
                    mean, std)  # type: ignore[arg-type]
 
 
-def _classifier_name(model: nn.Module) -> str:
-    """Dotted name of the module ``get_classifier()`` returns (e.g. 'fc', 'head.fc')."""
-    head = model.get_classifier()  # type: ignore[operator]
-    return next(n for n, m in model.named_modules() if m is head)
+def create_teacher_model(arch: str, num_classes: int) -> nn.Module:
+    """``timm.create_model`` without weights; an unknown name is a user error, not a crash."""
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown architecture {arch!r} ({e})") from None
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:

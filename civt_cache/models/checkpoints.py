@@ -1,0 +1,109 @@
+"""Teachers from ``ARCH:CHECKPOINT``: any timm classifier (ours included), weights from a local file.
+
+A checkpoint is read in three steps, each of which a user's file may need:
+1. **File format**: ``.safetensors``, or a ``torch.save`` file (``.pth``/``.pt``/``.bin``/...).
+2. **Wrapper**: a plain state dict, or one inside ``{"state_dict" | "model" | "model_state" |
+   "model_ema" | "state_dict_ema": ...}`` (the first present, in that order); DDP's ``module.``
+   prefix is dropped. Non-tensor entries beside it (``train-teacher``'s arch, classes, image
+   size, normalisation) are kept as metadata.
+3. **Key layout**: the keys as timm names them, or a known foreign layout that is tried only when
+   every key is in it: the mmcls RedNet release (``backbone.*`` + ``head.fc.*``) and the official
+   co-advise teacher wrapper (``model.*`` + ``classifier.*``). The layout whose keys equal the
+   model's is used; a file that fits none is refused naming the missing and unexpected keys.
+The class count comes from the metadata or from the classifier's weight under timm's name for
+it (``fc``, ``head.fc``, ``head``, ``classifier``...), so no flag is needed for it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+_WRAPPERS = ("state_dict", "model", "model_state", "model_ema", "state_dict_ema")
+_OPTIONAL_BUFFERS = ("num_batches_tracked",)  # older checkpoints (mmcls, torch < 0.4.1) lack them
+
+
+def load_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict as stored, unwrapped and without ``module.``, metadata) from any accepted
+    file; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: checkpoint file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw: Any = load_file(str(path))
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or foreign files fail in many library-specific ways
+        raise ConfigError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: checkpoint holds a {type(raw).__name__}, not a state dict")
+    meta = {k: v for k, v in raw.items() if not isinstance(v, (dict, torch.Tensor))}
+    for key in _WRAPPERS:
+        if isinstance(raw.get(key), dict):
+            raw = raw[key]
+            break
+    sd = {k.removeprefix("module."): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise ConfigError(f"{path}: no tensors found in checkpoint")
+    return sd, meta
+
+
+def _prefix_layout(body: str, head: str) -> Callable[[dict[str, torch.Tensor], str], dict[str, torch.Tensor] | None]:
+    """A foreign layout: backbone keys under ``body``, classifier keys under ``head``. Returns a
+    mapper to timm's names (classifier renamed to the model's), or None when any key is outside
+    the layout, so a timm model that happens to own such a prefix is never renamed."""
+    def remap(sd: dict[str, torch.Tensor], classifier: str) -> dict[str, torch.Tensor] | None:
+        out = {}
+        for k, v in sd.items():
+            if k.startswith(head):
+                out[f"{classifier}.{k[len(head):]}"] = v
+            elif k.startswith(body):
+                out[k[len(body):]] = v
+            else:
+                return None
+        return out
+    return remap
+
+
+LAYOUTS: dict[str, Callable[[dict[str, torch.Tensor], str], dict[str, torch.Tensor] | None]] = {
+    "timm": lambda sd, classifier: sd,
+    "mmcls": _prefix_layout("backbone.", "head.fc."),
+    "co-advise": _prefix_layout("model.", "classifier."),
+}
+
+
+def match_layout(sd: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
+    """``sd`` renamed to ``model``'s keys by the first layout in ``LAYOUTS`` that fits exactly;
+    otherwise a ConfigError naming the missing and unexpected keys of the closest layout."""
+    classifier = classifier_name(model)
+    expected = set(model.state_dict())
+    best: tuple[int, str, list[str], list[str]] | None = None
+    for name, remap in LAYOUTS.items():
+        mapped = remap(sd, classifier)
+        if mapped is None:
+            continue
+        missing = sorted(k for k in expected - set(mapped) if not k.endswith(_OPTIONAL_BUFFERS))
+        unexpected = sorted(set(mapped) - expected)
+        if not missing and not unexpected:
+            return mapped
+        if best is None or len(missing) + len(unexpected) < best[0]:
+            best = (len(missing) + len(unexpected), name, missing, unexpected)
+    assert best is not None  # the timm layout always maps
+    _, name, missing, unexpected = best
+    arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+    raise ConfigError(f"{source}: does not fit {arch} in any known key layout "
+                      f"({', '.join(LAYOUTS)}); closest ({name}): {len(missing)} missing keys "
+                      f"{missing[:4]}, {len(unexpected)} unexpected keys {unexpected[:4]}")
+
+
+def classifier_name(model: nn.Module) -> str:
+    """Dotted name of the module ``get_classifier()`` returns (e.g. 'fc', 'head.fc', 'head')."""
+    head = model.get_classifier()  # type: ignore[operator]
+    return next(n for n, m in model.named_modules() if m is head)

@@ -25,6 +25,7 @@ import torch
 
 from .cache_store import CacheStore
 from .distributed import pick_device
+from .errors import ConfigError
 from .manifest import load_manifest
 from .models.teachers import build_teacher, teacher_logits
 from .recipe import Recipe
@@ -109,8 +110,8 @@ def measure_cache(job: CacheJob, out: Path | None = None) -> dict[str, Any]:
         store = CacheStore.open(one.out)
         chunks = sum(store.disk_bytes(chunks_only=True).values())
         files = sum(store.disk_bytes().values())
-        units = [(0, 0)]
-        views = next(iter(UnitViews(manifest, one.out, units, set(units), job.recipe, job.seed, 1, 1))).views
+        first = {(0, 0): store.unit_record(0, 0)}
+        views = next(iter(UnitViews(manifest, one.out, list(first), first, job.recipe, job.seed, 1, 1))).views
     teachers = [build_teacher(t, device) for t in job.teachers]
     batches = [views[i:i + job.batch_size] for i in range(0, len(views), job.batch_size)]
     if device.type == "cuda":
@@ -197,7 +198,7 @@ def bench_imagenet(samples: int, device: str = "auto", workers: int = 2, teacher
     from .synthetic import write_imagenet_like
 
     if steps + 2 > samples // student_batch:
-        raise ValueError(f"--samples {samples} gives {samples // student_batch} steps of "
+        raise ConfigError(f"--samples {samples} gives {samples // student_batch} steps of "
                          f"{student_batch}; the student bench needs {steps + 2} in one epoch")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -30,26 +30,46 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle, TransposeCodec
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, TransposeCodec
 
-from .errors import CacheMismatchError
+from .errors import CacheMismatchError, CorruptUnitError
 from .fsutil import atomic_write_json
 from .manifest import DataManifest
 from .recipe import Recipe
 from .views import NUM_FIELDS
 
-SCHEMA_VERSION = 1
-_VALUES = [BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)]
-_BITS = [BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle)]
+SCHEMA_VERSION = 2  # 2: crc32c on every chunk, fill values no real entry can have
+# Every chunk ends in a CRC32C of its compressed bytes (zarr's own v3 codec), so a flipped bit on
+# disk fails the read instead of decoding into wrong numbers.
+_VALUES = [BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle), Crc32cCodec()]
+_BITS = [BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle), Crc32cCodec()]
+_RAW = [Crc32cCodec()]
+VIEW_ARRAYS = ("views/params", "views/keys", "views/labels")
+TEACHER_ARRAYS = ("logits", "indices", "lse")
 
 
 def key_hash(key: str) -> int:
     """64-bit hash of a sample key, stored per row so readers can assert alignment."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def check_alignment(cache: Path, manifest: DataManifest, shard: int, samples: Sequence[Any],
+                    hashes: np.ndarray, labels: np.ndarray) -> None:
+    """Refuse a shard whose samples are not the cached ones: every key hash and label must
+    equal what the cache stored for that row, or no target of it can be trusted."""
+    path = manifest.shard_path(shard)
+    for pos, s in enumerate(samples):
+        if key_hash(s.key) != int(hashes[pos]):
+            raise CacheMismatchError(f"{path}: sample {pos} has key {s.key!r}, the cache {cache} "
+                                     "holds another sample in that row; the shard changed after caching")
+        if s.label != int(labels[pos]):
+            raise CacheMismatchError(f"{path}: sample {s.key!r} has label {s.label}, the cache "
+                                     f"{cache} was built with label {int(labels[pos])}; the shard "
+                                     "changed after caching")
 
 
 def _checksum(*arrays: np.ndarray) -> str:
@@ -153,6 +173,7 @@ class CacheStore:
 
     def __init__(self, root: Path, group: zarr.Group, spec: CacheSpec) -> None:
         self.root, self.group, self.spec = root, group, spec
+        self.unreadable: dict[tuple[int, int], str] = {}
 
     # ---- opening ------------------------------------------------------------------------------
     @classmethod
@@ -193,11 +214,12 @@ class CacheStore:
     def _build(path: Path, spec: CacheSpec) -> None:
         g = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=spec.attrs())
         e, r, b = spec.epochs, spec.num_rows, spec.epochs_per_unit
+        # fill values say "never written": a crop box of width -1, index -1, lse NaN
         g.create_array("views/params", shape=(e, r, NUM_FIELDS), chunks=(b, spec.row_stride, NUM_FIELDS),
-                       dtype="int32", fill_value=0, filters=[TransposeCodec(order=(0, 2, 1))],
+                       dtype="int32", fill_value=-1, filters=[TransposeCodec(order=(0, 2, 1))],
                        compressors=_BITS)
         g.create_array("views/keys", shape=(spec.num_blocks, r), chunks=(1, spec.row_stride),
-                       dtype="uint64", fill_value=0, compressors=None)
+                       dtype="uint64", fill_value=0, compressors=_RAW)
         g.create_array("views/labels", shape=(spec.num_blocks, r), chunks=(1, spec.row_stride),
                        dtype="int32", fill_value=-1, compressors=_BITS)
         g.require_group("teachers")
@@ -230,11 +252,11 @@ class CacheStore:
         g = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=identity)
         chunks = (s.epochs_per_unit, s.row_stride, s.topk)
         g.create_array("logits", shape=(s.epochs, s.num_rows, s.topk), chunks=chunks,
-                       dtype="float16", fill_value=0, compressors=_VALUES)
+                       dtype="float16", fill_value=float("nan"), compressors=_VALUES)
         g.create_array("indices", shape=(s.epochs, s.num_rows, s.topk), chunks=chunks,
-                       dtype=s.index_dtype, fill_value=0, compressors=_BITS)
+                       dtype=s.index_dtype, fill_value=-1, compressors=_BITS)
         g.create_array("lse", shape=(s.epochs, s.num_rows), chunks=chunks[:2],
-                       dtype="float32", fill_value=0, compressors=_VALUES)
+                       dtype="float32", fill_value=float("nan"), compressors=_VALUES)
 
     # ---- units --------------------------------------------------------------------------------
     def units(self) -> list[tuple[int, int]]:
@@ -249,11 +271,31 @@ class CacheStore:
         return self.root / "progress" / f"s{shard:06d}-b{block:04d}.json"
 
     def unit_record(self, shard: int, block: int) -> dict[str, Any] | None:
-        """The commit record of a unit, or None if it is not (fully) committed."""
+        """The commit record of a unit, or None if it is not (fully) committed. A record that
+        cannot be read (torn by a crash outside this tool, edited, a disk error) also counts as
+        not committed; ``self.unreadable`` keeps why, for the caller to say."""
+        path = self._progress_path(shard, block)
         try:
-            return json.loads(self._progress_path(shard, block).read_text())
+            rec = json.loads(path.read_text())
+            if not isinstance(rec, dict) or not isinstance(rec.get("teachers"), dict):
+                raise ValueError("not a progress record")
+            return rec
         except FileNotFoundError:
             return None
+        except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+            self.unreadable[(shard, block)] = f"{path}: unreadable progress record ({e}); the unit counts as not committed"
+            return None
+
+    def uncommit(self, shard: int, block: int, components: list[str]) -> None:
+        """Take damaged components of a committed unit out of its record, so the next
+        ``cache-teachers`` recomputes exactly those: a teacher alone, or (when the views are
+        damaged, which every teacher's targets rest on) the whole unit."""
+        rec = self.unit_record(shard, block)
+        if "views" in components or rec is None:
+            self._progress_path(shard, block).unlink(missing_ok=True)
+            return
+        teachers = {k: v for k, v in rec["teachers"].items() if k not in components}
+        self.commit_unit(shard, block, rec["num_samples"], rec["views"], teachers)
 
     def commit_unit(self, shard: int, block: int, num_samples: int, views: dict[str, str],
                     teachers: dict[str, dict[str, str]]) -> None:
@@ -308,31 +350,105 @@ class CacheStore:
         return _checksum(logits.astype(np.float16), indices.astype(self.spec.index_dtype),
                          lse.astype(np.float32))
 
-    def read_views(self, shard: int, block: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(records [B, n, F], key hashes [n]) of a unit."""
-        ep, rows = self.block_epochs(block), self._rows(shard)
-        recs = self.group["views/params"][ep.start:ep.stop, rows][:, :n]
-        keys = self.group["views/keys"][block, rows][:n]
-        return recs, keys
+    # ---- checked reads ------------------------------------------------------------------------
+    # Every read of a committed unit goes through these: each chunk file must exist (zarr would
+    # hand back fill values for a missing one), decode (CRC32C), and the unit's arrays must hash
+    # to the checksum its progress record holds. Any failure names the unit, array and file.
 
-    def read_labels(self, shard: int, block: int, n: int) -> np.ndarray:
-        return self.group["views/labels"][block, self._rows(shard)][:n]
+    def _arrays(self, component: str) -> list[str]:
+        return list(VIEW_ARRAYS) if component == "views" else [f"teachers/{component}/{a}" for a in TEACHER_ARRAYS]
 
-    def read_epoch(self, shard: int, epoch: int, n: int,
-                   teachers: list[str]) -> tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, ...]]]:
-        """One (shard, epoch) block: records [n, F], key hashes [n], and per teacher
-        (logits [n, k] float32, indices [n, k] int64, lse [n] float32). One read per array."""
-        rows = self._rows(shard)
+    def chunk_path(self, array: str, shard: int, block: int) -> Path:
+        """The file of a unit's chunk of ``array`` (zarr's own chunk-key encoding)."""
+        arr = self.group[array]
+        coords = (block, shard) + (0,) * (arr.ndim - 2)
+        return self.root / array / arr.metadata.encode_chunk_key(coords)
+
+    def missing_chunks(self, shard: int, block: int, components: list[str]) -> dict[str, str]:
+        """Components of a committed unit with a chunk file missing -> which (a stat each)."""
+        out = {}
+        for c in components:
+            gone = [p for a in self._arrays(c) if not (p := self.chunk_path(a, shard, block)).is_file()]
+            if gone:
+                out[c] = f"chunk file {gone[0]} is missing"
+        return out
+
+    def _unit_error(self, shard: int, block: int, array: str, problem: str) -> CorruptUnitError:
+        epochs = self.block_epochs(block)
+        return CorruptUnitError(
+            f"{self.root}: unit (shard {shard}, epochs {epochs.start}-{epochs.stop - 1}), array "
+            f"{array}, file {self.chunk_path(array, shard, block)}: {problem}",
+            f"Run `civt-cache verify {self.root} --full` to list every damaged unit, then "
+            "`civt-cache cache-teachers ... --repair` to recompute them")
+
+    def _read_chunk(self, array: str, shard: int, block: int, sel: tuple) -> np.ndarray:
+        path = self.chunk_path(array, shard, block)
+        if not path.is_file():
+            raise self._unit_error(shard, block, array, "chunk file is missing")
+        try:
+            return self.group[array][sel]
+        except (ValueError, RuntimeError, OSError) as e:  # CRC mismatch, Blosc/zstd failure
+            raise self._unit_error(shard, block, array, f"chunk does not decode ({e})") from None
+
+    def _check_sum(self, shard: int, block: int, component: str, expected: str | None,
+                   arrays: tuple[np.ndarray, ...]) -> None:
+        if expected is None:
+            raise CacheMismatchError(f"{self.root}: unit (shard {shard}, block {block}) has no "
+                                     f"committed {component}; run cache-teachers to finish it")
+        if _checksum(*arrays) != expected:
+            name = "views/params" if component == "views" else f"teachers/{component}/logits"
+            raise self._unit_error(shard, block, name, f"{component} arrays do not match the "
+                                   "checksum of the unit's progress record")
+
+    def read_unit_views(self, shard: int, block: int, record: dict[str, Any]) -> tuple[
+            np.ndarray, np.ndarray, np.ndarray]:
+        """Checked (records [B, n, F], key hashes [n], labels [n]) of a committed unit."""
+        ep, rows, n = self.block_epochs(block), self._rows(shard), record["num_samples"]
+        recs = self._read_chunk("views/params", shard, block, (slice(ep.start, ep.stop), rows))[:, :n]
+        keys = self._read_chunk("views/keys", shard, block, (block, rows))[:n]
+        labels = self._read_chunk("views/labels", shard, block, (block, rows))[:n]
+        self._check_sum(shard, block, "views", (record.get("views") or {}).get("sha256"),
+                        (recs, keys, labels))
+        return recs, keys, labels
+
+    def read_unit_teacher(self, name: str, shard: int, block: int, record: dict[str, Any]) -> tuple[
+            np.ndarray, np.ndarray, np.ndarray]:
+        """Checked (logits [B, n, k] float16, indices [B, n, k], lse [B, n] float32) of a unit."""
+        ep, rows, n = self.block_epochs(block), self._rows(shard), record["num_samples"]
+        sel = (slice(ep.start, ep.stop), rows)
+        out = tuple(self._read_chunk(f"teachers/{name}/{a}", shard, block, sel)[:, :n]
+                    for a in TEACHER_ARRAYS)
+        self._check_sum(shard, block, name, record["teachers"].get(name, {}).get("sha256"), out)
+        return out  # type: ignore[return-value]
+
+    def check_unit(self, shard: int, block: int, record: dict[str, Any]) -> dict[str, str]:
+        """Damaged components of a committed unit -> what is wrong (empty when sound)."""
+        bad = {}
+        readers = {"views": lambda: self.read_unit_views(shard, block, record)} if record.get("views") else {}
+        for name in record["teachers"]:
+            readers[name] = lambda name=name: self.read_unit_teacher(name, shard, block, record)
+        for component, read in readers.items():
+            try:
+                read()
+            except CorruptUnitError as e:
+                bad[component] = e.where
+        return bad
+
+    def read_epoch(self, shard: int, epoch: int, record: dict[str, Any], teachers: list[str]) -> tuple[
+            np.ndarray, np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, ...]]]:
+        """One (shard, epoch) of a committed unit, checked: records [n, F], key hashes [n],
+        labels [n], and per teacher (logits [n, k] float32, indices [n, k] int64, lse [n]).
+        The unit's chunks are decoded whole either way (one chunk = one unit), so checking the
+        whole unit costs no extra read."""
         block = epoch // self.spec.epochs_per_unit
-        recs = self.group["views/params"][epoch, rows][:n]
-        keys = self.group["views/keys"][block, rows][:n]
+        j = epoch - self.block_epochs(block).start
+        recs, keys, labels = self.read_unit_views(shard, block, record)
         out = {}
         for name in teachers:
-            g = self.group[f"teachers/{name}"]
-            out[name] = (g["logits"][epoch, rows][:n].astype(np.float32),
-                         g["indices"][epoch, rows][:n].astype(np.int64),
-                         g["lse"][epoch, rows][:n].astype(np.float32))
-        return recs, keys, out
+            logits, indices, lse = self.read_unit_teacher(name, shard, block, record)
+            out[name] = (logits[j].astype(np.float32), indices[j].astype(np.int64),
+                         lse[j].astype(np.float32))
+        return recs[j], keys, labels, out
 
     def disk_bytes(self, chunks_only: bool = False) -> dict[str, int]:
         """Bytes on disk per top-level component (views, each teacher, progress); with

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache_store import CacheStore, key_hash
+from .cache_store import CacheStore, check_alignment
 from .distributed import pick_device
-from .errors import CacheMismatchError
+from .errors import CacheMismatchError, CorruptUnitError
 from .manifest import load_manifest
 from .models.teachers import build_teacher, parse_teacher_spec, teacher_logits
 from .shards import read_shard
@@ -33,9 +33,13 @@ def inspect_cache(root: Path) -> str:
     done: Counter = Counter()
     missing: dict[str, list[str]] = {n: [] for n in ["views", *teachers]}
     views_committed = 0
-    committed_units = []
+    committed_units, damaged = [], []
     for shard, block in store.units():
         rec = store.unit_record(shard, block)
+        if rec is not None:
+            components = (["views"] if rec.get("views") else []) + list(rec["teachers"])
+            damaged += [f"unit (shard {shard}, block {block}) {c}: {why}"
+                        for c, why in store.missing_chunks(shard, block, components).items()]
         for comp in missing:
             has = rec is not None and (rec.get("views") if comp == "views" else comp in rec["teachers"])
             if has:
@@ -52,6 +56,14 @@ def inspect_cache(root: Path) -> str:
         if miss:
             lines.append(f"  missing {comp}: {len(miss)} unit(s), e.g. {', '.join(miss[:6])}"
                          " (rerun cache-teachers to fill them)")
+    for why in store.unreadable.values():
+        lines.append(f"  DAMAGED: {why} (rerun cache-teachers to redo it)")
+    for why in damaged[:8]:
+        lines.append(f"  DAMAGED: {why} (rerun cache-teachers to redo it)")
+    if len(damaged) > 8:
+        lines.append(f"  DAMAGED: ... {len(damaged) - 8} more")
+    lines.append(f"  chunk contents not checked here: `civt-cache verify {root} --full` checks every "
+                 "committed unit's checksums")
     sizes = store.disk_bytes()
     all_bytes = sum(sizes.values())
     lines.append(f"  bytes on disk: {all_bytes:,} ("
@@ -71,25 +83,27 @@ def _agreement(store: CacheStore, units: list, teachers: list[str]) -> list[str]
     """Top-1 agreement of each teacher with the dominant label and with each other teacher."""
     top1: dict[str, list[np.ndarray]] = {t: [] for t in teachers}
     labels, keep = [], []
+    skipped = []
     for shard, block, rec in units:
         n = rec["num_samples"]
-        recs, _ = store.read_views(shard, block, n)
-        own = store.read_labels(shard, block, n)
-        for j, epoch in enumerate(rec["epochs"]):
+        try:
+            recs, _, own = store.read_unit_views(shard, block, rec)
+            tops = {t: store.read_unit_teacher(t, shard, block, rec)[1][..., 0] if t in rec["teachers"]
+                    else np.full((len(rec["epochs"]), n), -1) for t in teachers}
+        except CorruptUnitError as e:
+            skipped.append(e.where)
+            continue
+        for j in range(len(rec["epochs"])):
             r = recs[j]
             # the row's own label is the view's dominant label unless its partner outweighs it
             keep.append((r[:, MIX_MODE] == MIX_NONE) | (r[:, LAM] >= LAM_ONE // 2))
             labels.append(own)
             for t in teachers:
-                if t in rec["teachers"]:
-                    idx = store.group[f"teachers/{t}/indices"][epoch, store._rows(shard)][:n, 0]
-                    top1[t].append(idx)
-                else:
-                    top1[t].append(np.full(n, -1))
+                top1[t].append(tops[t][j])
+    out = [f"  DAMAGED: {why} (run verify --full, then cache-teachers --repair)" for why in skipped]
     if not labels:
-        return ["  agreement: no committed units yet"]
+        return out + ["  agreement: no committed units yet"]
     y, k = np.concatenate(labels), np.concatenate(keep)
-    out = []
     for t in teachers:
         p = np.concatenate(top1[t])
         valid = k & (p >= 0)
@@ -164,12 +178,12 @@ def verify_cache(root: Path, manifest_path: Path | None, teacher_specs: list[str
     for shard, items in sorted(picks.items()):
         samples_ = read_shard(manifest, shard)
         rows = [manifest.row_of(shard, i) for i in range(len(samples_))]
-        hashes = store.read_views(shard, items[0][0] // spec.epochs_per_unit, len(rows))[1]
-        if hashes.tolist() != [key_hash(s.key) for s in samples_]:
-            raise CacheMismatchError(f"{root}: keys of shard {shard} differ from {manifest.shard_path(shard)}")
         images = {}
         for epoch, pos in items:
-            recs, _, outs = store.read_epoch(shard, epoch, len(rows), [t.name for t in teachers])
+            record = store.unit_record(shard, epoch // spec.epochs_per_unit)
+            assert record is not None  # picked among committed units
+            recs, hashes, labels, outs = store.read_epoch(shard, epoch, record, [t.name for t in teachers])
+            check_alignment(root, manifest, shard, samples_, hashes, labels)
             fresh = sample_shard_records(recipe, spec.seed, epoch, shard, rows,
                                          [decode_rgb(s.image).size for s in samples_])
             record_errors += int(not np.array_equal(fresh[pos], recs[pos]))
@@ -195,3 +209,23 @@ def verify_cache(root: Path, manifest_path: Path | None, teacher_specs: list[str
               f"index mismatch {100 * rate:.2f}% (tolerance {100 * max_mismatch:.0f}%), "
               f"records regenerated differently: {record_errors} -> {'OK' if ok else 'FAILED'}")
     return report, ok
+
+
+def verify_full(root: Path) -> tuple[str, bool]:
+    """Check every committed unit's chunks (present, CRC32C, progress-record checksums)
+    without running any teacher; list the damaged ones and how to redo them."""
+    store = CacheStore.open(root)
+    bad, checked = [], 0
+    for shard, block in store.units():
+        rec = store.unit_record(shard, block)
+        if rec is None:
+            continue
+        checked += 1
+        bad += [f"  unit (shard {shard}, block {block}) {c}: {why}"
+                for c, why in store.check_unit(shard, block, rec).items()]
+    bad += [f"  {why}" for why in store.unreadable.values()]
+    if not bad:
+        return f"{root}: {checked} committed unit(s) checked, all sound -> OK", True
+    return (f"{root}: {checked} committed unit(s) checked, {len(bad)} problem(s):\n" + "\n".join(bad)
+            + "\n-> FAILED. Recompute exactly these with `civt-cache cache-teachers ... --repair` "
+            "(same settings as the cache was built with).", False)

@@ -1,6 +1,7 @@
 """The ``civt-cache`` command line. Each command is a thin shell over a library function."""
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -88,6 +89,7 @@ def cache_teachers_cmd(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the teachers."),
     claim: Optional[bool] = typer.Option(None, "--claim/--static", help="Claim units with files (multi-node) instead of a static split."),
     run_id: Optional[str] = typer.Option(None, help="Claim namespace shared by all nodes of one run."),
+    repair: Optional[bool] = typer.Option(None, "--repair/--no-repair", help="First check every committed unit's checksums and recompute the damaged ones."),
 ) -> None:
     """Stage one: run the teachers once over the augmented views; store top-k + view records."""
     from .pipeline import build_config, load_pipeline
@@ -97,7 +99,7 @@ def cache_teachers_cmd(
     job = build_config(CacheJob, cfg, "cache", dict(
         manifest=manifest, teachers=teacher, epochs=epochs, epochs_per_unit=epochs_per_unit,
         topk=topk, img_size=img_size, seed=seed, out=out, batch_size=batch_size, workers=workers,
-        device=device, compile=compile, claim=claim, run_id=run_id), pipeline)
+        device=device, compile=compile, claim=claim, run_id=run_id, repair=repair), pipeline)
     summary = cache_teachers(job)
     typer.echo(f"rank {summary['rank']}: {summary['units']} unit(s), {summary['views']} views in "
                f"{summary['seconds']:.1f}s ({summary['views_per_s']:.0f} views/s) -> {job.out}")
@@ -116,14 +118,16 @@ def verify_cmd(
     cache: Path = typer.Argument(..., help="Cache directory."),
     manifest: Optional[Path] = typer.Option(None, help="Data manifest [the one the cache recorded]."),
     teacher: list[str] = typer.Option([], help="NAME=ARCH:CHECKPOINT for a cached teacher whose file moved [recorded path]."),
-    samples: int = typer.Option(32, help="Random (epoch, row) views to rebuild and rerun."),
+    samples: int = typer.Option(32, min=1, help="Random (epoch, row) views to rebuild and rerun."),
     seed: int = typer.Option(0, help="Seed of the sample choice."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    full: bool = typer.Option(False, "--full", help="Instead: check every committed unit's checksums (no teachers run) and list damaged units."),
 ) -> None:
-    """Rebuild random views from their records, rerun the teachers, compare with the cache."""
-    from .cache_tools import verify_cache
+    """Rebuild random views from their records, rerun the teachers, compare with the cache
+    (or, with --full, check every committed unit for damage)."""
+    from .cache_tools import verify_cache, verify_full
 
-    report, ok = verify_cache(cache, manifest, teacher, samples, seed, device)
+    report, ok = verify_full(cache) if full else verify_cache(cache, manifest, teacher, samples, seed, device)
     typer.echo(report)
     if not ok:
         raise typer.Exit(1)
@@ -256,14 +260,24 @@ def bench_imagenet_cmd(
     typer.echo(bench_imagenet(samples, device, workers, teacher_batch, student_batch, steps, online))
 
 
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (or set CIVT_DEBUG=1).")) -> None:
+    if debug:
+        os.environ["CIVT_DEBUG"] = "1"
+
+
 def main() -> None:
-    """Entry point: library errors become one clear line and exit code 2, not a traceback."""
-    from .errors import USER_ERRORS
+    """Entry point: a user's mistake or a failing disk becomes one line naming the file and the
+    problem, exit code 2; ``--debug`` / ``CIVT_DEBUG=1`` keep the traceback."""
+    from .errors import one_line_error
 
     try:
         app(standalone_mode=True)
-    except USER_ERRORS as e:  # pragma: no cover - exercised through subprocess tests
-        typer.echo(f"civt-cache: error: {e}", err=True)
+    except Exception as e:  # pragma: no cover - exercised through subprocess tests
+        line = one_line_error(e)
+        if line is None or os.environ.get("CIVT_DEBUG"):
+            raise
+        typer.echo(f"civt-cache: error: {line}", err=True)
         raise SystemExit(2) from None
 
 

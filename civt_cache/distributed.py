@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -30,7 +32,7 @@ def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but no GPU is visible")
+        raise ConfigError("--device cuda asked for, but no GPU is visible")
     return torch.device("cuda", local_rank)
 
 

@@ -5,6 +5,8 @@ traceback; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import errno
+
 
 class CivtError(ValueError):
     """Base of every user-facing error; its message names the file and the problem."""
@@ -30,4 +32,36 @@ class CacheMismatchError(CivtError):
     """A cache that was built for other data, views, teachers or settings than asked for."""
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (CivtError, FileNotFoundError, NotADirectoryError)
+class CorruptUnitError(CacheMismatchError):
+    """A committed unit of a cache whose chunks are missing, do not decode, or do not match the
+    checksums of its progress record: damage after the commit (disk, a person, another tool).
+    ``where`` names the unit, array, file and problem; the message adds how to repair."""
+
+    def __init__(self, where: str, hint: str = "") -> None:
+        super().__init__(f"{where}. {hint}" if hint else where)
+        self.where = where
+
+
+_DISK_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted", errno.EIO: "I/O error",
+                errno.ELOOP: "symbolic link loop", errno.ENOENT: "no such file or directory",
+                errno.ENOTDIR: "not a directory", errno.EISDIR: "is a directory"}
+
+
+def one_line_error(e: BaseException) -> str | None:
+    """The one line the CLI prints for an error a user can cause or fix (bad input, wrong
+    config, a full or failing disk), or None for a bug, which keeps its traceback.
+
+    Errors raised in DataLoader workers reach the main process re-raised with the worker's
+    traceback in the message; the line is the original message, the last line of that text."""
+    if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+        where = e.filename or "a file it was writing"
+        return f"{where}: {_DISK_ERRNOS[e.errno]} ({e.strerror or e})"
+    if not isinstance(e, ValueError):  # CivtError is a ValueError, as are library config errors
+        return None
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text or type(e).__name__

@@ -8,6 +8,7 @@ one cache chunk along the row axis holds exactly one shard and rows past a shard
 from __future__ import annotations
 
 import json
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,14 +100,26 @@ class DataManifest:
             p = self.location.parent / p
         return p
 
+    def check_shard_file(self, shard: int) -> Path:
+        """The shard's path, once ``stat`` shows a regular file of exactly the listed size:
+        nothing is opened before that, so a device (/dev/zero) or a FIFO in a manifest is refused
+        instead of read without end or waited on."""
+        info, path = self.shards[shard], self.shard_path(shard)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise ManifestError(f"{path}: shard listed in manifest {self.location} is missing") from None
+        except OSError as e:
+            raise ManifestError(f"{path}: cannot stat shard ({e.strerror or e})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ManifestError(f"{path}: shard listed in manifest {self.location} is not a regular file")
+        if st.st_size != info.bytes:
+            raise ManifestError(f"{path}: size {st.st_size} differs from manifest ({info.bytes} bytes)")
+        return path
+
     def verify_shard(self, shard: int) -> None:
         """Check a shard's size and sha256 against the manifest; raise naming the file."""
-        info, path = self.shards[shard], self.shard_path(shard)
-        if not path.exists():
-            raise ManifestError(f"{path}: shard listed in manifest {self.location} is missing")
-        size = path.stat().st_size
-        if size != info.bytes:
-            raise ManifestError(f"{path}: size {size} differs from manifest ({info.bytes} bytes)")
+        info, path = self.shards[shard], self.check_shard_file(shard)
         digest = sha256_file(path)
         if digest != info.sha256:
             raise ManifestError(f"{path}: sha256 {digest[:12]}... differs from manifest "
@@ -150,6 +163,14 @@ def load_manifest(path: str | Path) -> DataManifest:
                          skipped=list(raw.get("skipped", [])), location=path.resolve())
     except (KeyError, TypeError, ValueError) as e:
         raise ManifestError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+    if not m.shards:
+        raise ManifestError(f"{path}: lists no shards")
+    if not m.classes:
+        raise ManifestError(f"{path}: lists no classes")
+    for i, sh in enumerate(m.shards):
+        if sh.num_samples < 1 or sh.bytes < 1:
+            raise ManifestError(f"{path}: shard {i} ({sh.path}) has num_samples {sh.num_samples} "
+                                f"and bytes {sh.bytes}; both must be positive")
     if "num_samples" in raw and int(raw["num_samples"]) != m.num_samples:
         raise ManifestError(f"{path}: num_samples {raw['num_samples']} != sum over shards "
                             f"{m.num_samples}")

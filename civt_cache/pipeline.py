@@ -58,3 +58,11 @@ def build_config(cls: type[T], pipeline: dict[str, Any], section: str, flags: di
         return cls(**values)
     except TypeError as e:
         raise ConfigError(f"[{section}]: {e}") from None
+
+
+def require(source: str, **checks: tuple[object, bool, str]) -> None:
+    """Refuse settings that cannot work, before anything is created: each check is
+    ``name=(value, ok, what it must be)``; the first failing one becomes a ConfigError."""
+    for name, (value, ok, must) in checks.items():
+        if not ok:
+            raise ConfigError(f"{source}: --{name.replace('_', '-')} {value!r}: must be {must}")

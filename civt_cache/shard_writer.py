@@ -24,7 +24,7 @@ from braceexpand import braceexpand
 from PIL import Image
 from tqdm import tqdm
 
-from .errors import BadImageError, ShardError
+from .errors import BadImageError, ConfigError, ShardError
 from .fsutil import sha256_file
 from .manifest import DataManifest, ShardInfo
 from .shards import iter_shard_file
@@ -76,13 +76,16 @@ def encode_rgb_jpeg(data: bytes, origin: str) -> tuple[bytes, bool]:
 
 
 def _encode_item(item: SourceItem) -> tuple[bytes, bool] | BadImageError:
-    """Worker body: read and encode one item; a bad image is returned, not raised, so the
-    parent decides between stopping and skipping."""
+    """Worker body: read and encode one item; a bad image or unreadable file (broken link,
+    link loop, permission, I/O error) is returned, not raised, so the parent decides between
+    stopping and skipping."""
     try:
         data = item.data if item.data is not None else Path(item.origin).read_bytes()
         return encode_rgb_jpeg(data, item.origin)
     except BadImageError as e:
         return e
+    except OSError as e:
+        return BadImageError(f"{item.origin}: cannot read file ({e.strerror or e})")
 
 
 def file_key(relpath: str) -> str:
@@ -93,10 +96,10 @@ def file_key(relpath: str) -> str:
 def image_folder_items(root: Path) -> tuple[list[str], list[SourceItem]]:
     """Classes (sorted folder names) and one item per file below them (hidden files ignored)."""
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a directory (expected one folder per class)")
+        raise ConfigError(f"{root}: not a directory (expected one folder per class)")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise ValueError(f"{root}: no class folders found")
+        raise ConfigError(f"{root}: no class folders found (expected one folder per class, each holding its images)")
     items: list[SourceItem] = []
     for label, cls in enumerate(classes):
         for dirpath, dirnames, filenames in os.walk(root / cls):
@@ -108,7 +111,7 @@ def image_folder_items(root: Path) -> tuple[list[str], list[SourceItem]]:
                 items.append(SourceItem(file_key(str(path.relative_to(root))), label, str(path)))
     keys = {it.key for it in items}
     if len(keys) != len(items):
-        raise ValueError(f"{root}: key collision between file paths (hash clash)")
+        raise ConfigError(f"{root}: key collision between file paths (hash clash)")
     return classes, items
 
 
@@ -126,7 +129,7 @@ def write_shards(items: Sequence[SourceItem], classes: list[str], out_dir: Path,
     See the module docstring for the all-or-nothing guarantee.
     """
     if shard_size < 1:
-        raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+        raise ConfigError(f"make-shards: --shard-size {shard_size}: must be >= 1")
     out_dir.mkdir(parents=True, exist_ok=True)
     order = np.random.default_rng(seed).permutation(len(items))
     shuffled = [items[i] for i in order]
@@ -175,7 +178,7 @@ def write_shards(items: Sequence[SourceItem], classes: list[str], out_dir: Path,
             partials[-1] = (tmp, final, in_shard)
         close_current()
         if not partials:
-            raise ValueError(f"{source}: no readable images")
+            raise BadImageError(f"{source}: no readable images")
         shards = []
         for tmp, final, n in partials:
             os.replace(tmp, final)
@@ -204,11 +207,11 @@ def expand_shard_pattern(pattern: str) -> list[Path]:
         paths = [Path(s) for s in braceexpand(pattern)]
         missing = [str(x) for x in paths if not x.exists()]
         if missing:
-            raise FileNotFoundError(f"{pattern}: {len(missing)} shard(s) missing, e.g. {missing[0]}")
+            raise ShardError(f"{pattern}: {len(missing)} shard(s) missing, e.g. {missing[0]}")
     else:
         paths = [Path(s) for s in sorted(glob.glob(pattern))]
     if not paths:
-        raise FileNotFoundError(f"{pattern}: matches no shard files")
+        raise ShardError(f"{pattern}: matches no shard files")
     return paths
 
 
@@ -231,7 +234,7 @@ def scan_shards(pattern: str, name: str, manifest_path: Path,
     if classes is None:
         classes = [str(i) for i in range(max_label + 1)]
     elif max_label >= len(classes):
-        raise ValueError(f"{pattern}: label {max_label} but only {len(classes)} class names given")
+        raise ConfigError(f"{pattern}: label {max_label} but only {len(classes)} class names given")
     manifest = DataManifest(name=name, classes=classes, shards=shards, source=f"scan:{pattern}")
     manifest.save(manifest_path)
     warning = class_sorted_warning(paths, label_counts)

@@ -108,15 +108,17 @@ def read_shard(manifest: DataManifest, shard: int, verify: bool = True) -> list[
 
     Stage one and stage two call this once per unit of work, so the checksum costs no extra I/O.
     """
-    path = manifest.shard_path(shard)
+    path = manifest.check_shard_file(shard)
     info = manifest.shards[shard]
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: shard listed in manifest {manifest.location} is missing") from None
+        with open(path, "rb") as f:
+            data = f.read(info.bytes + 1)  # never past the listed size (+1 to see growth)
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read shard ({e.strerror or e})") from None
+    if len(data) != info.bytes:
+        raise ManifestError(f"{path}: read {len(data)} bytes, manifest lists {info.bytes}; the "
+                            "shard changed while it was read")
     if verify:
-        if len(data) != info.bytes:
-            raise ManifestError(f"{path}: size {len(data)} differs from manifest ({info.bytes} bytes)")
         if sha256_bytes(data) != info.sha256:
             raise ManifestError(f"{path}: sha256 differs from manifest {manifest.location}; "
                                 "the shard changed since the manifest was written")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,11 +24,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from .cache_store import CacheSpec, CacheStore, key_hash
+from .cache_store import CacheSpec, CacheStore, check_alignment
 from .distributed import DistInfo, barrier, init_distributed, shutdown
 from .errors import CacheMismatchError
 from .manifest import DataManifest, load_manifest
-from .models.teachers import Teacher, build_teacher, teacher_logits
+from .models.teachers import Teacher, build_teacher, parse_teacher_spec, teacher_logits
+from .pipeline import require
 from .recipe import Recipe
 from .shards import read_shard
 from .views import apply_records, decode_rgb, sample_shard_records
@@ -51,6 +53,21 @@ class CacheJob:
     compile: bool = False
     claim: bool = False
     run_id: str = ""
+    repair: bool = False  # check every committed unit's checksums first; redo the damaged ones
+
+    def __post_init__(self) -> None:
+        if isinstance(self.teachers, str):
+            self.teachers = [self.teachers]
+        require("cache-teachers",
+                teacher=(self.teachers, bool(self.teachers), "given at least once (NAME=ARCH:CHECKPOINT)"),
+                epochs=(self.epochs, self.epochs >= 1, ">= 1"),
+                epochs_per_unit=(self.epochs_per_unit, self.epochs_per_unit >= 1, ">= 1"),
+                topk=(self.topk, self.topk >= 1, ">= 1"),
+                batch_size=(self.batch_size, self.batch_size >= 1, ">= 1"),
+                workers=(self.workers, self.workers >= 0, ">= 0"),
+                device=(self.device, self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"))
+        for spec in self.teachers:
+            parse_teacher_spec(spec)
 
 
 @dataclass
@@ -68,13 +85,15 @@ class UnitEpoch:
 
 
 class UnitViews(IterableDataset):
-    """Yields UnitEpoch items for a list of units; each worker takes every k-th unit."""
+    """Yields UnitEpoch items for a list of units; each worker takes every k-th unit. Units
+    whose views are committed (``view_records`` holds their progress record) replay the stored
+    records, read checked; the others sample theirs."""
 
     def __init__(self, manifest: DataManifest, store_root: Path, units: list[tuple[int, int]],
-                 committed_views: set[tuple[int, int]], recipe: Recipe, seed: int,
+                 view_records: dict[tuple[int, int], dict[str, Any]], recipe: Recipe, seed: int,
                  epochs_per_unit: int, total_epochs: int) -> None:
         self.manifest, self.store_root, self.units = manifest, store_root, units
-        self.committed_views, self.recipe, self.seed = committed_views, recipe, seed
+        self.view_records, self.recipe, self.seed = view_records, recipe, seed
         self.b, self.total_epochs = epochs_per_unit, total_epochs
 
     def __iter__(self) -> Iterator[UnitEpoch]:
@@ -87,13 +106,12 @@ class UnitViews(IterableDataset):
             images = {r: decode_rgb(s.image) for r, s in zip(rows, samples)}
             keys = [s.key for s in samples]
             labels = np.array([s.label for s in samples], np.int32)
-            stored = (shard, block) in self.committed_views
+            record = self.view_records.get((shard, block))
+            stored = record is not None
             if stored:
-                assert store is not None
-                recs_all, hashes = store.read_views(shard, block, len(samples))
-                if [key_hash(k) for k in keys] != hashes.tolist():
-                    raise CacheMismatchError(f"{self.store_root}: stored keys of shard {shard} do "
-                                             f"not match {self.manifest.shard_path(shard)}")
+                assert store is not None and record is not None
+                recs_all, hashes, stored_labels = store.read_unit_views(shard, block, record)
+                check_alignment(self.store_root, self.manifest, shard, samples, hashes, stored_labels)
             epochs = range(block * self.b, min((block + 1) * self.b, self.total_epochs))
             for j, epoch in enumerate(epochs):
                 recs = (recs_all[j] if stored else sample_shard_records(
@@ -141,22 +159,49 @@ class _Writer(threading.Thread):
             raise self.error
 
 
-def plan_units(store: CacheStore, teacher_names: list[str], info: DistInfo, claim: bool) -> tuple[
-        list[tuple[int, int]], set[tuple[int, int]], dict[tuple[int, int], list[str]]]:
-    """Units this process should (try to) do, which of them already have views, and which
-    teachers each still needs. Static split: the canonical unit index modulo world size."""
-    units, with_views, needs = [], set(), {}
+@dataclass
+class Plan:
+    """What this process does: its units, the progress record of each (None: nothing of it is
+    committed), and the teachers each unit still needs."""
+
+    units: list[tuple[int, int]]
+    records: dict[tuple[int, int], dict[str, Any] | None]
+    needs: dict[tuple[int, int], list[str]]
+    notes: list[str]  # units redone because their record or chunks were found damaged
+
+    @property
+    def view_records(self) -> dict[tuple[int, int], dict[str, Any]]:
+        return {u: r for u, r in self.records.items() if r and r.get("views")}
+
+
+def plan_units(store: CacheStore, teacher_names: list[str], info: DistInfo, claim: bool,
+               repair: bool = False) -> Plan:
+    """Units this process should (try to) do. Static split: the canonical unit index modulo
+    world size. Committed components whose chunk files are missing (or, with ``repair``, that
+    fail their checksums) are un-committed first, so exactly they are recomputed."""
+    plan = Plan([], {}, {}, [])
     for i, (shard, block) in enumerate(store.units()):
         if not claim and i % info.world_size != info.rank:
             continue
         rec = store.unit_record(shard, block)
+        if (shard, block) in store.unreadable:
+            plan.notes.append(store.unreadable[(shard, block)])
+        if rec is not None:
+            components = (["views"] if rec.get("views") else []) + list(rec["teachers"])
+            damaged = store.missing_chunks(shard, block, components)
+            if repair and not damaged:
+                damaged = store.check_unit(shard, block, rec)
+            if damaged:
+                store.uncommit(shard, block, list(damaged))
+                plan.notes += [f"unit (shard {shard}, block {block}) {c}: {why}; recomputing"
+                               for c, why in damaged.items()]
+                rec = store.unit_record(shard, block)
         missing = [t for t in teacher_names if not rec or t not in rec["teachers"]]
         if missing or not rec or not rec.get("views"):
-            units.append((shard, block))
-            needs[(shard, block)] = missing
-            if rec and rec.get("views"):
-                with_views.add((shard, block))
-    return units, with_views, needs
+            plan.units.append((shard, block))
+            plan.records[(shard, block)] = rec
+            plan.needs[(shard, block)] = missing if rec and rec.get("views") else list(teacher_names)
+    return plan
 
 
 def cache_teachers(job: CacheJob) -> dict[str, Any]:
@@ -172,10 +217,10 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
     manifest = load_manifest(job.manifest)
     spec = CacheSpec.for_manifest(manifest, job.recipe, job.seed, job.epochs, job.epochs_per_unit,
                                   job.topk)
-    store = CacheStore.create_or_open(job.out, spec)
-    teachers = [build_teacher(t, info.device) for t in job.teachers]
+    teachers = [build_teacher(t, info.device) for t in job.teachers]  # before any file is made
     if len({t.name for t in teachers}) != len(teachers):
         raise CacheMismatchError("two teachers share a name; name them NAME=ARCH:CKPT")
+    store = CacheStore.create_or_open(job.out, spec)
     for t in teachers:
         store.ensure_teacher(t.identity())
         if job.compile:
@@ -184,13 +229,16 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
         for t in teachers:
             t.model = t.model.to(memory_format=torch.channels_last)
     barrier(info)
-    units, with_views, needs = plan_units(store, [t.name for t in teachers], info, job.claim)
+    plan = plan_units(store, [t.name for t in teachers], info, job.claim, job.repair)
+    for note in plan.notes:
+        tqdm.write(f"cache-teachers: {note}", file=sys.stderr)
+    units, needs = plan.units, plan.needs
     if job.claim:
         run_id = job.run_id or os.environ.get("TORCHELASTIC_RUN_ID", "") or "default"
         units = [u for u in units if store.claim(run_id, *u)]
     n_views = sum(manifest.shards[s].num_samples * len(store.block_epochs(b)) for s, b in units)
     loader = DataLoader(
-        UnitViews(manifest, store.root, units, with_views, job.recipe, job.seed,
+        UnitViews(manifest, store.root, units, plan.view_records, job.recipe, job.seed,
                   spec.epochs_per_unit, spec.epochs),
         batch_size=None, num_workers=min(job.workers, len(units)),
         pin_memory=info.device.type == "cuda", persistent_workers=False)

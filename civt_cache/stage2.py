@@ -17,10 +17,11 @@ from tqdm import tqdm
 
 from .cache_store import CacheStore
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
-from .errors import CacheMismatchError, ConfigError
+from .errors import CacheMismatchError, ConfigError, CorruptUnitError
 from .fsutil import sha256_file
 from .manifest import load_manifest
 from .models.teachers import build_teacher, parse_teacher_spec, teacher_logits
+from .pipeline import require
 from .recipe import Recipe
 from .soft_targets import LossWeights, coadvise_loss, pseudo_logits
 from .student_data import EpochSource, StudentViews, rank_shards, steps_per_epoch, worker_skips
@@ -68,6 +69,24 @@ class StudentJob:
     resume: bool = False
     max_steps: int = 0  # stop after this many steps in all (tests and benchmarks); 0: no limit
 
+    def __post_init__(self) -> None:
+        require("train-student",
+                model=(self.model, timm.is_model(self.model), "a registered model, e.g. civt_tiny"),
+                teachers=(self.teachers, self.teachers in TEACHER_SETS, f"one of {list(TEACHER_SETS)}"),
+                epochs=(self.epochs, self.epochs >= 1, ">= 1"),
+                batch_size=(self.batch_size, self.batch_size >= 1, ">= 1"),
+                workers=(self.workers, self.workers >= 0, ">= 0"),
+                lr=(self.lr, self.lr is None or self.lr > 0, "> 0"),
+                temperature=(self.temperature, self.temperature > 0, "> 0 (it divides the logits)"),
+                label_smoothing=(self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
+                clip_grad=(self.clip_grad, self.clip_grad >= 0, ">= 0 (0: off)"),
+                drop_path=(self.drop_path, 0 <= self.drop_path < 1, "in [0, 1)"),
+                checkpoint_every=(self.checkpoint_every, self.checkpoint_every >= 0, ">= 0"),
+                max_steps=(self.max_steps, self.max_steps >= 0, ">= 0"),
+                device=(self.device, self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"))
+        for spec in self.teacher:
+            parse_teacher_spec(spec)
+
 
 def train_student(job: StudentJob) -> dict[str, Any]:
     info = init_distributed(job.device)
@@ -111,10 +130,21 @@ def _check_cache(job: StudentJob, names: tuple[str, ...], manifest, log) -> Cach
     needed = sorted({e % s.epochs for e in range(job.epochs)})
     incomplete = set()
     for shard, block in store.units():
-        rec = store.unit_record(shard, block)
         epochs = store.block_epochs(block)
-        if any(e in needed for e in epochs) and (rec is None or any(n not in rec["teachers"] for n in names)):
+        if not any(e in needed for e in epochs):
+            continue
+        rec = store.unit_record(shard, block)
+        if rec is None or not rec.get("views") or any(n not in rec["teachers"] for n in names):
             incomplete.update(e for e in epochs if e in needed)
+            continue
+        gone = store.missing_chunks(shard, block, ["views", *names])
+        if gone:  # a committed unit lost a file: zarr would read fill values, never train on them
+            component, why = next(iter(gone.items()))
+            raise CorruptUnitError(f"{job.cache}: unit (shard {shard}, block {block}) {component}: {why}",
+                                   f"Rerun `civt-cache cache-teachers` with the cache's settings to "
+                                   "recompute it (`civt-cache inspect` lists what is damaged)")
+    for why in store.unreadable.values():
+        log(why)
     if incomplete:
         raise CacheMismatchError(f"{job.cache}: cached epochs {sorted(incomplete)} are not complete for "
                                  f"teachers {list(names)}; run `civt-cache cache-teachers` with the same "
@@ -129,8 +159,6 @@ def _train(job: StudentJob, info: DistInfo) -> dict[str, Any]:
     log = (lambda msg: tqdm.write(f"train-student: {msg}")) if info.is_main else (lambda msg: None)
     device = info.device
     manifest, val_manifest = load_manifest(job.manifest), load_manifest(job.val_manifest)
-    if job.teachers not in TEACHER_SETS:
-        raise ConfigError(f"--teachers must be one of {list(TEACHER_SETS)}, got {job.teachers!r}")
     names = TEACHER_SETS[job.teachers]
     live: dict[str, Any] = {}
     store = None
@@ -161,6 +189,9 @@ def _train(job: StudentJob, info: DistInfo) -> dict[str, Any]:
     optimizer, schedule = optimizer_and_schedule(model, "adamw", lr, job.weight_decay, sum(steps),
                                                  warmup, job.min_lr)
     ckpt_path = job.out / "checkpoint.pt"
+    if info.is_main:  # temp files of checkpoint writes a kill interrupted
+        for orphan in job.out.glob(f".{ckpt_path.name}.*.tmp"):
+            orphan.unlink(missing_ok=True)
     start_epoch, start_step, global_step = 0, 0, 0
     sums = {"loss": 0.0, "ce": 0.0, "conv": 0.0, "inv": 0.0, "n": 0.0, "seconds": 0.0}
     if job.resume and ckpt_path.exists():

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .cache_store import CacheStore, key_hash
+from .cache_store import CacheStore, check_alignment
 from .errors import CacheMismatchError
 from .manifest import DataManifest
 from .recipe import Recipe
@@ -87,16 +87,19 @@ class StudentViews(IterableDataset):
         skip = self.skip_samples[wid] if self.skip_samples else 0
         store = CacheStore.open(self.source.cache) if self.source.cache else None
         for shard in self.shards[wid::nw]:
-            samples = read_shard(self.manifest, shard, verify=False)
+            samples = read_shard(self.manifest, shard)  # sha256 on the same read
             base = self.manifest.shard_base(shard)
             rows = list(range(base, base + len(samples)))
             teacher_out: dict[str, tuple[np.ndarray, ...]] = {}
             if store is not None:
-                recs, hashes, teacher_out = store.read_epoch(shard, self.source.cache_epoch,
-                                                             len(rows), list(self.source.teachers))
-                if hashes.tolist() != [key_hash(s.key) for s in samples]:
-                    raise CacheMismatchError(f"{self.source.cache}: sample keys of shard {shard} do "
-                                             f"not match {self.manifest.shard_path(shard)}")
+                block = self.source.cache_epoch // store.spec.epochs_per_unit
+                record = store.unit_record(shard, block)
+                if record is None:
+                    raise CacheMismatchError(f"{self.source.cache}: unit (shard {shard}, block {block}) "
+                                             "is not committed; run cache-teachers to finish it")
+                recs, hashes, cached_labels, teacher_out = store.read_epoch(
+                    shard, self.source.cache_epoch, record, list(self.source.teachers))
+                check_alignment(self.source.cache, self.manifest, shard, samples, hashes, cached_labels)
             else:
                 sizes = [Image.open(io.BytesIO(s.image)).size for s in samples]
                 recs = sample_shard_records(self.recipe, self.source.view_seed, self.source.epoch,

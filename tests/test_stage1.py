@@ -18,6 +18,7 @@ import torch
 import zarr
 
 from civt_cache import CacheMismatchError, ManifestError, load_manifest
+from civt_cache.cache_store import CacheStore
 from civt_cache.cache_tools import inspect_cache, verify_cache
 from civt_cache.recipe import Recipe
 from civt_cache.stage1 import CacheJob, UnitViews, cache_teachers
@@ -87,11 +88,12 @@ def test_cache_contents_inspect_and_verify(reference, digits, teachers) -> None:
 
 def test_stage_two_rebuilds_the_same_view_tensors(reference, digits) -> None:
     m = load_manifest(digits["val"])
-    stage1 = next(iter(UnitViews(m, reference, [(1, 1)], {(1, 1)}, RECIPE, 0, 1, 2)))
+    committed = {(1, 1): CacheStore.open(reference).unit_record(1, 1)}
+    stage1 = next(iter(UnitViews(m, reference, [(1, 1)], committed, RECIPE, 0, 1, 2)))
     assert stage1.epoch == 1
     items = list(StudentViews(m, RECIPE, 0, [1], EpochSource(1, 0, reference, 1, ("conv",))))
     base = m.shard_base(1)
-    fresh = next(iter(UnitViews(m, reference, [(1, 1)], set(), RECIPE, 0, 1, 2)))  # re-sampled
+    fresh = next(iter(UnitViews(m, reference, [(1, 1)], {}, RECIPE, 0, 1, 2)))  # re-sampled
     assert np.array_equal(fresh.records, stage1.records)
     assert torch.equal(fresh.views, stage1.views)
     # StudentViews yields in its own (keyed) order: match items to positions through it

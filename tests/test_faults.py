@@ -1,0 +1,354 @@
+"""Fault injection through the CLI (issue: nothing wrong is ever trained on silently).
+
+Each test damages what a user's disk, colleague or typo could damage, after a cache was built
+and committed, and asserts: a non-zero exit with one line naming the file or unit (or a logged
+redo), no training on wrong data, nothing committed lost, and that the repair path gives back
+exactly the uninterrupted cache.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import zarr
+
+from civt_cache import load_manifest
+from civt_cache.cache_store import CacheStore
+
+from .conftest import ROOT, run_cli
+
+TINY = str(Path(__file__).parent / "data" / "tiny.toml")
+
+
+@pytest.fixture(scope="module")
+def world(digits, tmp_path_factory) -> dict[str, Path]:
+    """Own copy of the val shards + manifest, a conv teacher, and a reference cache built
+    uninterrupted (2 shards x 2 epochs = 4 units)."""
+    root = tmp_path_factory.mktemp("faults")
+    shutil.copytree(load_manifest(digits["val"]).shard_path(0).parent, root / "shards")
+    raw = json.loads(digits["val"].read_text())
+    for s in raw["shards"]:
+        s["path"] = str(root / "shards" / Path(s["path"]).name)
+    (root / "val.json").write_text(json.dumps(raw))
+    torch.manual_seed(0)
+    torch.save(timm.create_model("resnet10t", num_classes=10).state_dict(), root / "conv.pth")
+    ref = root / "ref"
+    run_cli(*cache_args(root, ref))
+    return {"root": root, "manifest": root / "val.json", "ref": ref}
+
+
+def cache_args(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["cache-teachers", "--pipeline", TINY, "--manifest", str(root / "val.json"),
+            "--teacher", f"conv=resnet10t:{root / 'conv.pth'}", "--epochs", "2",
+            "--epochs-per-unit", "1", "--topk", "5", "--out", str(out), "--workers", "0",
+            "--batch-size", "64", *extra]
+
+
+def student_args(world: dict[str, Path], cache: Path, out: Path, *extra: str) -> list[str]:
+    return ["train-student", "--pipeline", TINY, "--manifest", str(world["manifest"]),
+            "--val-manifest", str(world["manifest"]), "--cache", str(cache), "--teachers", "conv",
+            "--model", "civt_micro", "--epochs", "1", "--batch-size", "32", "--workers", "1",
+            "--device", "cpu", "--out", str(out), *extra]
+
+
+def refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Assert a one-line refusal (exit 2, no traceback) containing every needle."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("civt-cache: error: ")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+def arrays(root: Path) -> dict[str, np.ndarray]:
+    g = zarr.open_group(str(root), mode="r")
+    return {name: a[...] for name, a in g.members(max_depth=None) if isinstance(a, zarr.Array)}
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    x, y = arrays(a), arrays(b)
+    assert x.keys() == y.keys()
+    for k in x:
+        assert np.array_equal(x[k], y[k], equal_nan=x[k].dtype.kind == "f"), k
+
+
+def copy_cache(world: dict[str, Path], tmp_path: Path) -> Path:
+    out = tmp_path / "cache"
+    shutil.copytree(world["ref"], out)
+    return out
+
+
+def flip(path: Path, offset: int, count: int = 3) -> None:
+    blob = bytearray(path.read_bytes())
+    for i in range(offset, offset + count):
+        blob[i] ^= 0x5A
+    path.write_bytes(bytes(blob))
+
+
+@pytest.mark.parametrize("where", ["middle", "start"])
+def test_flipped_bytes_in_a_committed_chunk(world, tmp_path, where) -> None:
+    """Row 1 and 2: bytes flipped inside a chunk (it would still decode) or near its start (a
+    raw Blosc error before): the read fails naming unit, array and file; verify --full lists
+    the unit; --repair recomputes exactly it."""
+    cache = copy_cache(world, tmp_path)
+    chunk = CacheStore.open(cache).chunk_path("teachers/conv/logits", 1, 0)
+    flip(chunk, chunk.stat().st_size // 2 if where == "middle" else 20)
+    before = {p.name: p.read_bytes() for p in (cache / "progress").iterdir() if p.name != "s000001-b0000.json"}
+    run = tmp_path / "run"
+    line = refused(run_cli(*student_args(world, cache, run), check=False),
+                   "unit (shard 1, epochs 0-0)", "teachers/conv/logits", str(chunk), "--repair")
+    assert "does not decode" in line or "checksum" in line
+    assert not (run / "metrics.jsonl").exists()  # the epoch never finished on damaged targets
+    proc = run_cli("verify", str(cache), "--full", check=False)
+    assert proc.returncode == 1 and "unit (shard 1, block 0) conv" in proc.stdout
+    assert "1 problem(s)" in proc.stdout
+    proc = run_cli(*cache_args(world["root"], cache, "--repair"))
+    assert "unit (shard 1, block 0) conv" in proc.stderr and "recomputing" in proc.stderr
+    assert "rank 0: 1 unit(s)" in proc.stdout
+    assert_same_cache(cache, world["ref"])
+    for name, data in before.items():  # other committed units untouched
+        assert (cache / "progress" / name).read_bytes() == data
+    assert "all sound -> OK" in run_cli("verify", str(cache), "--full").stdout
+
+
+@pytest.mark.parametrize("array", ["teachers/conv/logits", "teachers/conv/indices", "views/params"])
+def test_deleted_chunk_is_never_read_as_fill_values(world, tmp_path, array) -> None:
+    """Row 3: a deleted chunk: train-student refuses naming the file, inspect calls the unit
+    damaged, and a plain rerun of cache-teachers recomputes it."""
+    cache = copy_cache(world, tmp_path)
+    chunk = CacheStore.open(cache).chunk_path(array, 0, 1)
+    chunk.unlink()
+    refused(run_cli(*student_args(world, cache, tmp_path / "run", "--epochs", "2"), check=False),
+            "unit (shard 0, block 1)", str(chunk), "is missing")
+    report = run_cli("inspect", str(cache)).stdout
+    assert "DAMAGED: unit (shard 0, block 1)" in report and str(chunk) in report
+    proc = run_cli(*cache_args(world["root"], cache))
+    assert f"chunk file {chunk} is missing; recomputing" in proc.stderr
+    assert_same_cache(cache, world["ref"])
+
+
+def test_torn_progress_record_counts_as_not_committed(world, tmp_path) -> None:
+    """Row 4: a progress record cut in half: no JSONDecodeError anywhere; the unit is said to
+    be uncommitted and is redone."""
+    cache = copy_cache(world, tmp_path)
+    record = cache / "progress" / "s000000-b0000.json"
+    record.write_bytes(record.read_bytes()[: record.stat().st_size // 2])
+    report = run_cli("inspect", str(cache)).stdout
+    assert f"DAMAGED: {record}: unreadable progress record" in report
+    refused(run_cli(*student_args(world, cache, tmp_path / "run"), check=False),
+            "cached epochs [0] are not complete", "cache-teachers")
+    proc = run_cli(*cache_args(world["root"], cache))
+    assert f"{record}: unreadable progress record" in proc.stderr and "rank 0: 1 unit(s)" in proc.stdout
+    assert_same_cache(cache, world["ref"])
+    assert json.loads(record.read_text())["teachers"]["conv"]
+
+
+def test_shard_changed_after_caching_is_refused_by_train_student(world, tmp_path) -> None:
+    """Row 5: one label and one JPEG byte changed in a shard after caching."""
+    shards = tmp_path / "shards"
+    shutil.copytree(world["root"] / "shards", shards)
+    raw = json.loads(world["manifest"].read_text())
+    for s in raw["shards"]:
+        s["path"] = str(shards / Path(s["path"]).name)
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps(raw))
+    shard = shards / Path(raw["shards"][0]["path"]).name
+    blob = bytearray(shard.read_bytes())
+    at = blob.index(b".cls") + 512 - blob.index(b".cls") % 512  # the first label's data block
+    blob[at] = ord("9") if blob[at] != ord("9") else ord("8")
+    blob[5000] ^= 0x01  # a byte inside the first JPEG
+    shard.write_bytes(bytes(blob))
+    w = dict(world, manifest=manifest)
+    run = tmp_path / "run"
+    refused(run_cli(*student_args(w, world["ref"], run), check=False), str(shard), "sha256")
+    assert not (run / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_manifest_pointing_at_a_device_or_fifo(world, tmp_path, kind) -> None:
+    """Row 6: /dev/zero or a FIFO as a shard: refused by stat, never read (no hang, no OOM)."""
+    raw = json.loads(world["manifest"].read_text())
+    target = "/dev/zero"
+    if kind == "fifo":
+        target = str(tmp_path / "fifo.tar")
+        os.mkfifo(target)
+    raw["shards"][0]["path"] = target
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps(raw))
+    args = cache_args(world["root"], tmp_path / "c")
+    args[args.index("--manifest") + 1] = str(manifest)
+    proc = subprocess.run([sys.executable, "-m", "civt_cache.cli", *args],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    refused(proc, target, "not a regular file")
+
+
+def test_make_shards_bad_files_and_settings(tmp_path) -> None:
+    """Row 7: a link loop and a broken link are named, and skipped under --skip-bad; a zero
+    shard size and a folder without class folders are one-line errors."""
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        for i in range(3):
+            Image.new("RGB", (16, 12), (i * 60, 20, 40)).save(src / cls / f"{i}.jpg")
+    (src / "a" / "loop.jpg").symlink_to(src / "a" / "loop.jpg")
+    (src / "b" / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    out, m = tmp_path / "out", tmp_path / "m.json"
+    refused(run_cli("make-shards", str(src), str(out), "--name", "x", "--manifest", str(m),
+                    "--workers", "1", check=False), "cannot read file")
+    assert not m.exists()
+    run_cli("make-shards", str(src), str(out), "--name", "x", "--manifest", str(m), "--workers", "1",
+            "--skip-bad")
+    skipped = {Path(s["file"]).name for s in json.loads(m.read_text())["skipped"]}
+    assert skipped == {"loop.jpg", "broken.jpg"} and json.loads(m.read_text())["num_samples"] == 6
+    refused(run_cli("make-shards", str(src), str(out), "--name", "y", "--shard-size", "0",
+                    "--manifest", str(tmp_path / "y.json"), check=False), "--shard-size 0")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (8, 8)).save(flat / "x.jpg")
+    refused(run_cli("make-shards", str(flat), str(out), "--name", "z", "--manifest",
+                    str(tmp_path / "z.json"), check=False), str(flat), "no class folders")
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--temperature", "0", "--temperature 0.0: must be > 0"),
+    ("--batch-size", "0", "--batch-size 0: must be >= 1"),
+    ("--batch-size", "-5", "--batch-size -5: must be >= 1"),
+    ("--workers", "-1", "--workers -1: must be >= 0"),
+    ("--epochs", "0", "--epochs 0: must be >= 1"),
+    ("--model", "nosuch", "--model 'nosuch': must be a registered model"),
+])
+def test_bad_student_settings_refused_before_anything(world, tmp_path, flag, value, needle) -> None:
+    """Rows 8 and 9: values that cannot work are refused before a run directory exists (a zero
+    temperature used to train to a NaN checkpoint with exit 0)."""
+    run = tmp_path / "run"
+    args = student_args(world, world["ref"], run)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    refused(run_cli(*args, check=False), needle)
+    assert not run.exists()
+
+
+def test_bad_cache_settings_leave_no_cache(world, tmp_path) -> None:
+    """Row 9: a typo'd teacher spec, a missing checkpoint or bad numbers create nothing."""
+    out = tmp_path / "c"
+    for change, needle in [({"--teacher": "conv=resnet10t"}, "expected NAME=ARCH:CHECKPOINT"),
+                           ({"--teacher": "conv=resnet10t:/nope.pth"}, "/nope.pth: checkpoint file not found"),
+                           ({"--teacher": f"conv=resnett10:{world['root'] / 'conv.pth'}"}, "unknown architecture 'resnett10'"),
+                           ({"--batch-size": "-5"}, "--batch-size -5"),
+                           ({"--workers": "-1"}, "--workers -1"),
+                           ({"--epochs": "0"}, "--epochs 0")]:
+        args = cache_args(world["root"], out)
+        for flag, value in change.items():
+            args[args.index(flag) + 1] = value
+        refused(run_cli(*args, check=False), needle)
+        assert not out.exists() and not list(tmp_path.glob(".c.tmp-*"))
+
+
+def test_full_disk_is_one_line_and_loses_nothing_committed(world, tmp_path) -> None:
+    """Row 9: a full disk names the path; every unit committed before it stays sound."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(b"\0" * max(0, free - 60_000))
+        out = disk / "cache"
+        refused(run_cli(*cache_args(world["root"], out), check=False), "disk full")
+        if out.exists():
+            proc = run_cli("verify", str(out), "--full")
+            assert "-> OK" in proc.stdout
+            (disk / "filler").unlink()
+            run_cli(*cache_args(world["root"], out))
+            assert_same_cache(out, world["ref"])
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_orphan_checkpoint_temp_files_are_removed(world, tmp_path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    orphan = run / ".checkpoint.pt.abc123.tmp"
+    orphan.write_bytes(b"half a checkpoint")
+    run_cli(*student_args(world, world["ref"], run, "--max-steps", "1", "--workers", "0"))
+    assert not orphan.exists() and (run / "checkpoint.pt").exists()
+
+
+def _kill_after(args: list[str], seconds: float) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "civt_cache.cli", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        proc.wait(timeout=seconds)  # finished before its kill: fine, the next run has less to do
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_soak_kills_corruption_and_repair(world, tmp_path) -> None:
+    """20 SIGKILLs at random moments across cache-teachers and train-student, 5 chunk
+    corruptions and 2 chunk deletions, then verify --full + repair: the cache is byte-identical
+    to an uninterrupted one and the student's final weights equal an uninterrupted run's."""
+    rng = np.random.default_rng(2026)
+    more = ["--epochs", "4"]  # 8 units, so kills land mid-run
+    ref = tmp_path / "ref"
+    run_cli(*cache_args(world["root"], ref), *more)
+    cache = tmp_path / "cache"
+    for _ in range(10):
+        _kill_after(cache_args(world["root"], cache) + more, float(rng.uniform(3.0, 9.0)))
+    run_cli(*cache_args(world["root"], cache), *more)
+    assert_same_cache(cache, ref)
+
+    store = CacheStore.open(cache)
+    units = store.units()
+    arrays_ = ["views/params", "views/labels", "teachers/conv/logits", "teachers/conv/indices",
+               "teachers/conv/lse"]
+    picks = rng.choice(len(units) * len(arrays_), size=7, replace=False)
+    damaged = set()
+    for i, pick in enumerate(picks):
+        (shard, block), array = units[pick // len(arrays_)], arrays_[pick % len(arrays_)]
+        chunk = store.chunk_path(array, shard, block)
+        if i < 5:
+            flip(chunk, int(rng.integers(0, chunk.stat().st_size - 3)))
+        else:
+            chunk.unlink()
+        damaged.add((shard, block))
+    proc = run_cli("verify", str(cache), "--full", check=False)
+    assert proc.returncode == 1
+    for shard, block in damaged:
+        assert f"unit (shard {shard}, block {block})" in proc.stdout
+    run_cli(*cache_args(world["root"], cache, "--repair"), *more)
+    assert_same_cache(cache, ref)
+    assert "-> OK" in run_cli("verify", str(cache), "--full").stdout
+
+    def student(out: Path, *extra: str) -> list[str]:
+        return student_args(world, cache, out, "--epochs", "3", "--workers", "0",
+                            "--checkpoint-every", "3", *extra)
+
+    run_cli(*student(tmp_path / "uninterrupted"))
+    killed = tmp_path / "killed"
+    for i in range(10):
+        _kill_after(student(killed, "--fresh" if i == 0 else "--resume"), float(rng.uniform(4.0, 10.0)))
+    run_cli(*student(killed, "--resume"))
+    a = torch.load(tmp_path / "uninterrupted" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(killed / "checkpoint.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PIPELINE ?= pipelines/demo.toml
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo cache-teachers train-student bench bench-imagenet clean
+.PHONY: setup test test-fast timm-tests demo cache-teachers train-student bench bench-imagenet clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,16 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# timm's own model tests (tests/test_models.py of a timm checkout of the installed version) on
+# every rednet* and civt* model: make timm-tests TIMM_SRC=/path/to/pytorch-image-models
+TIMM_SRC ?=
+timm-tests: setup
+	@test -n "$(TIMM_SRC)" || { echo "give TIMM_SRC=/path/to/a/timm/checkout"; exit 2; }
+	rm -rf build/timm-tests && mkdir -p build/timm-tests/tests
+	cp $(TIMM_SRC)/tests/test_models.py build/timm-tests/tests/
+	cp tests/timm_models_conftest.py build/timm-tests/conftest.py
+	cd build/timm-tests && $(abspath $(PY)) -m pytest -q tests/test_models.py -k "rednet or civt" -p no:cacheprovider -W ignore
 
 demo: setup
 	$(PY) -m civt_cache.demo --pipeline $(PIPELINE)

@@ -49,10 +49,20 @@ def test_involution_autocast_and_channels_last(dtype) -> None:
         torch.testing.assert_close(y.float(), ref, rtol=0.1, atol=0.1)
 
 
-def test_involution_auto_picks_shift_for_large_inputs() -> None:
-    m = Involution(64, 7, 1)
-    assert m.choose_impl(torch.empty(1, 64, 8, 8)) == "unfold"
-    assert m.choose_impl(torch.empty(64, 64, 56, 56)) == "shift"
+def test_involution_impl_is_static_and_traceable() -> None:
+    """The implementation is chosen at construction, so fx tracing and torch.export capture the
+    layer as one graph with the eager numerics."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 15, 16)
+    for impl in ("shift", "unfold"):
+        m = Involution(64, 7, 2, impl=impl).eval()
+        traced = torch.fx.symbolic_trace(m)
+        assert torch.equal(traced(x), m(x))
+        exported = torch.export.export(m, (x,))
+        torch.testing.assert_close(exported.module()(x), m(x))
+    assert Involution(64, 7).impl == "shift"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        Involution(64, 7, impl="auto")
 
 
 def test_rednet_parameter_counts_match_published() -> None:
@@ -87,3 +97,78 @@ def test_civt_outputs_and_drop_path() -> None:
     torch.testing.assert_close(m(x), (cls_head + conv_head + inv_head) / 3)
     tiny = timm.create_model("civt_tiny", num_classes=5, img_size=64, token_stride=8)
     assert tiny.pos_embed.shape[1] == (64 // 8) ** 2 + 3
+
+
+def _fx_equal(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """Symbolically trace ``model`` with timm's leaf modules/functions and compare outputs."""
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=kwargs)
+    fx = create_feature_extractor(model, train_return_nodes=[train_nodes[-1]],
+                                  eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=kwargs)
+    assert torch.equal(next(iter(fx(x).values())), model(x))
+
+
+@pytest.mark.parametrize("name", ["rednet26", "rednet50"])
+def test_rednet_timm_conventions(name: str) -> None:
+    torch.manual_seed(0)
+    m = timm.create_model(name, num_classes=7).eval()
+    x = torch.randn(2, 3, 64, 64)
+    feats = m.forward_features(x)
+    assert feats.shape == (2, 2048, 2, 2) and m.num_features == m.head_hidden_size == 2048
+    assert m.forward_head(feats, pre_logits=True).shape == (2, 2048)
+    _fx_equal(m, x)
+    final, inter = m.forward_intermediates(x)
+    assert torch.equal(final, feats)
+    assert [t.shape[1:] for t in inter] == [(64, 32, 32), (256, 16, 16), (512, 8, 8), (1024, 4, 4), (2048, 2, 2)]
+    assert len(m.forward_intermediates(x, indices=2, intermediates_only=True)) == 2
+    m.reset_classifier(0)
+    assert m(x).shape == (2, 2048)
+    m.reset_classifier(0, "")
+    assert m(x).shape == (2, 2048, 2, 2)
+    assert timm.create_model(name, num_classes=0, global_pool="").eval()(x).shape == (2, 2048, 2, 2)
+    m.reset_classifier(5, "avg")
+    assert m(x).shape == (2, 5) and m.get_classifier().out_features == 5
+    fm = timm.create_model(name, features_only=True, out_indices=(1, 2, 3, 4)).eval()
+    assert fm.feature_info.reduction() == [4, 8, 16, 32]
+    assert fm.feature_info.channels() == [256, 512, 1024, 2048]
+    assert [o.shape[-1] for o in fm(x)] == [16, 8, 4, 2]
+    getter = timm.create_model(name, features_only=True, feature_cls="getter", out_indices=(2, 4)).eval()
+    assert [o.shape[1:] for o in getter(x)] == [(512, 8, 8), (2048, 2, 2)]
+
+
+@pytest.mark.parametrize("name,size", [("civt_micro", 32), ("civt_tiny", 224)])
+def test_civt_timm_conventions(name: str, size: int, tmp_path) -> None:
+    torch.manual_seed(0)
+    m = timm.create_model(name, num_classes=7).eval()
+    d, stride = m.embed_dim, m.token_stride
+    n = (size // stride) ** 2
+    x = torch.randn(2, 3, size, size)
+    tokens = m.forward_features(x)
+    assert tokens.shape == (2, 3 + n, d) and m.num_features == m.head_hidden_size == d
+    assert torch.equal(m.forward_head(tokens, pre_logits=True), tokens[:, :3].mean(1))
+    _fx_equal(m, x)
+    final, inter = m.forward_intermediates(x, indices=2)
+    assert torch.equal(final, tokens)
+    assert [t.shape for t in inter] == [(2, d, size // stride, size // stride)] * 2
+    fm = timm.create_model(name, features_only=True).eval()
+    assert fm.feature_info.reduction() == [stride] * 3 and len(fm(x)) == 3
+    m.reset_classifier(0)
+    assert m(x).shape == (2, d)
+    assert timm.create_model(name, num_classes=0).eval()(x).shape == (2, d)
+    # other input sizes: dynamically resampled, or resampled once on load
+    big = size * 2
+    dyn = timm.create_model(name, num_classes=7, dynamic_img_size=True).eval()
+    dyn.load_state_dict(timm.create_model(name, num_classes=7).state_dict())
+    assert dyn(torch.randn(1, 3, big, big)).shape == (1, 7)
+    with pytest.raises(Exception, match=f"built for {size}x{size} inputs"):
+        m(torch.randn(1, 3, big, big))
+    src = timm.create_model(name, num_classes=7)
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    loaded = timm.create_model(name, num_classes=7, img_size=big, pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(tmp_path / "w.pth"))).eval()
+    assert loaded.pos_embed.shape == (1, 3 + 4 * n, d)
+    assert torch.equal(loaded.pos_embed[:, :3], src.pos_embed[:, :3])  # the three tokens kept
+    assert loaded(torch.randn(1, 3, big, big)).shape == (1, 7)

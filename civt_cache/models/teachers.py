@@ -39,10 +39,6 @@ class Teacher:
                 "checkpoint": str(Path(self.checkpoint).resolve()),
                 "num_classes": self.num_classes, "mean": list(self.mean), "std": list(self.std)}
 
-    def spec(self) -> str:
-        """The ``NAME=ARCH:CKPT`` that rebuilds this teacher."""
-        return f"{self.name}={self.arch}:{self.checkpoint}"
-
 
 def parse_teacher_spec(spec: str) -> tuple[str, str, str]:
     """``NAME=ARCH:CKPT`` (or ``ARCH:CKPT``, named after the arch) -> (name, arch, ckpt)."""

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PIPELINE ?= pipelines/demo.toml
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast timm-tests demo cache-teachers train-student bench bench-imagenet clean
+.PHONY: setup test test-fast timm-tests demo reproduce cache-teachers train-student bench bench-imagenet clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ timm-tests: setup
 
 demo: setup
 	$(PY) -m civt_cache.demo --pipeline $(PIPELINE)
+
+# The demo's ablation over 3 student seeds (one cache serves them all): mean +- std table and plot.
+reproduce: setup
+	$(PY) -m civt_cache.demo --pipeline $(PIPELINE) --seeds 0 1 2 --out runs/digits-3seeds
 
 cache-teachers: setup
 	$(CLI) cache-teachers --pipeline $(PIPELINE)

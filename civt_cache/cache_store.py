@@ -283,7 +283,8 @@ class CacheStore:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
-            self.unreadable[(shard, block)] = f"{path}: unreadable progress record ({e}); the unit counts as not committed"
+            self.unreadable[(shard, block)] = (f"{path}: unreadable progress record ({e}); the unit "
+                                               "counts as not committed")
             return None
 
     def uncommit(self, shard: int, block: int, components: list[str]) -> None:
@@ -356,7 +357,9 @@ class CacheStore:
     # to the checksum its progress record holds. Any failure names the unit, array and file.
 
     def _arrays(self, component: str) -> list[str]:
-        return list(VIEW_ARRAYS) if component == "views" else [f"teachers/{component}/{a}" for a in TEACHER_ARRAYS]
+        if component == "views":
+            return list(VIEW_ARRAYS)
+        return [f"teachers/{component}/{a}" for a in TEACHER_ARRAYS]
 
     def chunk_path(self, array: str, shard: int, block: int) -> Path:
         """The file of a unit's chunk of ``array`` (zarr's own chunk-key encoding)."""

@@ -1,8 +1,13 @@
-"""``make demo``: the whole co-advise workflow on the digits that ship with scikit-learn.
+"""``make demo`` / ``make reproduce``: the whole co-advise workflow on the digits that ship with
+scikit-learn.
 
-Shards and manifests -> two teachers (a ResNet conv net and RedNet-26) -> the teacher cache ->
-civt_micro students with no distillation, conv only, involution only and both from the cache,
-and both computed online -> a table (accuracy, wall time, img/s) and a plot in runs/digits/.
+Shards and manifests -> two teachers (a ResNet conv net and RedNet-26) -> the teacher cache (k =
+the number of classes, so cached targets equal the online ones up to fp16) -> civt_micro students
+with no distillation, conv only, involution only and both from the cache, and both computed
+online -> a table and a plot of val top-1 per epoch of every student. Every student replays the
+cache's views, so the rows differ only in their targets. ``--seeds`` trains each student once
+per seed (the cache serves them all) and reports mean +- std; val accuracy is reported at the
+final epoch and as the mean of the last 3 epochs, which the last-epoch wobble moves less.
 Each step is skipped when its output already exists, so a rerun only redoes what is missing.
 """
 from __future__ import annotations
@@ -13,6 +18,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from .digits import digits_items
 from .manifest import default_manifest_path, load_manifest
 from .pipeline import build_config, load_pipeline
@@ -22,12 +29,14 @@ from .stage2 import StudentJob, train_student
 from .train_teacher import TeacherJob, train_teacher
 
 RUNS = [("none", False), ("conv", False), ("inv", False), ("both", False), ("both", True)]
+LAST_EPOCHS = 3
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--pipeline", type=Path, default=Path("pipelines/demo.toml"))
     parser.add_argument("--out", type=Path, default=Path("runs/digits"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds")
     args = parser.parse_args()
     cfg = load_pipeline(args.pipeline)
     t0 = time.perf_counter()
@@ -51,47 +60,84 @@ def main() -> None:
                                            Path(t["checkpoint"]), t["epochs"], img, batch_size=64,
                                            workers=1))
             print(f"teacher {name} ({t['arch']}): val top-1 {res['val_top1']:.1f}%")
-    cache_teachers(build_config(CacheJob, cfg, "cache", {}, args.pipeline))
+    cache_job = build_config(CacheJob, cfg, "cache", {}, args.pipeline)
+    cache_teachers(cache_job)
     base = build_config(StudentJob, cfg, "student", {}, args.pipeline)
     specs = cfg["cache"]["teachers"]
-    table = []
-    for teachers, online in RUNS:
-        label = f"{teachers}{' (online)' if online else ''}"
-        out = args.out / f"{teachers}{'-online' if online else ''}"
-        job = replace(base, teachers=teachers, online=online, teacher=specs if online else [],
-                      cache=None if online or teachers == "none" else base.cache, out=out)
-        if not (out / "results.json").exists():
-            train_student(job)
-        res = json.loads((out / "results.json").read_text())
-        table.append({"student": label, "val_top1": res["val_top1"], "val_top1_cls": res["val_top1_cls"],
-                      "val_top1_conv": res["val_top1_conv"], "val_top1_inv": res["val_top1_inv"],
-                      "train_seconds": res["train_seconds"], "img_per_s": res["img_per_s"]})
+    runs: dict[str, list[list[dict]]] = {}
+    for seed in args.seeds:
+        for teachers, online in RUNS:
+            label = f"{teachers}{' (online)' if online else ''}"
+            out = (args.out / f"seed{seed}" if len(args.seeds) > 1 else args.out) / \
+                f"{teachers}{'-online' if online else ''}"
+            job = replace(base, teachers=teachers, online=online, teacher=specs if online else [],
+                          cache=None if online or teachers == "none" else base.cache, out=out,
+                          seed=seed, view_seed=cache_job.seed)  # every row: the cache's views
+            if not (out / "results.json").exists():
+                train_student(job)
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            runs.setdefault(label, []).append(rows)
     args.out.mkdir(parents=True, exist_ok=True)
+    table = [_summary(label, seeds_rows) for label, seeds_rows in runs.items()]
     (args.out / "table.json").write_text(json.dumps(table, indent=2))
-    lines = ["| student (civt_micro, digits) | val top-1 % (mean of heads) | cls / conv / inv head % "
-             "| train time s | img/s |", "|---|---|---|---|---|"]
-    lines += [f"| {r['student']} | {r['val_top1']:.1f} | {r['val_top1_cls']:.1f} / {r['val_top1_conv']:.1f}"
-              f" / {r['val_top1_inv']:.1f} | {r['train_seconds']:.0f} | {r['img_per_s']:.0f} |" for r in table]
+    lines = _table(table, args.seeds)
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
-    _plot(table, args.out / "demo.png")
+    _plot(runs, args.out / "demo.png", args.seeds)
     print("\n".join(lines))
     print(f"demo finished in {time.perf_counter() - t0:.0f}s; table and plot in {args.out}/")
 
 
-def _plot(table: list[dict], path: Path) -> None:
+def _summary(label: str, seeds_rows: list[list[dict]]) -> dict:
+    """Per student: each seed's final and last-3-epoch val top-1, the final heads, speed."""
+    last = [rows[-1] for rows in seeds_rows]
+    return {"student": label,
+            "final": [r["val_top1"] for r in last],
+            "last3": [float(np.mean([r["val_top1"] for r in rows[-LAST_EPOCHS:]]))
+                      for rows in seeds_rows],
+            "heads": [[r[f"val_top1_{h}"] for h in ("cls", "conv", "inv")] for r in last],
+            "train_seconds": float(np.mean([sum(r["train_seconds"] for r in rows)
+                                            for rows in seeds_rows])),
+            "img_per_s": float(np.mean([r["img_per_s"] for r in last]))}
+
+
+def _pm(values: list[float]) -> str:
+    mean = f"{np.mean(values):.1f}"
+    return mean if len(values) == 1 else f"{mean} +- {np.std(values):.1f}"
+
+
+def _table(table: list[dict], seeds: list[int]) -> list[str]:
+    what = "one seed" if len(seeds) == 1 else f"mean +- std over seeds {', '.join(map(str, seeds))}"
+    lines = [f"| student (civt_micro, digits; {what}) | val top-1 % final epoch | mean of last "
+             f"{LAST_EPOCHS} epochs | cls / conv / inv head % (final) | train s | img/s |",
+             "|---|---|---|---|---|---|"]
+    for r in table:
+        heads = np.mean(np.array(r["heads"]), axis=0)
+        lines.append(f"| {r['student']} | {_pm(r['final'])} | {_pm(r['last3'])} | "
+                     f"{heads[0]:.1f} / {heads[1]:.1f} / {heads[2]:.1f} | {r['train_seconds']:.0f} | "
+                     f"{r['img_per_s']:.0f} |")
+    return lines
+
+
+def _plot(runs: dict[str, list[list[dict]]], path: Path, seeds: list[int]) -> None:
+    """Val top-1 per epoch of every student on one figure (the band spans the seeds); the
+    online run is dashed so its overlap with the cached one stays visible."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-    names = [r["student"] for r in table]
-    a.bar(names, [r["val_top1"] for r in table])
-    a.set(ylabel="val top-1 (%)", title="accuracy")
-    b.bar(names, [r["img_per_s"] for r in table], color="tab:orange")
-    b.set(ylabel="train img/s", title="training speed")
-    for ax in (a, b):
-        ax.tick_params(axis="x", rotation=20)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, seeds_rows in runs.items():
+        acc = np.array([[r["val_top1"] for r in rows] for rows in seeds_rows])
+        epochs = np.arange(1, acc.shape[1] + 1)
+        line, = ax.plot(epochs, acc.mean(0), marker="o", label=label,
+                        linestyle="--" if "online" in label else "-")
+        if len(seeds_rows) > 1:
+            ax.fill_between(epochs, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.15)
+    what = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean, band: min..max of {len(seeds)} seeds"
+    ax.set(xlabel="epoch", ylabel="val top-1 (%)", title=f"civt_micro students, digits ({what})")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

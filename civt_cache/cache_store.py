@@ -238,11 +238,11 @@ class CacheStore:
         if not final.exists():
             _create_beside(final, lambda tmp: self._build_teacher(tmp, identity))
         stored = self.teachers()[name]
-        for field in ("arch", "checkpoint_sha256", "num_classes"):
-            if stored.get(field) != identity.get(field):
+        for key in ("arch", "checkpoint_sha256", "num_classes"):
+            if stored.get(key) != identity.get(key):
                 raise CacheMismatchError(
-                    f"{self.root}: teacher {name!r} in the cache has {field} {stored.get(field)!r}, "
-                    f"asked {identity.get(field)!r}; give the new teacher another name")
+                    f"{self.root}: teacher {name!r} in the cache has {key} {stored.get(key)!r}, "
+                    f"asked {identity.get(key)!r}; give the new teacher another name")
 
     def _build_teacher(self, path: Path, identity: dict[str, Any]) -> None:
         s = self.spec

@@ -141,7 +141,7 @@ def _check_cache(job: StudentJob, names: tuple[str, ...], manifest, log) -> Cach
         if gone:  # a committed unit lost a file: zarr would read fill values, never train on them
             component, why = next(iter(gone.items()))
             raise CorruptUnitError(f"{job.cache}: unit (shard {shard}, block {block}) {component}: {why}",
-                                   f"Rerun `civt-cache cache-teachers` with the cache's settings to "
+                                   "Rerun `civt-cache cache-teachers` with the cache's settings to "
                                    "recompute it (`civt-cache inspect` lists what is damaged)")
     for why in store.unreadable.values():
         log(why)

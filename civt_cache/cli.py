@@ -11,6 +11,7 @@ import typer
 from .manifest import default_manifest_path
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,  # help texts show [defaults] literally
                   help="Cache co-advise teachers once; train CivT students from the cache.")
 
 

@@ -72,6 +72,11 @@ def check_alignment(cache: Path, manifest: DataManifest, shard: int, samples: Se
                                      "changed after caching")
 
 
+def committed_components(record: dict[str, Any]) -> list[str]:
+    """What a progress record commits: ``views`` (when present) and each teacher's name."""
+    return (["views"] if record.get("views") else []) + list(record["teachers"])
+
+
 def _checksum(*arrays: np.ndarray) -> str:
     h = hashlib.sha256()
     for a in arrays:
@@ -427,12 +432,12 @@ class CacheStore:
     def check_unit(self, shard: int, block: int, record: dict[str, Any]) -> dict[str, str]:
         """Damaged components of a committed unit -> what is wrong (empty when sound)."""
         bad = {}
-        readers = {"views": lambda: self.read_unit_views(shard, block, record)} if record.get("views") else {}
-        for name in record["teachers"]:
-            readers[name] = lambda name=name: self.read_unit_teacher(name, shard, block, record)
-        for component, read in readers.items():
+        for component in committed_components(record):
             try:
-                read()
+                if component == "views":
+                    self.read_unit_views(shard, block, record)
+                else:
+                    self.read_unit_teacher(component, shard, block, record)
             except CorruptUnitError as e:
                 bad[component] = e.where
         return bad

@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache_store import CacheStore, check_alignment
+from .cache_store import CacheStore, check_alignment, committed_components
 from .distributed import pick_device
 from .errors import CacheMismatchError, CorruptUnitError
 from .manifest import load_manifest
 from .models.teachers import build_teacher, parse_teacher_spec, teacher_logits
 from .shards import read_shard
 from .views import LAM, LAM_ONE, MIX_MODE, MIX_NONE, PARTNER, apply_records, decode_rgb, \
-    sample_shard_records
+    image_size, sample_shard_records
 
 INSPECT_MAX_UNITS = 64
 
@@ -37,9 +37,8 @@ def inspect_cache(root: Path) -> str:
     for shard, block in store.units():
         rec = store.unit_record(shard, block)
         if rec is not None:
-            components = (["views"] if rec.get("views") else []) + list(rec["teachers"])
-            damaged += [f"unit (shard {shard}, block {block}) {c}: {why}"
-                        for c, why in store.missing_chunks(shard, block, components).items()]
+            damaged += [f"unit (shard {shard}, block {block}) {c}: {why}" for c, why
+                        in store.missing_chunks(shard, block, committed_components(rec)).items()]
         for comp in missing:
             has = rec is not None and (rec.get("views") if comp == "views" else comp in rec["teachers"])
             if has:
@@ -170,7 +169,7 @@ def verify_cache(root: Path, manifest_path: Path | None, teacher_specs: list[str
     for _ in range(samples):
         shard, block, rec = committed[rng.integers(len(committed))]
         picks.setdefault(shard, []).append((int(rng.choice(rec["epochs"])),
-                                            int(rng.integers(rec["num_samples"]))))
+                                            int(rng.integers(rec["num_samples"])), rec))
     recipe, spec = store.spec.recipe, store.spec
     worst, mismatched, total_k, record_errors, checked = 0.0, 0, 0, 0, 0
     budget_ok = True
@@ -178,14 +177,16 @@ def verify_cache(root: Path, manifest_path: Path | None, teacher_specs: list[str
     for shard, items in sorted(picks.items()):
         samples_ = read_shard(manifest, shard)
         rows = [manifest.row_of(shard, i) for i in range(len(samples_))]
-        images = {}
-        for epoch, pos in items:
-            record = store.unit_record(shard, epoch // spec.epochs_per_unit)
-            assert record is not None  # picked among committed units
-            recs, hashes, labels, outs = store.read_epoch(shard, epoch, record, [t.name for t in teachers])
-            check_alignment(root, manifest, shard, samples_, hashes, labels)
-            fresh = sample_shard_records(recipe, spec.seed, epoch, shard, rows,
-                                         [decode_rgb(s.image).size for s in samples_])
+        sizes = [image_size(s.image) for s in samples_]
+        images, epochs = {}, {}
+        for epoch, pos, record in items:
+            if epoch not in epochs:  # each (shard, epoch): one checked read, one re-sampling
+                recs, hashes, labels, outs = store.read_epoch(shard, epoch, record,
+                                                              [t.name for t in teachers])
+                check_alignment(root, manifest, shard, samples_, hashes, labels)
+                fresh = sample_shard_records(recipe, spec.seed, epoch, shard, rows, sizes)
+                epochs[epoch] = recs, outs, fresh
+            recs, outs, fresh = epochs[epoch]
             record_errors += int(not np.array_equal(fresh[pos], recs[pos]))
             row, partner = rows[pos], int(recs[pos, PARTNER])
             for r in (row, partner):

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from .cache_store import CacheSpec, CacheStore, check_alignment
+from .cache_store import CacheSpec, CacheStore, check_alignment, committed_components
 from .distributed import DistInfo, barrier, init_distributed, shutdown
 from .errors import CacheMismatchError
 from .manifest import DataManifest, load_manifest
@@ -187,8 +187,7 @@ def plan_units(store: CacheStore, teacher_names: list[str], info: DistInfo, clai
         if (shard, block) in store.unreadable:
             plan.notes.append(store.unreadable[(shard, block)])
         if rec is not None:
-            components = (["views"] if rec.get("views") else []) + list(rec["teachers"])
-            damaged = store.missing_chunks(shard, block, components)
+            damaged = store.missing_chunks(shard, block, committed_components(rec))
             if repair and not damaged:
                 damaged = store.check_unit(shard, block, rec)
             if damaged:

@@ -10,7 +10,6 @@ online teachers see exactly the views a cache would hold.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,7 +25,7 @@ from .manifest import DataManifest
 from .recipe import Recipe
 from .shards import read_shard
 from .views import LAM, LAM_ONE, PARTNER, _rng, apply_records, decode_rgb, eval_view, \
-    sample_shard_records
+    image_size, sample_shard_records
 
 _STREAM_SHARDS, _STREAM_ORDER = 0x5348, 0x4F52
 
@@ -101,7 +100,7 @@ class StudentViews(IterableDataset):
                     shard, self.source.cache_epoch, record, list(self.source.teachers))
                 check_alignment(self.source.cache, self.manifest, shard, samples, hashes, cached_labels)
             else:
-                sizes = [Image.open(io.BytesIO(s.image)).size for s in samples]
+                sizes = [image_size(s.image) for s in samples]
                 recs = sample_shard_records(self.recipe, self.source.view_seed, self.source.epoch,
                                             shard, rows, sizes)
             images = _LazyImages(samples, base)

@@ -163,6 +163,13 @@ def decode_rgb(image: bytes) -> Image.Image:
         return im.convert("RGB")
 
 
+def image_size(image: bytes) -> tuple[int, int]:
+    """(width, height) from the image header alone: sampling a record needs the size, not the
+    pixels."""
+    with Image.open(io.BytesIO(image)) as im:
+        return im.size
+
+
 def _ra_args(name: str, magnitude: float, sign: int) -> tuple:
     """timm's level-to-argument rules for the increasing op set, with the sign made explicit."""
     level = magnitude / taa._LEVEL_DENOM

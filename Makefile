@@ -48,11 +48,12 @@ train-student: setup
 	$(CLI) train-student --pipeline $(PIPELINE)
 
 bench: setup
+	$(CLI) bench views
 	$(CLI) bench cache --pipeline $(PIPELINE)
 	$(CLI) bench student --pipeline $(PIPELINE)
 
 # Both stages at 224 px on synthetic ImageNet-shaped shards (1000 classes, ~100 KB JPEGs) with
-# RegNetY-600MF + RedNet-26; SAMPLES=256 takes about 5 minutes on 2 CPU cores.
+# RegNetY-600MF + RedNet-26; SAMPLES=256 takes about 8 minutes on 2 CPU cores.
 SAMPLES ?= 256
 bench-imagenet: setup
 	$(CLI) bench imagenet --samples $(SAMPLES)

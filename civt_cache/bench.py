@@ -1,10 +1,17 @@
-"""``civt-cache bench cache|student|imagenet``: throughput ratios measured side by side in one run.
+"""``civt-cache bench views|cache|student|imagenet``: throughput ratios measured side by side in
+one run.
 
+views:    the view engine's views/s (decode included) against the PIL path it replaced (PIL
+          decode + timm's PIL RandAugment ops, one row at a time as stage two called it), per
+          CPU core (one thread each), on co-advise's recipe (every view mixed); and the engine
+          on the GPU when there is one.
 cache:    views/s of the full stage one (read shards, decode, build views, teachers, write
           zarr) against the teachers' forward pass alone on pre-built views of the first unit,
           plus the cache's bytes per view.
-student:  student training img/s from the cache, against plain training (no distillation) and
-          online co-advising (teachers run live), same student, batch and steps.
+student:  student training img/s from the cache, against plain training (no distillation),
+          online co-advising (teachers run live), the same step on batches pre-built on the
+          device (the limit: no data path), and plain training from timm's own loader
+          (``timm.data.create_loader``, same recipe and workers): same student, batch, steps.
 imagenet: both of the above on synthetic ImageNet-shaped shards (``synthetic.py``) with the
           paper's teachers (RegNetY-600MF + RedNet-26, random weights, 1000 classes), k = 10,
           224 px, civt_tiny, plus the peak memory of each stage (RSS summed over the process
@@ -28,9 +35,11 @@ from .distributed import pick_device
 from .errors import ConfigError
 from .manifest import load_manifest
 from .models.teachers import build_teacher, teacher_logits
+from .training import optimizer_and_schedule
 from .recipe import Recipe
 from .stage1 import CacheJob, UnitViews, cache_teachers
 from .stage2 import StudentJob, train_student
+from .view_engine import decode_images, render_views
 
 PAPER_TEACHERS = {"conv": "regnety_006", "inv": "rednet26"}
 
@@ -111,11 +120,11 @@ def measure_cache(job: CacheJob, out: Path | None = None) -> dict[str, Any]:
         chunks = sum(store.disk_bytes(chunks_only=True).values())
         files = sum(store.disk_bytes().values())
         first = {(0, 0): store.unit_record(0, 0)}
-        views = next(iter(UnitViews(manifest, one.out, list(first), first, job.recipe, job.seed, 1, 1))).views
+        group = next(iter(UnitViews(manifest, one.out, list(first), first, job.recipe, job.seed, 1, 1)))
+        views = render_views(decode_images(group.images, device, group.names), group.records[0],
+                             group.rows, job.recipe)  # pre-built on the device, outside the timing
     teachers = [build_teacher(t, device) for t in job.teachers]
     batches = [views[i:i + job.batch_size] for i in range(0, len(views), job.batch_size)]
-    if device.type == "cuda":
-        batches = [b.to(device) for b in batches]
     for t in teachers:  # warm-up: allocator, cuDNN algorithm choice
         teacher_logits(t, batches[0], job.recipe.mean, job.recipe.std, device)
     _sync(device)
@@ -157,8 +166,14 @@ def bench_cache(job: CacheJob) -> str:
 
 def measure_student(job: StudentJob, teacher_specs: list[str], steps: int,
                     online: bool = True) -> dict[str, Any]:
-    """img/s of plain, from-cache (and online) training for ``steps`` steps each, after two
-    untimed warm-up steps per mode; peak memory over all modes."""
+    """Steady-state img/s of ``train_student`` in each mode (plain, from cache, online): the
+    time of a run of 2 + ``steps`` steps minus that of a run of 2 (after an untimed warm-up
+    run), so start-up, worker spawn and the stop checkpoint cancel; then the same step on
+    pre-built device batches and from timm's loader. Peak memory over all modes."""
+    per_epoch = load_manifest(job.manifest).num_samples // job.batch_size
+    if steps + 2 >= per_epoch:  # a run must stop inside the first epoch (no evaluation timed)
+        raise ConfigError(f"{job.manifest}: {per_epoch} steps of {job.batch_size} per epoch; "
+                          f"bench student times runs of {steps + 2} steps: use --steps < {per_epoch - 2}")
     rates = {}
     modes = {"plain (no distillation)": dict(teachers="none", cache=None),
              "from cache (both teachers)": dict(teachers="both")}
@@ -167,22 +182,144 @@ def measure_student(job: StudentJob, teacher_specs: list[str], steps: int,
                                                     teacher=teacher_specs)
     with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
         for name, change in modes.items():
-            run = replace(job, **change, out=Path(tmp) / name.split()[0], max_steps=steps,
-                          epochs=max(job.epochs, 2))
+            run = replace(job, **change, epochs=max(job.epochs, 2))
             train_student(replace(run, max_steps=2, out=Path(tmp) / "warm"))
-            t0 = time.perf_counter()
-            train_student(run)
-            rates[name] = steps * job.batch_size / (time.perf_counter() - t0)
+            spent = []
+            for n, out in ((2, "short"), (2 + steps, "long")):
+                t0 = time.perf_counter()
+                train_student(replace(run, max_steps=n, out=Path(tmp) / f"{name.split()[0]}-{out}"))
+                spent.append(time.perf_counter() - t0)
+            # the difference of two runs cancels start-up, first batches and the final checkpoint
+            rates[name] = steps * job.batch_size / max(spent[1] - spent[0], 1e-9)
+        rates["pre-built device batches (limit)"] = measure_prebuilt(job, steps)
+        rates["timm create_loader (plain)"] = measure_timm_loader(job, steps)
     return {"model": job.model, "batch_size": job.batch_size, "steps": steps,
             "img_size": job.recipe.img_size, "workers": job.workers, "rates": rates,
             "peak_rss": mem.rss, "peak_shm": mem.shm}
+
+
+def _new_student(job: StudentJob, num_classes: int, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """The student and optimiser ``train_student`` would build for ``job``."""
+    torch.manual_seed(job.seed)
+    model = timm.create_model(job.model, num_classes=num_classes, img_size=job.recipe.img_size,
+                              drop_path_rate=job.drop_path).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, _ = optimizer_and_schedule(model, "adamw", 1e-4, job.weight_decay, 1000, 0, 1e-5)
+    return model.train(), optimizer
+
+
+def _timed_steps(step, batches: list, steps: int, device: torch.device) -> float:
+    """img/s of ``step`` over ``batches`` after two untimed warm-up steps (each step ends with
+    ``loss.item()``, as the training loop's progress bar does)."""
+    it = iter(batches)
+    for _ in range(2):
+        step(*next(it)).item()
+    _sync(device)
+    t0, n = time.perf_counter(), 0
+    for _ in range(steps):
+        x, *rest = next(it)
+        step(x, *rest).item()
+        n += x.shape[0]
+    _sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def measure_prebuilt(job: StudentJob, steps: int) -> float:
+    """Stage two's limit: the same student and step from the cache's targets, on batches built
+    beforehand and already on the device (no data path at all)."""
+    from .soft_targets import LossWeights, pseudo_logits
+    from .stage2 import TEACHER_SETS, train_step
+    from .student_data import EpochSource, StudentBatches, batch_inputs
+
+    device = pick_device(job.device)
+    manifest = load_manifest(job.manifest)
+    names = TEACHER_SETS[job.teachers]
+    source = EpochSource(0, CacheStore.open(job.cache).spec.seed, job.cache, 0, names)
+    batches = []
+    for batch in StudentBatches(manifest, job.recipe, job.seed, list(range(len(manifest.shards))),
+                                source, job.batch_size):
+        x, ce = batch_inputs(batch, job.recipe, manifest.num_classes, job.label_smoothing, device)
+        targets = {n: pseudo_logits(*(torch.from_numpy(a).to(device) for a in batch.teachers[n]),
+                                    manifest.num_classes) for n in names}
+        batches.append((x, ce, targets))
+        if len(batches) == steps + 2:
+            break
+    model, optimizer = _new_student(job, manifest.num_classes, device)
+    weights = LossWeights(job.w_ce, job.w_conv, job.w_inv, job.temperature)
+    return _timed_steps(lambda x, ce, t: train_step(model, optimizer, x, ce, t, weights, job.clip_grad)[0],
+                        batches, steps, device)
+
+
+class _ShardImages(torch.utils.data.Dataset):
+    """A manifest's samples as (PIL image, label) for timm's loader, which sets ``transform``."""
+
+    def __init__(self, manifest) -> None:
+        from .shards import read_shard
+
+        self.samples = [s for i in range(len(manifest.shards)) for s in read_shard(manifest, i)]
+        self.transform = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        import io
+
+        from PIL import Image
+
+        with Image.open(io.BytesIO(self.samples[i].image)) as im:
+            img = im.convert("RGB")
+        if self.transform is None:
+            return img, self.samples[i].label
+        for _ in range(100):
+            try:
+                return self.transform(img), self.samples[i].label
+            except ValueError:  # timm's PosterizeIncreasing at magnitude 10 asks Pillow >= 12 for
+                continue        # 0 bits, which it refuses (~0.2% of views): draw that view again
+        raise RuntimeError("timm's transform failed 100 times on one image")
+
+
+def measure_timm_loader(job: StudentJob, steps: int) -> float:
+    """What users would otherwise run: the same student trained plainly (labels only) from
+    ``timm.data.create_loader`` with the same recipe (RandAugment, erasing, timm's Mixup/CutMix
+    on the device) and the same number of workers."""
+    from timm.data import Mixup, create_loader
+
+    from .soft_targets import LossWeights
+    from .stage2 import train_step
+
+    device = pick_device(job.device)
+    manifest = load_manifest(job.manifest)
+    r = job.recipe
+    loader = create_loader(_ShardImages(manifest), input_size=(3, r.img_size, r.img_size),
+                           batch_size=job.batch_size, is_training=True, scale=r.crop_scale,
+                           ratio=r.crop_ratio, hflip=r.hflip, auto_augment=r.randaugment or None,
+                           interpolation="bicubic", mean=r.mean, std=r.std, re_prob=r.erase_prob,
+                           re_mode="pixel", num_workers=job.workers, device=device,
+                           use_prefetcher=device.type == "cuda", persistent_workers=False)
+    mixup = Mixup(mixup_alpha=r.mixup_alpha, cutmix_alpha=r.cutmix_alpha, prob=r.mix_prob,
+                  switch_prob=r.mix_switch_prob, label_smoothing=job.label_smoothing,
+                  num_classes=manifest.num_classes)
+    model, optimizer = _new_student(job, manifest.num_classes, device)
+    weights = LossWeights(job.w_ce, job.w_conv, job.w_inv, job.temperature)
+
+    def batches():
+        for x, y in loader:
+            x, y = mixup(x.to(device), y.to(device))
+            yield (x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x), y
+
+    return _timed_steps(lambda x, y: train_step(model, optimizer, x, y, {}, weights, job.clip_grad)[0],
+                        batches(), steps, device)
 
 
 def format_student(r: dict[str, Any]) -> str:
     plain = r["rates"]["plain (no distillation)"]
     lines = [f"bench student ({r['model']}, batch {r['batch_size']}, {r['steps']} steps each, "
              f"{r['img_size']}px, {r['workers']} workers)"]
-    lines += [f"  {k:28s} {v:8.1f} img/s  ({v / plain:.2f}x plain)" for k, v in r["rates"].items()]
+    limit = r["rates"]["pre-built device batches (limit)"]
+    lines += [f"  {k:34s} {v:8.1f} img/s  ({v / plain:.2f}x plain, {v / limit:.2f}x the limit)"
+              for k, v in r["rates"].items()]
     lines.append(f"  peak memory: {r['peak_rss'] / 2**20:.0f} MiB RSS (process tree), "
                  f"{r['peak_shm'] / 2**20:.1f} MiB /dev/shm")
     return "\n".join(lines)
@@ -193,13 +330,13 @@ def bench_student(job: StudentJob, teacher_specs: list[str], steps: int) -> str:
 
 
 def bench_imagenet(samples: int, device: str = "auto", workers: int = 2, teacher_batch: int = 64,
-                   student_batch: int = 16, steps: int = 4, online: bool = True) -> str:
+                   student_batch: int = 16, steps: int = 8, online: bool = True) -> str:
     """Both stages on ``samples`` synthetic ImageNet-shaped images (see the module docstring)."""
     from .synthetic import write_imagenet_like
 
-    if steps + 2 > samples // student_batch:
+    if steps + 2 >= samples // student_batch:
         raise ConfigError(f"--samples {samples} gives {samples // student_batch} steps of "
-                         f"{student_batch}; the student bench needs {steps + 2} in one epoch")
+                          f"{student_batch}; the student bench needs more than {steps + 2} in one epoch")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
@@ -225,3 +362,88 @@ def bench_imagenet(samples: int, device: str = "auto", workers: int = 2, teacher
             f"{manifest.num_classes} classes, {avg_kb:.0f} KB each (made in {made:.0f}s); teachers "
             + " + ".join(PAPER_TEACHERS.values()) + " (random weights)")
     return "\n".join([head, format_cache(cache), format_student(stu)])
+
+
+def _pil_reference():
+    """The PIL path (``tests/pil_reference.py`` of a source checkout): what the engine replaced
+    and is measured against. Installed packages do not ship the tests."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tests" / "pil_reference.py"
+    if not path.exists():
+        raise ConfigError(f"bench views compares with the PIL path in {path}; run it from a source checkout")
+    spec = importlib.util.spec_from_file_location("civt_pil_reference", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def measure_views(samples: int, img_size: int = 224, batch: int = 64, device: str = "auto",
+                  repeats: int = 3) -> dict[str, Any]:
+    """Views/s of the PIL path and of the engine on one CPU thread, and of the engine on the
+    GPU (if any), on the same ImageNet-shaped JPEGs and records; best of ``repeats``."""
+    import numpy as np
+
+    from .synthetic import photo_like_jpeg
+    from .view_engine import worker_image
+    from .views import PARTNER, image_size, sample_shard_records
+
+    ref = _pil_reference()
+    recipe = Recipe(img_size=img_size)
+    rng = np.random.default_rng(0)
+    jpegs = [photo_like_jpeg(rng) for _ in range(samples)]
+    recs = sample_shard_records(recipe, 0, 0, 0, list(range(samples)), [image_size(j) for j in jpegs])
+
+    def pil_path() -> None:
+        images = {r: ref.decode_rgb(j) for r, j in enumerate(jpegs)}
+        records = dict(enumerate(recs))
+        for r in range(samples):
+            ref.apply_records(images, records, [r], recipe)
+
+    order: list[int] = []  # stage two's order: each partner right after its row
+    for r in range(samples):
+        order += [p for p in (r, int(recs[r, PARTNER])) if p not in order]
+
+    def engine(dev: torch.device) -> Any:
+        def run() -> None:
+            for i in range(0, samples, batch):
+                part = order[i:i + batch]
+                rows = sorted(set(part) | {int(recs[p, PARTNER]) for p in part})  # partners travel along
+                images = decode_images([worker_image(jpegs[r], str(r)) for r in rows], dev)
+                render_views(images, recs[rows], rows, recipe, [rows.index(p) for p in part])
+            _sync(dev)
+        return run
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return samples / min(times)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rates = {"PIL path, 1 CPU core": best(pil_path),
+                 "engine, 1 CPU core": best(engine(torch.device("cpu")))}
+    finally:
+        torch.set_num_threads(threads)
+    gpu = pick_device(device)
+    if gpu.type == "cuda":
+        engine(gpu)()  # warm-up: nvJPEG handles, kernels
+        rates[f"engine, {torch.cuda.get_device_name(gpu)}"] = best(engine(gpu))
+    return {"samples": samples, "img_size": img_size, "batch": batch, "rates": rates}
+
+
+def format_views(r: dict[str, Any]) -> str:
+    pil = r["rates"]["PIL path, 1 CPU core"]
+    lines = [f"bench views ({r['samples']} ImageNet-shaped JPEGs, co-advise recipe, every view mixed, "
+             f"{r['img_size']}px, engine batches of {r['batch']}; decode included)"]
+    lines += [f"  {k:34s} {v:9.1f} views/s  ({v / pil:.2f}x the PIL path per core)"
+              for k, v in r["rates"].items()]
+    return "\n".join(lines)
+
+
+def bench_views(samples: int, img_size: int = 224, batch: int = 64, device: str = "auto") -> str:
+    return format_views(measure_views(samples, img_size, batch, device))

@@ -3,8 +3,8 @@ alone knows its layout.
 
 Layout (E epochs, R = manifest rows incl. padding, U = epoch blocks, F = record fields)::
 
-    CACHE/zarr.json                  group attributes: schema, manifest / recipe fingerprints,
-                                     seed, epochs, epochs_per_unit, k, classes
+    CACHE/zarr.json                  group attributes: schema, views version, manifest / recipe
+                                     fingerprints, seed, epochs, epochs_per_unit, k, classes
     CACHE/views/params   int32 [E, R, F]  view records (civt_cache.views layout)
     CACHE/views/keys     uint64 [U, R]    hash of each sample's __key__, per epoch block
     CACHE/views/labels   int32 [U, R]     each sample's label (inspect, alignment checks)
@@ -37,10 +37,10 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, TransposeCodec
 
 from .errors import CacheMismatchError, CorruptUnitError
-from .fsutil import atomic_write_json
+from .fsutil import atomic_write_json, canonical_sha256
 from .manifest import DataManifest
 from .recipe import Recipe
-from .views import NUM_FIELDS
+from .views import NUM_FIELDS, VIEWS_VERSION
 
 SCHEMA_VERSION = 2  # 2: crc32c on every chunk, fill values no real entry can have
 # Every chunk ends in a CRC32C of its compressed bytes (zarr's own v3 codec), so a flipped bit on
@@ -70,6 +70,15 @@ def check_alignment(cache: Path, manifest: DataManifest, shard: int, samples: Se
             raise CacheMismatchError(f"{path}: sample {s.key!r} has label {s.label}, the cache "
                                      f"{cache} was built with label {int(labels[pos])}; the shard "
                                      "changed after caching")
+
+
+def stored_views_version(root: Path) -> int | None:
+    """The views version a cache directory was made for (None: no cache there)."""
+    try:
+        attrs = json.loads((Path(root) / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return None
+    return attrs.get("views_version", 1) if attrs.get("kind") == "civt-cache" else None
 
 
 def committed_components(record: dict[str, Any]) -> list[str]:
@@ -124,11 +133,13 @@ class CacheSpec:
         return "int16" if self.num_classes <= 32767 else "int32"
 
     def attrs(self) -> dict[str, Any]:
-        return {"schema_version": SCHEMA_VERSION, "kind": "civt-cache",
+        return {"schema_version": SCHEMA_VERSION, "kind": "civt-cache", "views_version": VIEWS_VERSION,
                 "manifest": {"name": self.manifest_name, "fingerprint": self.manifest_fingerprint,
                              "num_shards": self.num_shards, "row_stride": self.row_stride,
                              "path": self.manifest_path},
-                "recipe": self.recipe.to_json(), "recipe_fingerprint": self.recipe.fingerprint(),
+                "recipe": self.recipe.to_json(),
+                "recipe_fingerprint": canonical_sha256({"recipe": self.recipe.to_json(),
+                                                        "views_version": VIEWS_VERSION}),
                 "seed": self.seed, "epochs": self.epochs, "epochs_per_unit": self.epochs_per_unit,
                 "topk": self.topk, "num_classes": self.num_classes}
 
@@ -194,6 +205,11 @@ class CacheStore:
         if attrs.get("schema_version") != SCHEMA_VERSION:
             raise CacheMismatchError(f"{root}: cache schema {attrs.get('schema_version')}, "
                                      f"this civt-cache reads schema {SCHEMA_VERSION}")
+        if attrs.get("views_version", 1) != VIEWS_VERSION:
+            raise CacheMismatchError(
+                f"{root}: its view records were made for views version {attrs.get('views_version', 1)}; "
+                f"this civt-cache samples and renders records as version {VIEWS_VERSION}, so the "
+                "cached views cannot be replayed. Build a new cache (cache-teachers --out NEW)")
         return cls(root, group, CacheSpec.from_attrs(attrs))
 
     @classmethod

@@ -13,8 +13,8 @@ from .errors import CacheMismatchError, CorruptUnitError
 from .manifest import load_manifest
 from .models.teachers import build_teacher, parse_teacher_spec, teacher_logits
 from .shards import read_shard
-from .views import LAM, LAM_ONE, MIX_MODE, MIX_NONE, PARTNER, apply_records, decode_rgb, \
-    image_size, sample_shard_records
+from .view_engine import decode_images, render_views, worker_image
+from .views import LAM, LAM_ONE, MIX_MODE, MIX_NONE, PARTNER, image_size, sample_shard_records
 
 INSPECT_MAX_UNITS = 64
 
@@ -177,8 +177,9 @@ def verify_cache(root: Path, manifest_path: Path | None, teacher_specs: list[str
     for shard, items in sorted(picks.items()):
         samples_ = read_shard(manifest, shard)
         rows = [manifest.row_of(shard, i) for i in range(len(samples_))]
-        sizes = [image_size(s.image) for s in samples_]
-        images, epochs = {}, {}
+        path = manifest.shard_path(shard)
+        sizes = [image_size(s.image, f"{path}: sample {s.key!r}") for s in samples_]
+        epochs = {}
         for epoch, pos, record in items:
             if epoch not in epochs:  # each (shard, epoch): one checked read, one re-sampling
                 recs, hashes, labels, outs = store.read_epoch(shard, epoch, record,
@@ -188,10 +189,11 @@ def verify_cache(root: Path, manifest_path: Path | None, teacher_specs: list[str
                 epochs[epoch] = recs, outs, fresh
             recs, outs, fresh = epochs[epoch]
             record_errors += int(not np.array_equal(fresh[pos], recs[pos]))
-            row, partner = rows[pos], int(recs[pos, PARTNER])
-            for r in (row, partner):
-                images.setdefault(r, decode_rgb(samples_[r - rows[0]].image))
-            view = apply_records(images, {row: recs[pos], partner: recs[partner - rows[0]]}, [row], recipe)
+            pair = [pos, int(recs[pos, PARTNER]) - rows[0]]
+            names = [f"{path}: sample {samples_[p].key!r}" for p in pair]
+            images = decode_images([worker_image(samples_[p].image, n) for p, n in zip(pair, names)],
+                                   device, names)
+            view = render_views(images, recs[pair], [rows[p] for p in pair], recipe, outputs=[0])
             for t in teachers:
                 full = teacher_logits(t, view, recipe.mean, recipe.std, device)[0].cpu()
                 logits, idx, lse = (a[pos] for a in outs[t.name])

@@ -84,7 +84,7 @@ def cache_teachers_cmd(
     img_size: Optional[int] = typer.Option(None, help="View size (overrides [recipe] img_size)."),
     seed: Optional[int] = typer.Option(None, help="Seed of the view records."),
     out: Optional[Path] = typer.Option(None, help="Cache directory (zarr v3 group)."),
-    batch_size: Optional[int] = typer.Option(None, help="Teacher batch size."),
+    batch_size: Optional[int] = typer.Option(None, help="Teacher batch size (views are built per pair group of 256 rows, so at most 256)."),
     workers: Optional[int] = typer.Option(None, help="DataLoader workers building views."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the teachers."),
@@ -219,6 +219,17 @@ bench_app = typer.Typer(help="Throughput benchmarks that print ratios measured s
 app.add_typer(bench_app, name="bench")
 
 
+@bench_app.command("views")
+def bench_views_cmd(samples: int = typer.Option(128, help="Synthetic ImageNet-shaped JPEGs."),
+                    img_size: int = typer.Option(224, help="View size."),
+                    batch: int = typer.Option(64, help="Engine batch size."),
+                    device: str = typer.Option("auto", help="auto | cpu | cuda (the GPU row)")) -> None:
+    """View engine vs the PIL path, views/s per CPU core (and on the GPU)."""
+    from .bench import bench_views
+
+    typer.echo(bench_views(samples, img_size, batch, device))
+
+
 @bench_app.command("cache")
 def bench_cache_cmd(pipeline: Path = typer.Option(Path("pipelines/demo.toml"), "--pipeline"),
                     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda")) -> None:
@@ -233,7 +244,7 @@ def bench_cache_cmd(pipeline: Path = typer.Option(Path("pipelines/demo.toml"), "
 
 @bench_app.command("student")
 def bench_student_cmd(pipeline: Path = typer.Option(Path("pipelines/demo.toml"), "--pipeline"),
-                      steps: int = typer.Option(20, help="Timed steps per mode."),
+                      steps: int = typer.Option(12, help="Timed steps per mode (runs stop inside the first epoch)."),
                       device: Optional[str] = typer.Option(None, help="auto | cpu | cuda")) -> None:
     """Stage two: from-cache vs plain vs online training img/s."""
     from .bench import bench_student
@@ -252,7 +263,7 @@ def bench_imagenet_cmd(
     workers: int = typer.Option(2, help="DataLoader workers of both stages."),
     teacher_batch: int = typer.Option(64, help="Stage one batch size."),
     student_batch: int = typer.Option(16, help="Stage two batch size."),
-    steps: int = typer.Option(4, help="Timed student steps per mode."),
+    steps: int = typer.Option(8, help="Timed student steps per mode."),
     online: bool = typer.Option(True, "--online/--no-online", help="Also time online co-advising."),
 ) -> None:
     """Both stages at 224 px on synthetic ImageNet-shaped shards with the paper's teachers."""

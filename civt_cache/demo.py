@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from .cache_store import stored_views_version
 from .digits import digits_items
 from .manifest import default_manifest_path, load_manifest
 from .pipeline import build_config, load_pipeline
@@ -27,6 +29,7 @@ from .shard_writer import write_shards
 from .stage1 import CacheJob, cache_teachers
 from .stage2 import StudentJob, train_student
 from .train_teacher import TeacherJob, train_teacher
+from .views import VIEWS_VERSION
 
 RUNS = [("none", False), ("conv", False), ("inv", False), ("both", False), ("both", True)]
 LAST_EPOCHS = 3
@@ -61,6 +64,10 @@ def main() -> None:
                                            workers=1))
             print(f"teacher {name} ({t['arch']}): val top-1 {res['val_top1']:.1f}%")
     cache_job = build_config(CacheJob, cfg, "cache", {}, args.pipeline)
+    stale = stored_views_version(cache_job.out)
+    if stale not in (None, VIEWS_VERSION):  # the demo's own output, from an older civt-cache
+        print(f"{cache_job.out}: made for views version {stale}, rebuilding it for version {VIEWS_VERSION}")
+        shutil.rmtree(cache_job.out)
     cache_teachers(cache_job)
     base = build_config(StudentJob, cfg, "student", {}, args.pipeline)
     specs = cfg["cache"]["teachers"]

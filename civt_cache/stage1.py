@@ -2,10 +2,12 @@
 and store their top-k logits plus the exact view records in the cache.
 
 Pipeline per process: DataLoader workers read a unit's shard (checksum verified on the same
-read), decode each image once and build all of the unit's views through ``views.apply_records``;
-the main thread runs the teachers (bf16 autocast + channels_last on GPU, fp32 on CPU) and takes
-top-k on the device; a writer thread writes the unit's chunks and commits it, so the device
-never waits on the disk. Units are split over torchrun ranks statically (unit index modulo world
+read), sample or read back its records, and hand it over one pair group (``views.PAIR_GROUP``
+rows) at a time as encoded bytes plus the records of every epoch of the unit. The main thread
+decodes the group once on the device and builds each epoch's views from it with the view engine,
+runs the teachers (bf16 autocast + channels_last on GPU, fp32 on CPU) and takes top-k on the
+device; a writer thread writes the unit's chunks and commits it, so the device never waits on
+the disk. Memory is bounded by a group, never by a shard. Units are split over torchrun ranks statically (unit index modulo world
 size) or claimed with claim files (``--claim``, for several nodes on one shared filesystem).
 """
 from __future__ import annotations
@@ -32,7 +34,8 @@ from .models.teachers import Teacher, build_teacher, parse_teacher_spec, teacher
 from .pipeline import require
 from .recipe import Recipe
 from .shards import read_shard
-from .views import apply_records, decode_rgb, sample_shard_records
+from .view_engine import EncodedImage, decode_images, render_views, worker_image
+from .views import PAIR_GROUP, image_size, sample_shard_records
 
 
 @dataclass
@@ -71,23 +74,27 @@ class CacheJob:
 
 
 @dataclass
-class UnitEpoch:
-    """The views of one epoch of one unit, as a worker hands them to the teachers."""
+class GroupViews:
+    """One pair group of one unit as a worker hands it over: encoded images, and the records of
+    each of the unit's epochs for those rows (partners always inside the group)."""
 
     shard: int
     block: int
-    epoch: int
-    views: torch.Tensor
-    records: np.ndarray
+    group: int
+    num_groups: int
+    rows: list[int]
+    images: list[EncodedImage]
+    names: list[str]            # shard path and key of each image, for errors
+    records: np.ndarray         # [epochs of the block, rows, NUM_FIELDS]
     keys: list[str]
     labels: np.ndarray
-    new_views: bool  # records were sampled now (not read back from the cache)
+    new_views: bool             # records were sampled now (not read back from the cache)
 
 
 class UnitViews(IterableDataset):
-    """Yields UnitEpoch items for a list of units; each worker takes every k-th unit. Units
+    """Yields GroupViews items for a list of units; each worker takes every k-th unit. Units
     whose views are committed (``view_records`` holds their progress record) replay the stored
-    records, read checked; the others sample theirs."""
+    records, read checked; the others sample theirs from the image headers."""
 
     def __init__(self, manifest: DataManifest, store_root: Path, units: list[tuple[int, int]],
                  view_records: dict[tuple[int, int], dict[str, Any]], recipe: Recipe, seed: int,
@@ -96,28 +103,34 @@ class UnitViews(IterableDataset):
         self.view_records, self.recipe, self.seed = view_records, recipe, seed
         self.b, self.total_epochs = epochs_per_unit, total_epochs
 
-    def __iter__(self) -> Iterator[UnitEpoch]:
+    def __iter__(self) -> Iterator[GroupViews]:
         info = get_worker_info()
         mine = self.units[info.id::info.num_workers] if info else self.units
-        store = CacheStore.open(self.store_root) if mine else None
+        replay = any(u in self.view_records for u in mine)
+        store = CacheStore.open(self.store_root) if replay else None
         for shard, block in mine:
             samples = read_shard(self.manifest, shard, verify=True)
+            path = self.manifest.shard_path(shard)
             rows = [self.manifest.row_of(shard, i) for i in range(len(samples))]
-            images = {r: decode_rgb(s.image) for r, s in zip(rows, samples)}
-            keys = [s.key for s in samples]
-            labels = np.array([s.label for s in samples], np.int32)
             record = self.view_records.get((shard, block))
-            stored = record is not None
-            if stored:
-                assert store is not None and record is not None
-                recs_all, hashes, stored_labels = store.read_unit_views(shard, block, record)
-                check_alignment(self.store_root, self.manifest, shard, samples, hashes, stored_labels)
             epochs = range(block * self.b, min((block + 1) * self.b, self.total_epochs))
-            for j, epoch in enumerate(epochs):
-                recs = (recs_all[j] if stored else sample_shard_records(
-                    self.recipe, self.seed, epoch, shard, rows, [images[r].size for r in rows]))
-                views = apply_records(images, dict(zip(rows, recs)), rows, self.recipe)
-                yield UnitEpoch(shard, block, epoch, views, recs, keys, labels, not stored)
+            if record is not None:
+                assert store is not None
+                recs, hashes, stored_labels = store.read_unit_views(shard, block, record)
+                check_alignment(self.store_root, self.manifest, shard, samples, hashes, stored_labels)
+            else:
+                sizes = [image_size(s.image, f"{path}: sample {s.key!r}") for s in samples]
+                recs = np.stack([sample_shard_records(self.recipe, self.seed, e, shard, rows, sizes)
+                                 for e in epochs])
+            num_groups = -(-len(samples) // PAIR_GROUP)
+            for g in range(num_groups):
+                part = slice(g * PAIR_GROUP, (g + 1) * PAIR_GROUP)
+                names = [f"{path}: sample {s.key!r}" for s in samples[part]]
+                yield GroupViews(shard, block, g, num_groups, rows[part],
+                                 [worker_image(s.image, n) for s, n in zip(samples[part], names)],
+                                 names, recs[:, part], [s.key for s in samples[part]],
+                                 np.array([s.label for s in samples[part]], np.int32),
+                                 record is None)
 
 
 class _Writer(threading.Thread):
@@ -140,7 +153,7 @@ class _Writer(threading.Thread):
         teachers = dict(prior["teachers"]) if prior else {}
         if acc["new_views"]:
             views = {"sha256": self.store.write_views(shard, block, acc["keys"], acc["labels"],
-                                                      np.stack(acc["records"]))}
+                                                      acc["records"])}
         for name, parts in acc["teachers"].items():
             teachers[name] = {"sha256": self.store.write_teacher(
                 name, shard, block, np.stack(parts["logits"]), np.stack(parts["indices"]),
@@ -250,19 +263,23 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
     try:
         for item in loader:
             unit = (item.shard, item.block)
-            acc = pending.setdefault(unit, {"keys": item.keys, "labels": item.labels,
-                                            "records": [], "new_views": item.new_views,
-                                            "teachers": {n: {"logits": [], "indices": [], "lse": []}
-                                                         for n in needs[unit]}, "epochs": 0})
-            acc["records"].append(item.records)
-            for t in teachers:
-                if t.name in needs[unit]:
-                    _run_teacher(t, item.views, job, acc["teachers"][t.name], info.device)
-            acc["epochs"] += 1
-            done += len(item.keys)
-            bar.update(len(item.keys))
-            if acc["epochs"] == len(store.block_epochs(item.block)):
-                writer.put((item.shard, item.block, pending.pop(unit), store.unit_record(*unit)))
+            acc = pending.setdefault(unit, {"groups": [], "new_views": item.new_views,
+                                            "teachers": {n: [] for n in needs[unit]}})
+            acc["groups"].append(item)
+            images = decode_images(item.images, info.device, item.names)  # once for all epochs
+            outs: dict[str, list[tuple[np.ndarray, ...]]] = {n: [] for n in needs[unit]}
+            for epoch_records in item.records:
+                views = render_views(images, epoch_records, item.rows, job.recipe)
+                for t in teachers:
+                    if t.name in outs:
+                        outs[t.name].append(_top_k(t, views, job, info.device))
+            for name, per_epoch in outs.items():
+                acc["teachers"][name].append(per_epoch)
+            done += item.records.shape[0] * item.records.shape[1]
+            bar.update(item.records.shape[0] * item.records.shape[1])
+            if item.group == item.num_groups - 1:
+                writer.put((item.shard, item.block, _unit_arrays(pending.pop(unit)),
+                            store.unit_record(*unit)))
     finally:
         bar.close()
         writer.finish()
@@ -272,17 +289,30 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
             "views_per_s": done / elapsed if elapsed > 0 else 0.0, "rank": info.rank}
 
 
-def _run_teacher(teacher: Teacher, views: torch.Tensor, job: CacheJob, out: dict[str, list],
-                 device: torch.device) -> None:
-    """Top-k logits, indices and log-sum-exp of one epoch of a unit, in batches."""
+def _top_k(teacher: Teacher, views: torch.Tensor, job: CacheJob,
+           device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k logits (fp16), their indices and the log-sum-exp of one group-epoch of views, in
+    teacher batches; reduced on the device, one copy to the host at the end."""
     logits, indices, lse = [], [], []
     for i in range(0, len(views), job.batch_size):
         full = teacher_logits(teacher, views[i:i + job.batch_size], job.recipe.mean, job.recipe.std,
                               device)
         top = full.topk(job.topk, dim=1)
-        logits.append(top.values.half().cpu())
-        indices.append(top.indices.cpu())
-        lse.append(torch.logsumexp(full, dim=1).cpu())
-    out["logits"].append(torch.cat(logits).numpy())
-    out["indices"].append(torch.cat(indices).numpy())
-    out["lse"].append(torch.cat(lse).numpy())
+        logits.append(top.values.half())
+        indices.append(top.indices)
+        lse.append(torch.logsumexp(full, dim=1))
+    return tuple(torch.cat(x).cpu().numpy() for x in (logits, indices, lse))  # type: ignore[return-value]
+
+
+def _unit_arrays(acc: dict[str, Any]) -> dict[str, Any]:
+    """A finished unit's groups joined along rows: what the writer stores ([epoch, row, ...])."""
+    groups: list[GroupViews] = acc["groups"]
+    epochs = groups[0].records.shape[0]
+    return {"keys": [k for g in groups for k in g.keys],
+            "labels": np.concatenate([g.labels for g in groups]),
+            "records": np.concatenate([g.records for g in groups], axis=1),
+            "new_views": acc["new_views"],
+            "teachers": {name: {part: [np.concatenate([per_group[j][p] for per_group in out])
+                                       for j in range(epochs)]
+                                for p, part in enumerate(("logits", "indices", "lse"))}
+                         for name, out in acc["teachers"].items()}}

@@ -24,10 +24,10 @@ from .models.teachers import build_teacher, parse_teacher_spec, teacher_logits
 from .pipeline import require
 from .recipe import Recipe
 from .soft_targets import LossWeights, coadvise_loss, pseudo_logits
-from .student_data import EpochSource, StudentViews, rank_shards, steps_per_epoch, worker_skips
+from .student_data import EpochSource, StudentBatches, _as_is, batch_inputs, rank_shards, \
+    steps_per_epoch, worker_skips
 from .training import (append_metrics, evaluate, optimizer_and_schedule, plot_curves,
                        save_checkpoint, write_results)
-from .views import mixed_targets
 
 TEACHER_SETS = {"both": ("conv", "inv"), "conv": ("conv",), "inv": ("inv",), "none": ()}
 
@@ -225,13 +225,13 @@ def _train(job: StudentJob, info: DistInfo) -> dict[str, Any]:
         source = EpochSource(epoch, view_seed, store.root if store else None, cache_epoch,
                              names if store else ())
         skip = start_step if epoch == start_epoch else 0
-        dataset = StudentViews(manifest, job.recipe, job.seed,
-                               rank_shards(manifest, job.seed, epoch, info.rank, info.world_size), source,
-                               worker_skips(skip, job.batch_size, job.workers))
+        dataset = StudentBatches(manifest, job.recipe, job.seed,
+                                 rank_shards(manifest, job.seed, epoch, info.rank, info.world_size),
+                                 source, job.batch_size, worker_skips(skip, job.batch_size, job.workers),
+                                 views_in_workers=device.type == "cpu")
         # its own generator: creating the iterator must not draw from the global RNG, whose
         # state (drop-path masks) a resumed run restores mid-epoch
-        loader = DataLoader(dataset, batch_size=job.batch_size, num_workers=job.workers,
-                            pin_memory=device.type == "cuda", drop_last=True,
+        loader = DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=job.workers,
                             generator=torch.Generator().manual_seed(job.seed + epoch))
         if skip == 0:
             sums = dict.fromkeys(sums, 0.0)
@@ -240,25 +240,15 @@ def _train(job: StudentJob, info: DistInfo) -> dict[str, Any]:
                    unit="step", disable=None if info.is_main else True)
         tick = time.perf_counter()
         for step, batch in zip(range(skip, steps[epoch]), loader):
-            x = batch["view"].to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            ce_target = mixed_targets(batch["label"], batch["partner_label"], batch["lam"],
-                                      num_classes, job.label_smoothing).to(device)
+            # decoded and augmented on the device
+            x, ce_target = batch_inputs(batch, job.recipe, num_classes, job.label_smoothing, device)
             if live:
                 targets = {n: teacher_logits(t, x, job.recipe.mean, job.recipe.std, device)
                            for n, t in live.items()}
             else:
-                targets = {n: pseudo_logits(*(a.to(device) for a in batch[f"t_{n}"]), num_classes,
-                                            job.renormalize) for n in names}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                heads = ddp_model(x)
-            loss, parts = coadvise_loss(heads, ce_target, targets, weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if job.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), job.clip_grad)
-            optimizer.step()
+                targets = {n: pseudo_logits(*(torch.from_numpy(a).to(device) for a in batch.teachers[n]),
+                                            num_classes, job.renormalize) for n in names}
+            loss, parts = train_step(ddp_model, optimizer, x, ce_target, targets, weights, job.clip_grad)
             global_step += 1
             schedule.step_update(global_step)
             n = x.shape[0]
@@ -304,6 +294,22 @@ def _train(job: StudentJob, info: DistInfo) -> dict[str, Any]:
     if info.is_main:
         write_results(job.out, results)
     return results
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               ce_target: torch.Tensor, targets: dict[str, torch.Tensor], weights: LossWeights,
+               clip_grad: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """One optimisation step of co-advise's loss on a batch already on the device (bf16
+    autocast on GPU); the benchmarks time exactly this against the data paths around it."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        heads = model(x)
+    loss, parts = coadvise_loss(heads, ce_target, targets, weights)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+    return loss, parts
 
 
 def _student_heads(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,12 +1,17 @@
 """Stage two's data: per shard, one read of the shard and one read of its (shard, epoch) cache
-block, then in-memory lookups; views rebuilt through ``views.apply_records``.
+block, then in-memory lookups. Loader workers hand over whole batches of encoded image bytes,
+records and cached top-k (no pixels: ``StudentBatch``); ``batch_views`` builds the views on the
+training device with the view engine. (Training on the CPU, the workers run the engine
+themselves, in parallel with the step.)
 
 Order: shards per epoch in a permutation keyed by (seed, epoch), dealt to ranks round-robin;
-inside a shard, samples in a keyed permutation with each mixing partner right after its row, so
-a partner's base view is built once. Every rank runs ``steps_per_epoch`` steps (the smallest
-rank's share, whole batches; the rest is dropped), so DDP ranks never wait on each other.
-Without a cache the records are sampled on the fly from the same (seed, epoch, row) keys, so
-online teachers see exactly the views a cache would hold.
+inside a shard, samples in a keyed permutation with each mixing partner right after its row. A
+batch carries the base images of its rows and of any partner outside it (the pairs cut by its
+two ends, and an odd one out's partner), so a pair is never split: every mixed view finds its
+partner's base view in its own batch. Every rank runs ``steps_per_epoch`` steps (the smallest rank's share,
+whole batches; the rest is dropped), so DDP ranks never wait on each other. Without a cache the
+records are sampled on the fly from the same (seed, epoch, row) keys, so online teachers see
+exactly the views a cache would hold.
 """
 from __future__ import annotations
 
@@ -24,8 +29,8 @@ from .errors import CacheMismatchError
 from .manifest import DataManifest
 from .recipe import Recipe
 from .shards import read_shard
-from .views import LAM, LAM_ONE, PARTNER, _rng, apply_records, decode_rgb, eval_view, \
-    image_size, sample_shard_records
+from .view_engine import EncodedImage, decode_images, eval_views, render_views, worker_image
+from .views import LAM, LAM_ONE, PARTNER, _rng, image_size, mixed_targets, sample_shard_records
 
 _STREAM_SHARDS, _STREAM_ORDER = 0x5348, 0x4F52
 
@@ -46,18 +51,6 @@ def steps_per_epoch(manifest: DataManifest, seed: int, epoch: int, world: int, b
     return min(shares) // batch_size
 
 
-class _LazyImages(dict):
-    """Decodes an image the first time a view needs it."""
-
-    def __init__(self, samples: list, base: int) -> None:
-        super().__init__()
-        self.samples, self.base = samples, base
-
-    def __missing__(self, row: int) -> Image.Image:
-        self[row] = img = decode_rgb(self.samples[row - self.base].image)
-        return img
-
-
 @dataclass
 class EpochSource:
     """Where one epoch's records and teacher targets come from."""
@@ -69,24 +62,91 @@ class EpochSource:
     teachers: tuple[str, ...] = ()
 
 
-class StudentViews(IterableDataset):
-    """Yields per-sample dicts: row, view, label, partner_label, lam, and per cached teacher its
-    top-k logits / indices / lse. DataLoader workers split this rank's shards. ``seed`` orders
-    the samples; the views come from ``source`` (the cache's records, or its ``view_seed``)."""
+@dataclass
+class StudentBatch:
+    """One training batch as a worker hands it over: bytes, records and targets, no pixels.
+    ``rows``/``images``/``records`` list every base view the batch needs: its ``size`` output
+    rows first, then partners from outside the batch."""
+
+    rows: list[int]
+    images: list[EncodedImage]
+    names: list[str]
+    records: np.ndarray                 # [len(rows), NUM_FIELDS]
+    labels: np.ndarray                  # [size]
+    partner_labels: np.ndarray
+    lam: np.ndarray                     # float32
+    teachers: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # top-k logits, indices, lse
+    views: torch.Tensor | None = None   # built in the worker (CPU training only), else None
+
+    @property
+    def size(self) -> int:
+        return len(self.labels)
+
+
+def batch_views(batch: StudentBatch, recipe: Recipe, device: torch.device) -> torch.Tensor:
+    """The batch's finished views [size, 3, S, S] on ``device``, from its bytes and records."""
+    images = decode_images(batch.images, device, batch.names)
+    return render_views(images, batch.records, batch.rows, recipe, outputs=range(batch.size))
+
+
+def batch_inputs(batch: StudentBatch, recipe: Recipe, num_classes: int, smoothing: float,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a training step consumes: the views (channels_last on GPU) and timm's mixed,
+    smoothed label targets, both on ``device``."""
+    x = batch.views.to(device) if batch.views is not None else batch_views(batch, recipe, device)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    labels, partners, lam = (torch.from_numpy(a).to(device) for a in
+                             (batch.labels, batch.partner_labels, batch.lam))
+    return x, mixed_targets(labels, partners, lam, num_classes, smoothing)
+
+
+def _as_is(item: Any) -> Any:
+    """collate_fn of the batch loaders: items are already batches (and numpy arrays travel
+    pickled, not as shared-memory tensors)."""
+    return item
+
+
+class StudentBatches(IterableDataset):
+    """Yields ``StudentBatch`` items of ``batch_size`` samples. DataLoader workers split this
+    rank's shards; a worker's batches run on across its shards (an incomplete last one is
+    dropped). ``seed`` orders the samples; the views come from ``source`` (the cache's records,
+    or its ``view_seed``).
+
+    ``views_in_workers``: when training runs on the CPU, the CPU that consumes the views is
+    the workers' as much as the main process's, so workers build them (the same engine) in
+    parallel with the training step, as timm's loader does; on a GPU they stay bytes."""
 
     def __init__(self, manifest: DataManifest, recipe: Recipe, seed: int, shards: list[int],
-                 source: EpochSource, skip_samples: list[int] | None = None) -> None:
+                 source: EpochSource, batch_size: int, skip_samples: list[int] | None = None,
+                 views_in_workers: bool = False) -> None:
         self.manifest, self.recipe, self.seed = manifest, recipe, seed
-        self.shards, self.source = shards, source
+        self.shards, self.source, self.batch_size = shards, source, batch_size
         self.skip_samples = skip_samples  # per DataLoader worker, for resuming mid-epoch
+        self.views_in_workers = views_in_workers
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[StudentBatch]:
+        in_worker = self.views_in_workers and get_worker_info() is not None
+        pending: list[dict[str, Any]] = []
+        for sample in self._samples():
+            pending.append(sample)
+            if len(pending) == self.batch_size:
+                batch = _make_batch(pending)
+                if in_worker:
+                    batch.views = batch_views(batch, self.recipe, torch.device("cpu"))
+                    batch.images = []
+                yield batch
+                pending = []
+
+    def _samples(self) -> Iterator[dict[str, Any]]:
+        """This worker's samples in order, each with its own and its partner's bytes/record."""
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         skip = self.skip_samples[wid] if self.skip_samples else 0
         store = CacheStore.open(self.source.cache) if self.source.cache else None
         for shard in self.shards[wid::nw]:
             samples = read_shard(self.manifest, shard)  # sha256 on the same read
+            path = self.manifest.shard_path(shard)
             base = self.manifest.shard_base(shard)
             rows = list(range(base, base + len(samples)))
             teacher_out: dict[str, tuple[np.ndarray, ...]] = {}
@@ -100,25 +160,27 @@ class StudentViews(IterableDataset):
                     shard, self.source.cache_epoch, record, list(self.source.teachers))
                 check_alignment(self.source.cache, self.manifest, shard, samples, hashes, cached_labels)
             else:
-                sizes = [image_size(s.image) for s in samples]
+                sizes = [image_size(s.image, f"{path}: sample {s.key!r}") for s in samples]
                 recs = sample_shard_records(self.recipe, self.source.view_seed, self.source.epoch,
                                             shard, rows, sizes)
-            images = _LazyImages(samples, base)
-            records = dict(zip(rows, recs))
-            labels = [s.label for s in samples]
+            images: dict[int, tuple[EncodedImage, str]] = {}
+
+            def image(pos: int) -> tuple[EncodedImage, str]:
+                if pos not in images:
+                    name = f"{path}: sample {samples[pos].key!r}"
+                    images[pos] = (worker_image(samples[pos].image, name), name)
+                return images[pos]
+
             for pos in self._order(shard, recs, base):
                 if skip > 0:
                     skip -= 1
                     continue
-                row = base + pos
-                rec = recs[pos]
-                item = {"row": row, "view": apply_records(images, records, [row], self.recipe)[0],
-                        "label": labels[pos], "partner_label": labels[int(rec[PARTNER]) - base],
-                        "lam": float(rec[LAM]) / LAM_ONE}
-                for name, (lg, idx, lse) in teacher_out.items():
-                    item[f"t_{name}"] = (torch.from_numpy(lg[pos]), torch.from_numpy(idx[pos]),
-                                         torch.tensor(lse[pos]))
-                yield item
+                ppos = int(recs[pos, PARTNER]) - base
+                yield {"row": base + pos, "image": image(pos), "record": recs[pos],
+                       "label": samples[pos].label, "partner_row": base + ppos,
+                       "partner_image": image(ppos), "partner_record": recs[ppos],
+                       "partner_label": samples[ppos].label,
+                       "teachers": {n: tuple(a[pos] for a in arrays) for n, arrays in teacher_out.items()}}
 
     def _order(self, shard: int, recs: np.ndarray, base: int) -> list[int]:
         """Keyed permutation of positions with each partner placed right after its row."""
@@ -132,18 +194,54 @@ class StudentViews(IterableDataset):
         return order
 
 
-class ValViews(IterableDataset):
-    """Validation views (resize + centre crop) of a manifest's shards, split over workers."""
+def _make_batch(samples: list[dict[str, Any]]) -> StudentBatch:
+    rows = [s["row"] for s in samples]
+    images = [s["image"] for s in samples]
+    records = [s["record"] for s in samples]
+    inside = set(rows)
+    for s in samples:  # a partner cut off by the batch's end travels along
+        if s["partner_row"] not in inside:
+            inside.add(s["partner_row"])
+            rows.append(s["partner_row"])
+            images.append(s["partner_image"])
+            records.append(s["partner_record"])
+    names = list(samples[0]["teachers"])
+    return StudentBatch(
+        rows, [im for im, _ in images], [n for _, n in images], np.stack(records),
+        np.array([s["label"] for s in samples], np.int64),
+        np.array([s["partner_label"] for s in samples], np.int64),
+        np.array([float(s["record"][LAM]) / LAM_ONE for s in samples], np.float32),
+        {n: tuple(np.stack([s["teachers"][n][i] for s in samples]) for i in range(3)) for n in names})
 
-    def __init__(self, manifest: DataManifest, recipe: Recipe, shards: list[int]) -> None:
-        self.manifest, self.recipe, self.shards = manifest, recipe, shards
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+class ValBatches(IterableDataset):
+    """Validation batches (encoded images, labels) of a manifest's shards, split over workers;
+    ``batch_views``' counterpart ``eval_views`` resizes and centre-crops them on the device."""
+
+    def __init__(self, manifest: DataManifest, shards: list[int], batch_size: int) -> None:
+        self.manifest, self.shards, self.batch_size = manifest, shards, batch_size
+
+    def __iter__(self) -> Iterator[tuple[list[EncodedImage], list[str], np.ndarray]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        images, names, labels = [], [], []
         for shard in self.shards[wid::nw]:
+            path = self.manifest.shard_path(shard)
             for s in read_shard(self.manifest, shard):
-                yield eval_view(s.image, self.recipe), s.label
+                names.append(f"{path}: sample {s.key!r}")
+                images.append(worker_image(s.image, names[-1]))
+                labels.append(s.label)
+                if len(labels) == self.batch_size:
+                    yield images, names, np.array(labels, np.int64)
+                    images, names, labels = [], [], []
+        if labels:
+            yield images, names, np.array(labels, np.int64)
+
+
+def val_views(images: list[EncodedImage], names: list[str], recipe: Recipe,
+              device: torch.device) -> torch.Tensor:
+    """Validation views of a ``ValBatches`` item, built on ``device``."""
+    return eval_views(decode_images(images, device, names), recipe)
 
 
 def worker_skips(skip_batches: int, batch_size: int, workers: int) -> list[int]:

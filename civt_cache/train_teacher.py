@@ -21,9 +21,8 @@ from .manifest import load_manifest
 from .models.teachers import build_teacher
 from .recipe import Recipe
 from .soft_targets import soft_ce
-from .student_data import EpochSource, StudentViews, rank_shards, steps_per_epoch
+from .student_data import EpochSource, StudentBatches, _as_is, batch_inputs, rank_shards, steps_per_epoch
 from .training import evaluate, optimizer_and_schedule, save_checkpoint
-from .views import mixed_targets
 
 
 @dataclass
@@ -86,14 +85,13 @@ def _train(job: TeacherJob, info: DistInfo) -> dict[str, Any]:
     step, start = 0, time.perf_counter()
     bar = tqdm(total=sum(steps), desc=f"train-teacher {job.arch}", unit="step", disable=None)
     for epoch in range(job.epochs):
-        loader = DataLoader(StudentViews(manifest, recipe, job.seed,
-                                         rank_shards(manifest, job.seed, epoch, 0, 1), EpochSource(epoch, job.seed)),
-                            batch_size=job.batch_size, num_workers=job.workers, drop_last=True)
+        loader = DataLoader(StudentBatches(manifest, recipe, job.seed, rank_shards(manifest, job.seed, epoch, 0, 1),
+                                           EpochSource(epoch, job.seed), job.batch_size,
+                                           views_in_workers=info.device.type == "cpu"),
+                            batch_size=None, collate_fn=_as_is, num_workers=job.workers)
         model.train()
         for _, batch in zip(range(steps[epoch]), loader):
-            x = batch["view"].to(info.device)
-            target = mixed_targets(batch["label"], batch["partner_label"], batch["lam"],
-                                   manifest.num_classes, job.label_smoothing).to(info.device)
+            x, target = batch_inputs(batch, recipe, manifest.num_classes, job.label_smoothing, info.device)
             with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=info.device.type == "cuda"):
                 loss = soft_ce(model(x), target)
             optimizer.zero_grad(set_to_none=True)

@@ -16,7 +16,7 @@ from .distributed import DistInfo, all_reduce_sum
 from .fsutil import atomic_write_json, atomic_write_with
 from .manifest import DataManifest
 from .recipe import Recipe
-from .student_data import ValViews
+from .student_data import ValBatches, _as_is, val_views
 
 
 def optimizer_and_schedule(model: nn.Module, opt: str, lr: float, weight_decay: float,
@@ -40,13 +40,15 @@ def evaluate(model: nn.Module, manifest: DataManifest, recipe: Recipe, info: Dis
     (shards split across ranks, counts summed)."""
     was_training = model.training
     model.eval()
-    loader = DataLoader(ValViews(manifest, recipe, list(range(len(manifest.shards)))[info.rank::info.world_size]),
-                        batch_size=batch_size, num_workers=workers)
+    shards = list(range(len(manifest.shards)))[info.rank::info.world_size]
+    loader = DataLoader(ValBatches(manifest, shards, batch_size), batch_size=None, collate_fn=_as_is,
+                        num_workers=min(workers, len(shards)))
     names: list[str] = []
     counts: list[float] = []
     n = 0
-    for x, y in loader:
-        x, y = x.to(info.device), y.to(info.device)
+    for images, image_names, labels in loader:
+        x = val_views(images, image_names, recipe, info.device)
+        y = torch.from_numpy(labels).to(info.device)
         if info.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=info.device.type == "cuda"):

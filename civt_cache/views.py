@@ -1,18 +1,21 @@
-"""Views: sampling explicit per-view parameter records, and the one function that applies them.
+"""Views as data: sampling the explicit per-view parameter records that ``view_engine`` renders.
 
 A record is a fixed vector of ``NUM_FIELDS`` int32 values (the layout below) that fully
 determines a view given the source image and the recipe: crop box in source pixels, flip,
 RandAugment ops with signed magnitudes, random-erasing box and noise seed, mixing partner row,
 mixing mode, lambda (fixed point) and CutMix box. Records are what the cache stores, and views
 are always built *from the stored integer form*, so stage one, stage two and ``verify`` build
-bit-identical tensors.
+identical tensors.
 
 Records come from a counter-based generator keyed by (seed, epoch, row): no process-global RNG,
 so they do not depend on worker count, rank count, batch size or order. Mixing partners pair
-up inside a shard through a permutation keyed by (seed, epoch, shard).
+up inside a group of ``PAIR_GROUP`` consecutive positions of a shard, through a permutation keyed
+by (seed, epoch, shard, group): a reader holding one group holds both partners of every pair in
+every epoch, so stage one decodes a group once and renders all of a unit's epochs from it.
 
-Image operations are torchvision's (resized crop, flip) and timm's RandAugment ops, called with
-explicit arguments; only the mapping of magnitude to argument (with an explicit sign) is ours.
+``VIEWS_VERSION`` names what a record means (sampling rules and the engine's rendering); it is
+part of every cache's identity, so a cache whose records this code would render differently is
+refused rather than paired with other pixels.
 """
 from __future__ import annotations
 
@@ -22,12 +25,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 from timm.data import auto_augment as taa
-from torchvision.transforms import InterpolationMode
 
+from .errors import BadImageError
 from .recipe import RA_MAX_OPS, Recipe
+
+VIEWS_VERSION = 2  # 1: PIL on CPU workers, pairs over a whole shard; 2: the batched view engine
+PAIR_GROUP = 256   # positions of a shard inside which mixing partners are drawn
 
 # ---- record layout (int32) ------------------------------------------------------------------
 CROP = slice(0, 4)          # x, y, w, h in source pixels
@@ -134,15 +139,17 @@ def sample_record(recipe: Recipe, seed: int, epoch: int, row: int, src_w: int, s
 
 
 def pair_rows(seed: int, epoch: int, shard: int, rows: Sequence[int]) -> dict[int, int]:
-    """Mixing partners for one shard and epoch: consecutive rows of a keyed permutation pair up
-    (an odd one out pairs with the first)."""
-    perm = _rng(seed, epoch, shard, _STREAM_PAIRS).permutation(len(rows))
-    order = [rows[i] for i in perm]
-    partner = {}
-    for a in range(0, len(order) - 1, 2):
-        partner[order[a]], partner[order[a + 1]] = order[a + 1], order[a]
-    if len(order) % 2:
-        partner[order[-1]] = order[0]
+    """Mixing partners for one shard and epoch: inside each group of ``PAIR_GROUP`` consecutive
+    positions, consecutive rows of a keyed permutation pair up (an odd one out pairs with the
+    first of its group)."""
+    partner: dict[int, int] = {}
+    for g, start in enumerate(range(0, len(rows), PAIR_GROUP)):
+        group = rows[start:start + PAIR_GROUP]
+        order = [group[i] for i in _rng(seed, epoch, shard, g, _STREAM_PAIRS).permutation(len(group))]
+        for a in range(0, len(order) - 1, 2):
+            partner[order[a]], partner[order[a + 1]] = order[a + 1], order[a]
+        if len(order) % 2:
+            partner[order[-1]] = order[0]
     return partner
 
 
@@ -156,93 +163,15 @@ def sample_shard_records(recipe: Recipe, seed: int, epoch: int, shard: int, rows
     return recs
 
 
-# ---- applying -------------------------------------------------------------------------------
-def decode_rgb(image: bytes) -> Image.Image:
-    """The single decode used by every stage."""
-    with Image.open(io.BytesIO(image)) as im:
-        return im.convert("RGB")
-
-
-def image_size(image: bytes) -> tuple[int, int]:
+# ---- what the engine needs from an encoded image --------------------------------------------
+def image_size(image: bytes, where: str = "image") -> tuple[int, int]:
     """(width, height) from the image header alone: sampling a record needs the size, not the
-    pixels."""
-    with Image.open(io.BytesIO(image)) as im:
-        return im.size
-
-
-def _ra_args(name: str, magnitude: float, sign: int) -> tuple:
-    """timm's level-to-argument rules for the increasing op set, with the sign made explicit."""
-    level = magnitude / taa._LEVEL_DENOM
-    if name == "Rotate":
-        return (sign * 30.0 * level,)
-    if name in ("ShearX", "ShearY"):
-        return (sign * 0.3 * level,)
-    if name in ("TranslateXRel", "TranslateYRel"):
-        return (sign * 0.45 * level,)
-    if name in ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
-                "SharpnessIncreasing"):
-        return (max(0.1, 1.0 + sign * 0.9 * level),)
-    if name == "PosterizeIncreasing":  # Pillow >= 12 refuses 0 bits (magnitude 10): keep 1
-        return (max(1, taa._posterize_increasing_level_to_arg(magnitude, {})[0]),)
-    fn = taa.LEVEL_TO_ARG[name]
-    return fn(magnitude, {}) if fn is not None else ()
-
-
-def render_base(image: Image.Image, rec: np.ndarray, recipe: Recipe) -> torch.Tensor:
-    """Crop, flip, RandAugment, normalise, erase: the unmixed view [3, S, S] float32."""
-    s = recipe.img_size
-    x, y, w, h = (int(v) for v in rec[CROP])
-    img = TF.resized_crop(image, y, x, h, w, [s, s], InterpolationMode.BICUBIC, antialias=True)
-    if rec[FLIP]:
-        img = TF.hflip(img)
-    fill = tuple(int(round(255 * m)) for m in recipe.mean)
-    for op, mag in rec[RA].reshape(RA_MAX_OPS, 2):
-        if op >= 0:
-            name = RA_OPS[op]
-            img = taa.NAME_TO_OP[name](img, *_ra_args(name, abs(int(mag)) / MAG_SCALE,
-                                                      -1 if mag < 0 else 1),
-                                       fillcolor=fill, resample=Image.BICUBIC)
-    t = TF.pil_to_tensor(img).float().div_(255.0)
-    t = TF.normalize(t, list(recipe.mean), list(recipe.std), inplace=True)
-    ex, ey, ew, eh = (int(v) for v in rec[ERASE])
-    if ew > 0:
-        g = torch.Generator().manual_seed(int(rec[ERASE_SEED]))
-        t[:, ey:ey + eh, ex:ex + ew] = torch.empty((3, eh, ew)).normal_(generator=g)
-    return t
-
-
-def mix_views(own: torch.Tensor, partner: torch.Tensor, rec: np.ndarray) -> torch.Tensor:
-    """Combine a row's base view with its partner's as the record says."""
-    mode = int(rec[MIX_MODE])
-    if mode == MIX_MIXUP:
-        lam = float(rec[LAM]) / LAM_ONE
-        return own * lam + partner * (1.0 - lam)
-    if mode == MIX_CUTMIX:
-        x0, y0, x1, y1 = (int(v) for v in rec[MIX_BOX])
-        out = own.clone()
-        out[:, y0:y1, x0:x1] = partner[:, y0:y1, x0:x1]
-        return out
-    return own
-
-
-def apply_records(images: dict[int, Image.Image], records: dict[int, np.ndarray],
-                  rows: Sequence[int], recipe: Recipe) -> torch.Tensor:
-    """THE view function: views [len(rows), 3, S, S] of ``rows``, given decoded images and
-    records for those rows and their partners. Each base view is built once and reused when it
-    is also a partner, which is why stages hand in whole groups of rows."""
-    base: dict[int, torch.Tensor] = {}
-
-    def get(r: int) -> torch.Tensor:
-        if r not in base:
-            base[r] = render_base(images[r], records[r], recipe)
-        return base[r]
-
-    out = []
-    for r in rows:
-        rec = records[r]
-        out.append(mix_views(get(r), get(int(rec[PARTNER])), rec)
-                   if rec[MIX_MODE] != MIX_NONE else get(r))
-    return torch.stack(out)
+    pixels. An unreadable header is an error naming ``where`` (shard and key)."""
+    try:
+        with Image.open(io.BytesIO(image)) as im:
+            return im.size
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImageError(f"{where}: image does not decode ({e})") from None
 
 
 def mixed_targets(labels: torch.Tensor, partner_labels: torch.Tensor, lam: torch.Tensor,
@@ -250,8 +179,9 @@ def mixed_targets(labels: torch.Tensor, partner_labels: torch.Tensor, lam: torch
     """timm's mixup target: lam * smooth(onehot(y)) + (1 - lam) * smooth(onehot(y_partner))."""
     off = smoothing / num_classes
     on = 1.0 - smoothing + off
-    a = torch.full((labels.shape[0], num_classes), off).scatter_(1, labels[:, None], on)
-    b = torch.full((labels.shape[0], num_classes), off).scatter_(1, partner_labels[:, None], on)
+    a = torch.full((labels.shape[0], num_classes), off, device=labels.device)
+    b = torch.full_like(a, off).scatter_(1, partner_labels[:, None], on)
+    a.scatter_(1, labels[:, None], on)
     lam = lam[:, None].float()
     return lam * a + (1.0 - lam) * b
 
@@ -259,13 +189,3 @@ def mixed_targets(labels: torch.Tensor, partner_labels: torch.Tensor, lam: torch
 def record_lams(records: np.ndarray) -> torch.Tensor:
     """Lambda of each record as float32 (1.0 for unmixed views)."""
     return torch.from_numpy(records[..., LAM].astype(np.float64) / LAM_ONE).float()
-
-
-def eval_view(image: bytes, recipe: Recipe, crop_pct: float = 0.875) -> torch.Tensor:
-    """Validation view: resize the short side to S / crop_pct, centre-crop S, normalise."""
-    s = recipe.img_size
-    img = decode_rgb(image)
-    img = TF.resize(img, int(math.floor(s / crop_pct)), InterpolationMode.BICUBIC, antialias=True)
-    img = TF.center_crop(img, [s, s])
-    t = TF.pil_to_tensor(img).float().div_(255.0)
-    return TF.normalize(t, list(recipe.mean), list(recipe.std), inplace=True)

@@ -34,3 +34,22 @@ def digits(tmp_path_factory) -> dict[str, Path]:
                      workers=1)
         out[split] = path
     return out
+
+
+def student_items(dataset, recipe) -> list[dict]:
+    """Flatten a StudentBatches data set into per-sample dicts (row, view, label, partner_label,
+    lam, t_<teacher>) in the order the batches hold them, views built on the CPU engine."""
+    import torch
+
+    from civt_cache.student_data import batch_views
+
+    items = []
+    for batch in dataset:
+        x = batch_views(batch, recipe, torch.device("cpu"))
+        for i in range(batch.size):
+            item = {"row": batch.rows[i], "view": x[i], "label": int(batch.labels[i]),
+                    "partner_label": int(batch.partner_labels[i]), "lam": float(batch.lam[i])}
+            for name, arrays in batch.teachers.items():
+                item[f"t_{name}"] = tuple(torch.as_tensor(a[i]) for a in arrays)
+            items.append(item)
+    return items

@@ -22,10 +22,11 @@ from civt_cache.cache_store import CacheStore
 from civt_cache.cache_tools import inspect_cache, verify_cache
 from civt_cache.recipe import Recipe
 from civt_cache.stage1 import CacheJob, UnitViews, cache_teachers
-from civt_cache.student_data import EpochSource, StudentViews
-from civt_cache.views import sample_record, sample_shard_records
+from civt_cache.student_data import EpochSource, StudentBatches
+from civt_cache.view_engine import decode_images, render_views
+from civt_cache.views import PAIR_GROUP, PARTNER, pair_rows, sample_record, sample_shard_records
 
-from .conftest import run_cli
+from .conftest import run_cli, student_items
 
 RECIPE = Recipe(img_size=32, crop_scale=(0.35, 1.0))
 
@@ -86,21 +87,69 @@ def test_cache_contents_inspect_and_verify(reference, digits, teachers) -> None:
     assert ok, text
 
 
+def _stage_one_views(m, root: Path, committed: dict) -> tuple:
+    """The first group stage one hands over for unit (1, 1) and the views it builds of it."""
+    group = next(iter(UnitViews(m, root, [(1, 1)], committed, RECIPE, 0, 1, 2)))
+    images = decode_images(group.images, torch.device("cpu"), group.names)
+    return group, render_views(images, group.records[0], group.rows, RECIPE)
+
+
 def test_stage_two_rebuilds_the_same_view_tensors(reference, digits) -> None:
     m = load_manifest(digits["val"])
     committed = {(1, 1): CacheStore.open(reference).unit_record(1, 1)}
-    stage1 = next(iter(UnitViews(m, reference, [(1, 1)], committed, RECIPE, 0, 1, 2)))
-    assert stage1.epoch == 1
-    items = list(StudentViews(m, RECIPE, 0, [1], EpochSource(1, 0, reference, 1, ("conv",))))
-    base = m.shard_base(1)
-    fresh = next(iter(UnitViews(m, reference, [(1, 1)], {}, RECIPE, 0, 1, 2)))  # re-sampled
-    assert np.array_equal(fresh.records, stage1.records)
-    assert torch.equal(fresh.views, stage1.views)
-    # StudentViews yields in its own (keyed) order: match items to positions through it
-    ds = StudentViews(m, RECIPE, 0, [1], EpochSource(1, 0, reference, 1, ("conv",)))
-    order = ds._order(1, stage1.records, base)
-    for k, pos in enumerate(order):
-        assert torch.equal(items[k]["view"], stage1.views[pos])  # bit for bit
+    group, views = _stage_one_views(m, reference, committed)
+    assert group.num_groups == 1 and len(group.rows) == m.shards[1].num_samples
+    fresh, fresh_views = _stage_one_views(m, reference, {})  # records re-sampled
+    assert np.array_equal(fresh.records, group.records)
+    assert torch.equal(fresh_views, views)
+    # stage two yields in its own (keyed) order, in batches of 7 that cut pairs: match by row
+    ds = StudentBatches(m, RECIPE, 0, [1], EpochSource(1, 0, reference, 1, ("conv",)), 7)
+    items = student_items(ds, RECIPE)
+    assert len(items) == 7 * (len(group.rows) // 7)
+    position = {r: i for i, r in enumerate(group.rows)}
+    for it in items:
+        assert torch.equal(it["view"], views[position[it["row"]]])  # bit for bit
+
+
+def test_views_built_in_cpu_workers_are_the_same(reference, digits) -> None:
+    """CPU training lets the loader workers run the engine: same views as the main process's."""
+    from torch.utils.data import DataLoader
+
+    from civt_cache.student_data import _as_is, batch_views
+
+    m = load_manifest(digits["val"])
+    source = EpochSource(1, 0, reference, 1, ("conv",))
+    main = list(StudentBatches(m, RECIPE, 0, [0, 1], source, 16))
+    workers = list(DataLoader(StudentBatches(m, RECIPE, 0, [0, 1], source, 16, views_in_workers=True),
+                              batch_size=None, collate_fn=_as_is, num_workers=2))
+    by_first_row = {b.rows[0]: b for b in workers}
+    assert len(workers) == len(main)
+    for b in main:
+        w = by_first_row[b.rows[0]]
+        assert w.images == [] and torch.equal(w.views, batch_views(b, RECIPE, torch.device("cpu")))
+
+
+def test_a_batch_never_splits_a_pair(reference, digits) -> None:
+    m = load_manifest(digits["val"])
+    for size in (7, 16, 33):
+        ds = StudentBatches(m, RECIPE, 3, [0, 1], EpochSource(1, 0, reference, 1, ("conv",)), size)
+        for batch in ds:
+            at = {r: i for i, r in enumerate(batch.rows)}
+            partners = batch.records[:batch.size, PARTNER].tolist()
+            assert set(partners) <= set(batch.rows)
+            # extra base views: only the pairs cut by the batch's two ends, and the partner of
+            # an odd one out of a pair group (whose partner is paired with another row)
+            odd = sum(batch.records[at[p], PARTNER] != r for r, p in zip(batch.rows, partners))
+            assert len(batch.rows) - batch.size <= 2 + odd
+
+
+def test_pairs_stay_inside_their_group() -> None:
+    rows = list(range(1000, 1000 + 2 * PAIR_GROUP + 37))
+    partners = pair_rows(5, 2, 3, rows)
+    assert set(partners) == set(rows)
+    for r, p in partners.items():
+        assert (r - 1000) // PAIR_GROUP == (p - 1000) // PAIR_GROUP
+    assert pair_rows(5, 3, 3, rows) != partners  # re-drawn every epoch
 
 
 def test_worker_count_and_rerun(reference, digits, teachers, tmp_path) -> None:

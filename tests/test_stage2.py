@@ -20,10 +20,10 @@ from civt_cache.recipe import Recipe
 from civt_cache.soft_targets import LossWeights, coadvise_loss, kd_term, pseudo_logits
 from civt_cache.stage1 import CacheJob, cache_teachers
 from civt_cache.stage2 import StudentJob, train_student
-from civt_cache.student_data import EpochSource, StudentViews, rank_shards, steps_per_epoch
+from civt_cache.student_data import EpochSource, StudentBatches, rank_shards, steps_per_epoch
 from civt_cache.views import mixed_targets
 
-from .conftest import run_cli
+from .conftest import run_cli, student_items
 
 RECIPE = Recipe(img_size=32, crop_scale=(0.35, 1.0))
 
@@ -65,8 +65,9 @@ def test_soft_targets_exact_at_full_k_and_mass_preserved() -> None:
 def test_cached_step_equals_online_step(digits, full_cache) -> None:
     cache, specs = full_cache
     m = load_manifest(digits["val"])
-    items = list(StudentViews(m, RECIPE, 0, [0], EpochSource(1, 0, cache, 1, ("conv", "inv"))))[:24]
-    online_items = list(StudentViews(m, RECIPE, 0, [0], EpochSource(1)))[:24]  # records re-sampled
+    items = student_items(StudentBatches(m, RECIPE, 0, [0], EpochSource(1, 0, cache, 1, ("conv", "inv")), 24),
+                          RECIPE)[:24]
+    online_items = student_items(StudentBatches(m, RECIPE, 0, [0], EpochSource(1), 24), RECIPE)[:24]  # re-sampled
     x = torch.stack([it["view"] for it in items])
     assert torch.equal(x, torch.stack([it["view"] for it in online_items]))
     torch.manual_seed(0)
@@ -210,7 +211,8 @@ def test_one_cache_serves_students_of_any_seed(digits, full_cache, tmp_path) -> 
     m = load_manifest(digits["val"])
     by_seed = {}
     for seed in (0, 7):
-        items = list(StudentViews(m, RECIPE, seed, [0], EpochSource(1, 0, cache, 1, ("conv", "inv"))))
+        items = student_items(StudentBatches(m, RECIPE, seed, [0], EpochSource(1, 0, cache, 1, ("conv", "inv")), 16),
+                              RECIPE)
         by_seed[seed] = items
     a, b = by_seed[0], by_seed[7]
     order_a, order_b = [it["row"] for it in a], [it["row"] for it in b]
@@ -229,3 +231,20 @@ def test_one_cache_serves_students_of_any_seed(digits, full_cache, tmp_path) -> 
     w0, w7 = (results[s]["model"]["pos_embed"] for s in (0, 7))
     assert not torch.equal(w0, w7)
     assert results[7]["job"]["seed"] == 7
+
+
+def test_benchmarks_measure_every_mode_side_by_side(digits, full_cache) -> None:
+    """bench student/views run every mode of their comparison in one call (rates, not timings,
+    are what they print; nothing here asserts a speed)."""
+    from civt_cache.bench import format_student, format_views, measure_student, measure_views
+
+    cache, specs = full_cache
+    r = measure_student(student_job(digits, cache, Path("unused"), batch_size=16), specs, steps=2)
+    assert set(r["rates"]) == {"plain (no distillation)", "from cache (both teachers)",
+                               "online (both teachers live)", "pre-built device batches (limit)",
+                               "timm create_loader (plain)"}
+    assert all(v > 0 for v in r["rates"].values())
+    assert "x the limit" in format_student(r)
+    v = measure_views(samples=6, img_size=48, batch=4, device="cpu", repeats=1)
+    assert set(v["rates"]) == {"PIL path, 1 CPU core", "engine, 1 CPU core"}
+    assert "x the PIL path per core" in format_views(v)

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PIPELINE ?= pipelines/demo.toml
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast timm-tests demo reproduce cache-teachers train-student bench bench-imagenet clean
+.PHONY: setup test test-fast timm-tests demo reproduce cache-teachers train-student bench bench-imagenet gpu-check clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,13 @@ bench: setup
 SAMPLES ?= 256
 bench-imagenet: setup
 	$(CLI) bench imagenet --samples $(SAMPLES)
+
+# On a GPU machine: the view engine's CUDA tests (CUDA vs PIL, CUDA vs CPU) and the GPU rows of
+# the benchmarks at the issue's scale (batch 256, 4 workers).
+gpu-check: setup
+	$(PY) -m pytest -q tests/test_view_engine.py
+	$(CLI) bench views --samples 1024 --batch 256 --device cuda
+	$(CLI) bench imagenet --samples 2560 --device cuda --workers 4 --teacher-batch 256 --student-batch 256 --steps 6
 
 clean:
 	rm -rf runs data build

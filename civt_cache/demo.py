@@ -23,11 +23,13 @@ import numpy as np
 
 from .cache_store import stored_views_version
 from .digits import digits_items
+from .fsutil import sha256_file
 from .manifest import default_manifest_path, load_manifest
+from .models.teachers import parse_teacher_spec
 from .pipeline import build_config, load_pipeline
 from .shard_writer import write_shards
 from .stage1 import CacheJob, cache_teachers
-from .stage2 import StudentJob, train_student
+from .stage2 import StudentJob, job_record, train_student
 from .train_teacher import TeacherJob, train_teacher
 from .views import VIEWS_VERSION
 
@@ -80,8 +82,12 @@ def main() -> None:
             job = replace(base, teachers=teachers, online=online, teacher=specs if online else [],
                           cache=None if online or teachers == "none" else base.cache, out=out,
                           seed=seed, view_seed=cache_job.seed)  # every row: the cache's views
-            if not (out / "results.json").exists():
+            key = {"views_version": VIEWS_VERSION, "job": job_record(job),
+                   "teachers": {spec: sha256_file(parse_teacher_spec(spec)[2]) for spec in specs}}
+            if not _finished(out, key):  # a run of other settings, teachers or views is redone
+                shutil.rmtree(out, ignore_errors=True)
                 train_student(job)
+                (out / "demo_key.json").write_text(json.dumps(key, sort_keys=True))
             rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             runs.setdefault(label, []).append(rows)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -92,6 +98,15 @@ def main() -> None:
     _plot(runs, args.out / "demo.png", args.seeds)
     print("\n".join(lines))
     print(f"demo finished in {time.perf_counter() - t0:.0f}s; table and plot in {args.out}/")
+
+
+def _finished(out: Path, key: dict) -> bool:
+    """A finished run (results.json) trained exactly as ``key`` says."""
+    try:
+        return ((out / "results.json").exists()
+                and json.loads((out / "demo_key.json").read_text()) == json.loads(json.dumps(key)))
+    except (OSError, ValueError):
+        return False
 
 
 def _summary(label: str, seeds_rows: list[list[dict]]) -> dict:

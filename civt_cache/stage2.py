@@ -216,7 +216,7 @@ def _train(job: StudentJob, info: DistInfo) -> dict[str, Any]:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "schedule": schedule.state_dict(), "epoch": epoch, "step": step,
                                         "global_step": global_step, "sums": sums,
-                                        "rng": torch.get_rng_state(), "job": _jsonable(job)})
+                                        "rng": torch.get_rng_state(), "job": job_record(job)})
         barrier(info)
 
     rows: list[dict[str, Any]] = []
@@ -321,7 +321,8 @@ def _student_heads(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.T
             "_inv": inv_head}
 
 
-def _jsonable(job: StudentJob) -> dict[str, Any]:
+def job_record(job: StudentJob) -> dict[str, Any]:
+    """The job as JSON: stored in checkpoints, and what the demo compares to reuse a run."""
     d = asdict(job)
     d["recipe"] = job.recipe.to_json()
     return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}

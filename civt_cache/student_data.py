@@ -21,7 +21,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .cache_store import CacheStore, check_alignment

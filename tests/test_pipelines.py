@@ -34,3 +34,20 @@ def test_official_coadvise_recipe() -> None:
     assert (s.clip_grad, s.drop_path, s.warmup_epochs, s.weight_decay) == (15.0, 0.0, 20, 0.05)
     assert (s.temperature, s.w_ce, s.w_conv, s.w_inv, s.label_smoothing) == (1.0, 1.0, 1.0, 1.0, 0.1)
     assert cache.epochs == s.epochs  # fresh views every epoch, as the paper trains
+
+
+def test_demo_reuses_only_runs_of_the_same_settings(tmp_path) -> None:
+    """A finished demo run is reused only when its settings, teachers and views version are the
+    ones asked for: after an upgrade that changes what records render, runs are redone."""
+    import json
+
+    from civt_cache.demo import _finished
+
+    key = {"views_version": 2, "job": {"seed": 0, "out": "runs/x"}, "teachers": {"conv=a:b": "f00"}}
+    assert not _finished(tmp_path, key)
+    (tmp_path / "results.json").write_text("{}")
+    assert not _finished(tmp_path, key)  # finished, but by an older civt-cache (no key)
+    (tmp_path / "demo_key.json").write_text(json.dumps(key, sort_keys=True))
+    assert _finished(tmp_path, key)
+    assert not _finished(tmp_path, {**key, "views_version": 3})
+    assert not _finished(tmp_path, {**key, "teachers": {"conv=a:b": "bad"}})

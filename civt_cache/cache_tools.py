@@ -12,7 +12,7 @@ from .distributed import pick_device
 from .errors import CacheMismatchError, CorruptUnitError
 from .manifest import load_manifest
 from .models.teachers import build_teacher, parse_teacher_spec, teacher_logits
-from .shards import read_shard
+from .shards import read_shard, sample_name
 from .view_engine import decode_images, render_views, worker_image
 from .views import LAM, LAM_ONE, MIX_MODE, MIX_NONE, PARTNER, image_size, sample_shard_records
 
@@ -178,7 +178,7 @@ def verify_cache(root: Path, manifest_path: Path | None, teacher_specs: list[str
         samples_ = read_shard(manifest, shard)
         rows = [manifest.row_of(shard, i) for i in range(len(samples_))]
         path = manifest.shard_path(shard)
-        sizes = [image_size(s.image, f"{path}: sample {s.key!r}") for s in samples_]
+        sizes = [image_size(s.image, sample_name(path, s)) for s in samples_]
         epochs = {}
         for epoch, pos, record in items:
             if epoch not in epochs:  # each (shard, epoch): one checked read, one re-sampling
@@ -190,7 +190,7 @@ def verify_cache(root: Path, manifest_path: Path | None, teacher_specs: list[str
             recs, outs, fresh = epochs[epoch]
             record_errors += int(not np.array_equal(fresh[pos], recs[pos]))
             pair = [pos, int(recs[pos, PARTNER]) - rows[0]]
-            names = [f"{path}: sample {samples_[p].key!r}" for p in pair]
+            names = [sample_name(path, samples_[p]) for p in pair]
             images = decode_images([worker_image(samples_[p].image, n) for p, n in zip(pair, names)],
                                    device, names)
             view = render_views(images, recs[pair], [rows[p] for p in pair], recipe, outputs=[0])

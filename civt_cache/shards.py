@@ -35,6 +35,11 @@ class Sample:
     label: int
 
 
+def sample_name(shard_path: Path | str, sample: Sample) -> str:
+    """How errors name one sample: its shard file and key."""
+    return f"{shard_path}: sample {sample.key!r}"
+
+
 def split_member_name(name: str) -> tuple[str, str] | None:
     """WebDataset's rule: key = path up to the first dot of the basename; ext = the rest."""
     m = _KEY_RE.match(name)

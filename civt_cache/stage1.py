@@ -7,8 +7,9 @@ rows) at a time as encoded bytes plus the records of every epoch of the unit. Th
 decodes the group once on the device and builds each epoch's views from it with the view engine,
 runs the teachers (bf16 autocast + channels_last on GPU, fp32 on CPU) and takes top-k on the
 device; a writer thread writes the unit's chunks and commits it, so the device never waits on
-the disk. Memory is bounded by a group, never by a shard. Units are split over torchrun ranks statically (unit index modulo world
-size) or claimed with claim files (``--claim``, for several nodes on one shared filesystem).
+the disk. Memory is bounded by a group, never by a shard. Units are split over torchrun ranks
+statically (unit index modulo world size) or claimed with claim files (``--claim``, for several
+nodes on one shared filesystem).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from .manifest import DataManifest, load_manifest
 from .models.teachers import Teacher, build_teacher, parse_teacher_spec, teacher_logits
 from .pipeline import require
 from .recipe import Recipe
-from .shards import read_shard
+from .shards import read_shard, sample_name
 from .view_engine import EncodedImage, decode_images, render_views, worker_image
 from .views import PAIR_GROUP, image_size, sample_shard_records
 
@@ -119,13 +120,13 @@ class UnitViews(IterableDataset):
                 recs, hashes, stored_labels = store.read_unit_views(shard, block, record)
                 check_alignment(self.store_root, self.manifest, shard, samples, hashes, stored_labels)
             else:
-                sizes = [image_size(s.image, f"{path}: sample {s.key!r}") for s in samples]
+                sizes = [image_size(s.image, sample_name(path, s)) for s in samples]
                 recs = np.stack([sample_shard_records(self.recipe, self.seed, e, shard, rows, sizes)
                                  for e in epochs])
             num_groups = -(-len(samples) // PAIR_GROUP)
             for g in range(num_groups):
                 part = slice(g * PAIR_GROUP, (g + 1) * PAIR_GROUP)
-                names = [f"{path}: sample {s.key!r}" for s in samples[part]]
+                names = [sample_name(path, s) for s in samples[part]]
                 yield GroupViews(shard, block, g, num_groups, rows[part],
                                  [worker_image(s.image, n) for s, n in zip(samples[part], names)],
                                  names, recs[:, part], [s.key for s in samples[part]],
@@ -265,7 +266,7 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
             unit = (item.shard, item.block)
             acc = pending.setdefault(unit, {"groups": [], "new_views": item.new_views,
                                             "teachers": {n: [] for n in needs[unit]}})
-            acc["groups"].append(item)
+            acc["groups"].append((item.keys, item.labels, item.records))  # not the bytes
             images = decode_images(item.images, info.device, item.names)  # once for all epochs
             outs: dict[str, list[tuple[np.ndarray, ...]]] = {n: [] for n in needs[unit]}
             for epoch_records in item.records:
@@ -275,8 +276,9 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
                         outs[t.name].append(_top_k(t, views, job, info.device))
             for name, per_epoch in outs.items():
                 acc["teachers"][name].append(per_epoch)
-            done += item.records.shape[0] * item.records.shape[1]
-            bar.update(item.records.shape[0] * item.records.shape[1])
+            n = item.records.shape[0] * item.records.shape[1]  # epochs x rows
+            done += n
+            bar.update(n)
             if item.group == item.num_groups - 1:
                 writer.put((item.shard, item.block, _unit_arrays(pending.pop(unit)),
                             store.unit_record(*unit)))
@@ -306,11 +308,11 @@ def _top_k(teacher: Teacher, views: torch.Tensor, job: CacheJob,
 
 def _unit_arrays(acc: dict[str, Any]) -> dict[str, Any]:
     """A finished unit's groups joined along rows: what the writer stores ([epoch, row, ...])."""
-    groups: list[GroupViews] = acc["groups"]
-    epochs = groups[0].records.shape[0]
-    return {"keys": [k for g in groups for k in g.keys],
-            "labels": np.concatenate([g.labels for g in groups]),
-            "records": np.concatenate([g.records for g in groups], axis=1),
+    keys, labels, records = zip(*acc["groups"])
+    epochs = records[0].shape[0]
+    return {"keys": [k for group in keys for k in group],
+            "labels": np.concatenate(labels),
+            "records": np.concatenate(records, axis=1),
             "new_views": acc["new_views"],
             "teachers": {name: {part: [np.concatenate([per_group[j][p] for per_group in out])
                                        for j in range(epochs)]

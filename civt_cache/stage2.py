@@ -12,7 +12,6 @@ from typing import Any
 import timm
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .cache_store import CacheStore
@@ -24,7 +23,7 @@ from .models.teachers import build_teacher, parse_teacher_spec, teacher_logits
 from .pipeline import require
 from .recipe import Recipe
 from .soft_targets import LossWeights, coadvise_loss, pseudo_logits
-from .student_data import EpochSource, StudentBatches, _as_is, batch_inputs, rank_shards, \
+from .student_data import EpochSource, StudentBatches, batch_inputs, batch_loader, rank_shards, \
     steps_per_epoch, worker_skips
 from .training import (append_metrics, evaluate, optimizer_and_schedule, plot_curves,
                        save_checkpoint, write_results)
@@ -231,8 +230,7 @@ def _train(job: StudentJob, info: DistInfo) -> dict[str, Any]:
                                  views_in_workers=device.type == "cpu")
         # its own generator: creating the iterator must not draw from the global RNG, whose
         # state (drop-path masks) a resumed run restores mid-epoch
-        loader = DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=job.workers,
-                            generator=torch.Generator().manual_seed(job.seed + epoch))
+        loader = batch_loader(dataset, job.workers, torch.Generator().manual_seed(job.seed + epoch))
         if skip == 0:
             sums = dict.fromkeys(sums, 0.0)
         ddp_model.train()

@@ -21,13 +21,13 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .cache_store import CacheStore, check_alignment
 from .errors import CacheMismatchError
 from .manifest import DataManifest
 from .recipe import Recipe
-from .shards import read_shard
+from .shards import read_shard, sample_name
 from .view_engine import EncodedImage, decode_images, eval_views, render_views, worker_image
 from .views import LAM, LAM_ONE, PARTNER, _rng, image_size, mixed_targets, sample_shard_records
 
@@ -101,9 +101,16 @@ def batch_inputs(batch: StudentBatch, recipe: Recipe, num_classes: int, smoothin
 
 
 def _as_is(item: Any) -> Any:
-    """collate_fn of the batch loaders: items are already batches (and numpy arrays travel
-    pickled, not as shared-memory tensors)."""
     return item
+
+
+def batch_loader(dataset: IterableDataset, workers: int,
+                 generator: torch.Generator | None = None) -> DataLoader:
+    """A DataLoader over a data set whose items are already batches (``StudentBatches``,
+    ``ValBatches``): no collation, so numpy arrays travel pickled, not as shared-memory
+    tensors."""
+    return DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=workers,
+                      generator=generator)
 
 
 class StudentBatches(IterableDataset):
@@ -159,14 +166,14 @@ class StudentBatches(IterableDataset):
                     shard, self.source.cache_epoch, record, list(self.source.teachers))
                 check_alignment(self.source.cache, self.manifest, shard, samples, hashes, cached_labels)
             else:
-                sizes = [image_size(s.image, f"{path}: sample {s.key!r}") for s in samples]
+                sizes = [image_size(s.image, sample_name(path, s)) for s in samples]
                 recs = sample_shard_records(self.recipe, self.source.view_seed, self.source.epoch,
                                             shard, rows, sizes)
             images: dict[int, tuple[EncodedImage, str]] = {}
 
             def image(pos: int) -> tuple[EncodedImage, str]:
                 if pos not in images:
-                    name = f"{path}: sample {samples[pos].key!r}"
+                    name = sample_name(path, samples[pos])
                     images[pos] = (worker_image(samples[pos].image, name), name)
                 return images[pos]
 
@@ -227,7 +234,7 @@ class ValBatches(IterableDataset):
         for shard in self.shards[wid::nw]:
             path = self.manifest.shard_path(shard)
             for s in read_shard(self.manifest, shard):
-                names.append(f"{path}: sample {s.key!r}")
+                names.append(sample_name(path, s))
                 images.append(worker_image(s.image, names[-1]))
                 labels.append(s.label)
                 if len(labels) == self.batch_size:

@@ -11,7 +11,6 @@ from typing import Any
 
 import timm
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .distributed import DistInfo, init_distributed, shutdown
@@ -21,7 +20,8 @@ from .manifest import load_manifest
 from .models.teachers import build_teacher
 from .recipe import Recipe
 from .soft_targets import soft_ce
-from .student_data import EpochSource, StudentBatches, _as_is, batch_inputs, rank_shards, steps_per_epoch
+from .student_data import EpochSource, StudentBatches, batch_inputs, batch_loader, rank_shards, \
+    steps_per_epoch
 from .training import evaluate, optimizer_and_schedule, save_checkpoint
 
 
@@ -85,10 +85,9 @@ def _train(job: TeacherJob, info: DistInfo) -> dict[str, Any]:
     step, start = 0, time.perf_counter()
     bar = tqdm(total=sum(steps), desc=f"train-teacher {job.arch}", unit="step", disable=None)
     for epoch in range(job.epochs):
-        loader = DataLoader(StudentBatches(manifest, recipe, job.seed, rank_shards(manifest, job.seed, epoch, 0, 1),
-                                           EpochSource(epoch, job.seed), job.batch_size,
-                                           views_in_workers=info.device.type == "cpu"),
-                            batch_size=None, collate_fn=_as_is, num_workers=job.workers)
+        loader = batch_loader(StudentBatches(manifest, recipe, job.seed, rank_shards(manifest, job.seed, epoch, 0, 1),
+                                             EpochSource(epoch, job.seed), job.batch_size,
+                                             views_in_workers=info.device.type == "cpu"), job.workers)
         model.train()
         for _, batch in zip(range(steps[epoch]), loader):
             x, target = batch_inputs(batch, recipe, manifest.num_classes, job.label_smoothing, info.device)

@@ -10,13 +10,12 @@ import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
-from torch.utils.data import DataLoader
 
 from .distributed import DistInfo, all_reduce_sum
 from .fsutil import atomic_write_json, atomic_write_with
 from .manifest import DataManifest
 from .recipe import Recipe
-from .student_data import ValBatches, _as_is, val_views
+from .student_data import ValBatches, batch_loader, val_views
 
 
 def optimizer_and_schedule(model: nn.Module, opt: str, lr: float, weight_decay: float,
@@ -41,8 +40,7 @@ def evaluate(model: nn.Module, manifest: DataManifest, recipe: Recipe, info: Dis
     was_training = model.training
     model.eval()
     shards = list(range(len(manifest.shards)))[info.rank::info.world_size]
-    loader = DataLoader(ValBatches(manifest, shards, batch_size), batch_size=None, collate_fn=_as_is,
-                        num_workers=min(workers, len(shards)))
+    loader = batch_loader(ValBatches(manifest, shards, batch_size), min(workers, len(shards)))
     names: list[str] = []
     counts: list[float] = []
     n = 0

@@ -255,7 +255,9 @@ def _colour_op(name: str, v: torch.Tensor, level: np.ndarray, sign: np.ndarray) 
     def per_sample(values: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(values, dtype=torch.float32, device=v.device)
 
-    factor = per_sample(np.maximum(0.1, 1.0 + sign * 0.9 * level))  # the *Increasing enhancers
+    def factor() -> torch.Tensor:  # the *Increasing enhancers (a host-to-device copy: only theirs)
+        return per_sample(np.maximum(0.1, 1.0 + sign * 0.9 * level))
+
     if name == "AutoContrast":
         lo = v.amin(dim=(2, 3), keepdim=True)
         hi = v.amax(dim=(2, 3), keepdim=True)
@@ -275,14 +277,14 @@ def _colour_op(name: str, v: torch.Tensor, level: np.ndarray, sign: np.ndarray) 
         add = per_sample(np.minimum(128, (level * 110).astype(np.int64))).view(-1, 1, 1, 1)
         return torch.where(v < 128, (v + add).clamp(max=255), v)
     if name == "ColorIncreasing":
-        return _blend(_gray(v).expand_as(v), v, factor)
+        return _blend(_gray(v).expand_as(v), v, factor())
     if name == "ContrastIncreasing":
         mean = torch.floor(_gray(v).double().mean(dim=(1, 2, 3)) + 0.5).float()
-        return _blend(mean.view(-1, 1, 1, 1).expand_as(v), v, factor)
+        return _blend(mean.view(-1, 1, 1, 1).expand_as(v), v, factor())
     if name == "BrightnessIncreasing":
-        return _blend(torch.zeros_like(v), v, factor)
+        return _blend(torch.zeros_like(v), v, factor())
     if name == "SharpnessIncreasing":
-        return torch.floor(kornia.enhance.sharpness(v / 255.0, factor) * 255.0 + 1e-3)
+        return torch.floor(kornia.enhance.sharpness(v / 255.0, factor()) * 255.0 + 1e-3)
     raise ValueError(f"unknown RandAugment op {name!r}")
 
 

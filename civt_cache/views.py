@@ -180,7 +180,7 @@ def mixed_targets(labels: torch.Tensor, partner_labels: torch.Tensor, lam: torch
     off = smoothing / num_classes
     on = 1.0 - smoothing + off
     a = torch.full((labels.shape[0], num_classes), off, device=labels.device)
-    b = torch.full_like(a, off).scatter_(1, partner_labels[:, None], on)
+    b = a.clone().scatter_(1, partner_labels[:, None], on)
     a.scatter_(1, labels[:, None], on)
     lam = lam[:, None].float()
     return lam * a + (1.0 - lam) * b

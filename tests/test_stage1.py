@@ -113,15 +113,12 @@ def test_stage_two_rebuilds_the_same_view_tensors(reference, digits) -> None:
 
 def test_views_built_in_cpu_workers_are_the_same(reference, digits) -> None:
     """CPU training lets the loader workers run the engine: same views as the main process's."""
-    from torch.utils.data import DataLoader
-
-    from civt_cache.student_data import _as_is, batch_views
+    from civt_cache.student_data import batch_loader, batch_views
 
     m = load_manifest(digits["val"])
     source = EpochSource(1, 0, reference, 1, ("conv",))
     main = list(StudentBatches(m, RECIPE, 0, [0, 1], source, 16))
-    workers = list(DataLoader(StudentBatches(m, RECIPE, 0, [0, 1], source, 16, views_in_workers=True),
-                              batch_size=None, collate_fn=_as_is, num_workers=2))
+    workers = list(batch_loader(StudentBatches(m, RECIPE, 0, [0, 1], source, 16, views_in_workers=True), 2))
     by_first_row = {b.rows[0]: b for b in workers}
     assert len(workers) == len(main)
     for b in main:

@@ -1,13 +1,37 @@
 """Shared fixtures: small data sets built once per test session."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+#: Intra-op threads of every test process and every process a test starts. Reductions (RedNet's
+#: involution, matmuls) give other last bits at other thread counts, and torchrun sets one thread
+#: per rank, so every test that compares caches or weights bit for bit runs both sides at this
+#: count, whatever OMP_NUM_THREADS the suite was started with or the machine's core count.
+TEST_THREADS = 1
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pinned_threads():
+    """Pin the thread count in this process and, through OMP_NUM_THREADS (which subprocesses and
+    torchrun ranks inherit), in every CLI run, so a reference built here and a cache built by a
+    subprocess are made at the same thread count."""
+    saved_env, saved_threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)
+    torch.set_num_threads(TEST_THREADS)
+    yield TEST_THREADS
+    torch.set_num_threads(saved_threads)
+    if saved_env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = saved_env
 
 
 def run_cli(*args: str, cwd: Path | None = None, check: bool = True,
@@ -39,8 +63,6 @@ def digits(tmp_path_factory) -> dict[str, Path]:
 def student_items(dataset, recipe) -> list[dict]:
     """Flatten a StudentBatches data set into per-sample dicts (row, view, label, partner_label,
     lam, t_<teacher>) in the order the batches hold them, views built on the CPU engine."""
-    import torch
-
     from civt_cache.student_data import batch_views
 
     items = []

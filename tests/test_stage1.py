@@ -236,13 +236,17 @@ def test_sigkill_at_random_moments_then_resume(reference, digits, teachers, tmp_
         assert np.array_equal(ref[k], got[k]), k
 
 
-def test_two_ranks_under_torchrun_match_one_process(reference, digits, teachers, tmp_path) -> None:
+def test_two_ranks_under_torchrun_match_one_process(reference, digits, teachers, tmp_path,
+                                                    pinned_threads) -> None:
+    """Bit for bit, given the same thread count: the reference was built in this process and the
+    ranks inherit OMP_NUM_THREADS, both pinned to TEST_THREADS by conftest (torchrun keeps a
+    value that is set)."""
     out = tmp_path / "c"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert os.environ["OMP_NUM_THREADS"] == str(pinned_threads) == str(torch.get_num_threads())
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-port", "29517", "-m", "civt_cache.cli",
                            *_cli_job_args(digits["val"], out, teachers)],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0: 2 unit(s)" in proc.stdout and "rank 1: 2 unit(s)" in proc.stdout
     ref, got = arrays(reference), arrays(out)

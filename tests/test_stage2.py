@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -167,7 +166,7 @@ def test_ddp_two_processes_on_cpu(digits, full_cache, tmp_path) -> None:
                            "--manifest", str(digits["val"]), "--val-manifest", str(digits["val"]),
                            "--cache", str(cache), "--model", "civt_micro", "--epochs", "1",
                            "--batch-size", "16", "--workers", "0", "--device", "cpu", "--out", str(run)],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True)  # ranks inherit conftest's thread pin
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = _metrics(run)[0]
     m = load_manifest(digits["val"])

@@ -39,7 +39,7 @@ from .training import optimizer_and_schedule
 from .recipe import Recipe
 from .stage1 import CacheJob, UnitViews, cache_teachers
 from .stage2 import StudentJob, train_student
-from .view_engine import decode_images, render_views
+from .view_engine import render_encoded
 
 PAPER_TEACHERS = {"conv": "regnety_006", "inv": "rednet26"}
 
@@ -121,8 +121,8 @@ def measure_cache(job: CacheJob, out: Path | None = None) -> dict[str, Any]:
         files = sum(store.disk_bytes().values())
         first = {(0, 0): store.unit_record(0, 0)}
         group = next(iter(UnitViews(manifest, one.out, list(first), first, job.recipe, job.seed, 1, 1)))
-        views = render_views(decode_images(group.images, device, group.names), group.records[0],
-                             group.rows, job.recipe)  # pre-built on the device, outside the timing
+        views = next(render_encoded(group.images, group.records[:1], group.rows, job.recipe, device,
+                                    group.names))  # pre-built on the device, outside the timing
     teachers = [build_teacher(t, device) for t in job.teachers]
     batches = [views[i:i + job.batch_size] for i in range(0, len(views), job.batch_size)]
     for t in teachers:  # warm-up: allocator, cuDNN algorithm choice
@@ -228,9 +228,9 @@ def _timed_steps(step, batches: list, steps: int, device: torch.device) -> float
 def measure_prebuilt(job: StudentJob, steps: int) -> float:
     """Stage two's limit: the same student and step from the cache's targets, on batches built
     beforehand and already on the device (no data path at all)."""
-    from .soft_targets import LossWeights, pseudo_logits
+    from .soft_targets import LossWeights
     from .stage2 import TEACHER_SETS, train_step
-    from .student_data import EpochSource, StudentBatches, batch_inputs
+    from .student_data import EpochSource, StudentBatches, batch_inputs, batch_targets
 
     device = pick_device(job.device)
     manifest = load_manifest(job.manifest)
@@ -240,8 +240,7 @@ def measure_prebuilt(job: StudentJob, steps: int) -> float:
     for batch in StudentBatches(manifest, job.recipe, job.seed, list(range(len(manifest.shards))),
                                 source, job.batch_size):
         x, ce = batch_inputs(batch, job.recipe, manifest.num_classes, job.label_smoothing, device)
-        targets = {n: pseudo_logits(*(torch.from_numpy(a).to(device) for a in batch.teachers[n]),
-                                    manifest.num_classes) for n in names}
+        targets = batch_targets(batch, manifest.num_classes, job.renormalize, device)
         batches.append((x, ce, targets))
         if len(batches) == steps + 2:
             break
@@ -409,8 +408,8 @@ def measure_views(samples: int, img_size: int = 224, batch: int = 64, device: st
             for i in range(0, samples, batch):
                 part = order[i:i + batch]
                 rows = sorted(set(part) | {int(recs[p, PARTNER]) for p in part})  # partners travel along
-                images = decode_images([worker_image(jpegs[r], str(r)) for r in rows], dev)
-                render_views(images, recs[rows], rows, recipe, [rows.index(p) for p in part])
+                next(render_encoded([worker_image(jpegs[r], str(r)) for r in rows], [recs[rows]], rows,
+                                    recipe, dev, outputs=[rows.index(p) for p in part]))
             _sync(dev)
         return run
 

@@ -9,9 +9,9 @@ Layout (E epochs, R = manifest rows incl. padding, U = epoch blocks, F = record 
     CACHE/views/keys     uint64 [U, R]    hash of each sample's __key__, per epoch block
     CACHE/views/labels   int32 [U, R]     each sample's label (inspect, alignment checks)
     CACHE/teachers/NAME/ (attrs: arch, checkpoint sha256, normalisation)
-        logits   float16 [E, R, k]   top-k logits, descending
+        logprobs float16 [E, R, k]   top-k log-probabilities (logit - lse), descending, >= -65504
         indices  int16|int32 [E, R, k]
-        lse      float32 [E, R]      log-sum-exp of the full logits
+        lse      float32 [E, R]      log-sum-exp of the full logits (the logits are logprobs + lse)
     CACHE/progress/sSSSSSS-bBBBB.json  commit record of one unit (shard, epoch block)
     CACHE/claims/RUN/...               claim files when ranks claim units dynamically
 
@@ -37,19 +37,23 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, TransposeCodec
 
 from .errors import CacheMismatchError, CorruptUnitError
-from .fsutil import atomic_write_json, canonical_sha256
+from .fsutil import FILE_MODE, atomic_write_json, canonical_sha256
 from .manifest import DataManifest
 from .recipe import Recipe
 from .views import NUM_FIELDS, VIEWS_VERSION
 
-SCHEMA_VERSION = 2  # 2: crc32c on every chunk, fill values no real entry can have
+SCHEMA_VERSION = 3  # 2: crc32c on every chunk, fill values no real entry can have; 3: log-probs
+# Teachers' top-k are stored as log-probabilities, logit - lse <= 0, so no finite logit overflows
+# float16 (a logit of 1e5 would be +inf); a log-probability below float16's lowest is clamped
+# there, where exp() is 0 in any float type anyway.
+FP16_LOWEST = float(np.finfo(np.float16).min)
 # Every chunk ends in a CRC32C of its compressed bytes (zarr's own v3 codec), so a flipped bit on
 # disk fails the read instead of decoding into wrong numbers.
 _VALUES = [BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle), Crc32cCodec()]
 _BITS = [BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle), Crc32cCodec()]
 _RAW = [Crc32cCodec()]
 VIEW_ARRAYS = ("views/params", "views/keys", "views/labels")
-TEACHER_ARRAYS = ("logits", "indices", "lse")
+TEACHER_ARRAYS = ("logprobs", "indices", "lse")
 
 
 def key_hash(key: str) -> int:
@@ -72,13 +76,16 @@ def check_alignment(cache: Path, manifest: DataManifest, shard: int, samples: Se
                                      "changed after caching")
 
 
-def stored_views_version(root: Path) -> int | None:
-    """The views version a cache directory was made for (None: no cache there)."""
+def stored_versions(root: Path) -> tuple[int, int] | None:
+    """(schema, views version) a cache directory was made with (None: no cache there), to tell
+    a cache this civt-cache cannot read from one it can."""
     try:
         attrs = json.loads((Path(root) / "zarr.json").read_text()).get("attributes", {})
     except (OSError, ValueError):
         return None
-    return attrs.get("views_version", 1) if attrs.get("kind") == "civt-cache" else None
+    if attrs.get("kind") != "civt-cache":
+        return None
+    return attrs.get("schema_version", 1), attrs.get("views_version", 1)
 
 
 def committed_components(record: dict[str, Any]) -> list[str]:
@@ -272,7 +279,7 @@ class CacheStore:
                                      f"classes, the data has {s.num_classes}")
         g = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=identity)
         chunks = (s.epochs_per_unit, s.row_stride, s.topk)
-        g.create_array("logits", shape=(s.epochs, s.num_rows, s.topk), chunks=chunks,
+        g.create_array("logprobs", shape=(s.epochs, s.num_rows, s.topk), chunks=chunks,
                        dtype="float16", fill_value=float("nan"), compressors=_VALUES)
         g.create_array("indices", shape=(s.epochs, s.num_rows, s.topk), chunks=chunks,
                        dtype=s.index_dtype, fill_value=-1, compressors=_BITS)
@@ -331,7 +338,8 @@ class CacheStore:
         d = self.root / "claims" / run_id
         d.mkdir(parents=True, exist_ok=True)
         try:
-            os.close(os.open(d / f"s{shard:06d}-b{block:04d}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.close(os.open(d / f"s{shard:06d}-b{block:04d}", os.O_CREAT | os.O_EXCL | os.O_WRONLY,
+                             FILE_MODE))
             return True
         except FileExistsError:
             return False
@@ -361,16 +369,17 @@ class CacheStore:
         self.group["views/labels"][block:block + 1, rows] = self._pad(labels[None])
         return _checksum(records, hashes, labels)
 
-    def write_teacher(self, name: str, shard: int, block: int, logits: np.ndarray,
+    def write_teacher(self, name: str, shard: int, block: int, logprobs: np.ndarray,
                       indices: np.ndarray, lse: np.ndarray) -> str:
-        """Write a unit's top-k logits / indices [B, n, k] and lse [B, n]; returns a checksum."""
+        """Write a unit's top-k log-probabilities / indices [B, n, k] and lse [B, n]; returns a
+        checksum."""
         ep, rows = self.block_epochs(block), self._rows(shard)
         g = self.group[f"teachers/{name}"]
-        g["logits"][ep.start:ep.stop, rows] = self._pad(logits.astype(np.float16))
+        stored = np.clip(logprobs, FP16_LOWEST, 0.0).astype(np.float16)
+        g["logprobs"][ep.start:ep.stop, rows] = self._pad(stored)
         g["indices"][ep.start:ep.stop, rows] = self._pad(indices.astype(self.spec.index_dtype))
         g["lse"][ep.start:ep.stop, rows] = self._pad(lse.astype(np.float32))
-        return _checksum(logits.astype(np.float16), indices.astype(self.spec.index_dtype),
-                         lse.astype(np.float32))
+        return _checksum(stored, indices.astype(self.spec.index_dtype), lse.astype(np.float32))
 
     # ---- checked reads ------------------------------------------------------------------------
     # Every read of a committed unit goes through these: each chunk file must exist (zarr would
@@ -420,7 +429,7 @@ class CacheStore:
             raise CacheMismatchError(f"{self.root}: unit (shard {shard}, block {block}) has no "
                                      f"committed {component}; run cache-teachers to finish it")
         if _checksum(*arrays) != expected:
-            name = "views/params" if component == "views" else f"teachers/{component}/logits"
+            name = "views/params" if component == "views" else f"teachers/{component}/logprobs"
             raise self._unit_error(shard, block, name, f"{component} arrays do not match the "
                                    "checksum of the unit's progress record")
 
@@ -437,7 +446,7 @@ class CacheStore:
 
     def read_unit_teacher(self, name: str, shard: int, block: int, record: dict[str, Any]) -> tuple[
             np.ndarray, np.ndarray, np.ndarray]:
-        """Checked (logits [B, n, k] float16, indices [B, n, k], lse [B, n] float32) of a unit."""
+        """Checked (logprobs [B, n, k] float16, indices [B, n, k], lse [B, n] float32) of a unit."""
         ep, rows, n = self.block_epochs(block), self._rows(shard), record["num_samples"]
         sel = (slice(ep.start, ep.stop), rows)
         out = tuple(self._read_chunk(f"teachers/{name}/{a}", shard, block, sel)[:, :n]
@@ -461,7 +470,7 @@ class CacheStore:
     def read_epoch(self, shard: int, epoch: int, record: dict[str, Any], teachers: list[str]) -> tuple[
             np.ndarray, np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, ...]]]:
         """One (shard, epoch) of a committed unit, checked: records [n, F], key hashes [n],
-        labels [n], and per teacher (logits [n, k] float32, indices [n, k] int64, lse [n]).
+        labels [n], and per teacher (logprobs [n, k] float32, indices [n, k] int64, lse [n]).
         The unit's chunks are decoded whole either way (one chunk = one unit), so checking the
         whole unit costs no extra read."""
         block = epoch // self.spec.epochs_per_unit
@@ -469,8 +478,8 @@ class CacheStore:
         recs, keys, labels = self.read_unit_views(shard, block, record)
         out = {}
         for name in teachers:
-            logits, indices, lse = self.read_unit_teacher(name, shard, block, record)
-            out[name] = (logits[j].astype(np.float32), indices[j].astype(np.int64),
+            logprobs, indices, lse = self.read_unit_teacher(name, shard, block, record)
+            out[name] = (logprobs[j].astype(np.float32), indices[j].astype(np.int64),
                          lse[j].astype(np.float32))
         return recs[j], keys, labels, out
 

@@ -1,19 +1,20 @@
 """``inspect`` and ``verify``: read a cache and say what it holds and whether it is right."""
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .cache_store import CacheStore, check_alignment, committed_components
+from .cache_store import FP16_LOWEST, CacheStore, check_alignment, committed_components
 from .distributed import pick_device
 from .errors import CacheMismatchError, CorruptUnitError
 from .manifest import load_manifest
 from .models.teachers import build_teacher, parse_teacher_spec, teacher_logits
 from .shards import read_shard, sample_name
-from .view_engine import decode_images, render_views, worker_image
+from .view_engine import render_encoded, worker_image
 from .views import LAM, LAM_ONE, MIX_MODE, MIX_NONE, PARTNER, image_size, sample_shard_records
 
 INSPECT_MAX_UNITS = 64
@@ -191,24 +192,26 @@ def verify_cache(root: Path, manifest_path: Path | None, teacher_specs: list[str
             record_errors += int(not np.array_equal(fresh[pos], recs[pos]))
             pair = [pos, int(recs[pos, PARTNER]) - rows[0]]
             names = [sample_name(path, samples_[p]) for p in pair]
-            images = decode_images([worker_image(samples_[p].image, n) for p, n in zip(pair, names)],
-                                   device, names)
-            view = render_views(images, recs[pair], [rows[p] for p in pair], recipe, outputs=[0])
+            view = next(render_encoded([worker_image(samples_[p].image, n) for p, n in zip(pair, names)],
+                                       [recs[pair]], [rows[p] for p in pair], recipe, device, names,
+                                       outputs=[0]))
             for t in teachers:
                 full = teacher_logits(t, view, recipe.mean, recipe.std, device)[0].cpu()
-                logits, idx, lse = (a[pos] for a in outs[t.name])
-                diff = (full[torch.from_numpy(idx)] - torch.from_numpy(logits)).abs()
-                worst = max(worst, float(diff.max()))
-                budget_ok &= bool((diff <= atol + rtol * torch.from_numpy(logits).abs()).all())
-                worst = max(worst, abs(float(torch.logsumexp(full, 0)) - float(lse)))
+                logprobs, idx, lse = (torch.from_numpy(np.asarray(a[pos])) for a in outs[t.name])
+                fresh_lse = torch.logsumexp(full, 0)
+                diff = ((full[idx] - fresh_lse).clamp_min(FP16_LOWEST) - logprobs).abs()  # as stored
+                worst = max(worst, float(diff.nan_to_num(math.inf).max()))
+                budget_ok &= bool((diff <= atol + rtol * logprobs.abs()).all())
+                worst = max(worst, abs(float(fresh_lse) - float(lse)))
+                budget_ok &= bool(torch.isfinite(full).all() and torch.isfinite(lse))
                 fresh_idx = set(full.topk(spec.topk).indices.tolist())
                 mismatched += len(fresh_idx - set(idx.tolist()))
                 total_k += spec.topk
             checked += 1
     rate = mismatched / max(total_k, 1)
     ok = budget_ok and rate <= max_mismatch and record_errors == 0
-    report = (f"verified {checked} views x {len(teachers)} teacher(s) on {device}: largest logit "
-              f"difference {worst:.4g} (tolerance {atol} + {rtol:.3g}*|logit|), top-{spec.topk} "
+    report = (f"verified {checked} views x {len(teachers)} teacher(s) on {device}: largest "
+              f"log-probability difference {worst:.4g} (tolerance {atol} + {rtol:.3g}*|value|), top-{spec.topk} "
               f"index mismatch {100 * rate:.2f}% (tolerance {100 * max_mismatch:.0f}%), "
               f"records regenerated differently: {record_errors} -> {'OK' if ok else 'FAILED'}")
     return report, ok

@@ -159,6 +159,7 @@ def train_student_cmd(
     checkpoint_every: Optional[int] = typer.Option(None, help="Also checkpoint every N steps."),
     out: Optional[Path] = typer.Option(None, help="Run directory (checkpoints, metrics, plot)."),
     resume: Optional[bool] = typer.Option(None, "--resume/--fresh", help="Continue from RUN_DIR/checkpoint.pt."),
+    force: Optional[bool] = typer.Option(None, "--force/--no-force", help="Start fresh in a folder holding another run's files, replacing them."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps in all."),
 ) -> None:
     """Stage two: train a CivT student from images plus the cached soft targets."""
@@ -171,7 +172,7 @@ def train_student_cmd(
         epochs=epochs, teachers=teachers, online=online, teacher=teacher, seed=seed,
         view_seed=view_seed, cycle_cache=cycle_cache, batch_size=batch_size, lr=lr, temperature=temperature, renormalize=renormalize,
         workers=workers, device=device, compile=compile, checkpoint_every=checkpoint_every,
-        out=out, resume=resume, max_steps=max_steps), pipeline)
+        out=out, resume=resume, force=force, max_steps=max_steps), pipeline)
     res = train_student(job)
     typer.echo(f"val top-1 {res.get('val_top1', float('nan')):.2f}% -> {job.out}/results.json")
 
@@ -273,9 +274,26 @@ def bench_imagenet_cmd(
 
 
 @app.callback()
-def _options(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (or set CIVT_DEBUG=1).")) -> None:
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (or set CIVT_DEBUG=1)."),
+    max_image_pixels: Optional[int] = typer.Option(
+        None, min=1, help="Largest width x height an input image may declare; larger ones are refused "
+        "by name before decoding [CIVT_MAX_IMAGE_PIXELS, or 89,478,485]."),
+    decode_budget: Optional[int] = typer.Option(
+        None, min=1, help="Decoded pixels one decode pass may hold, whatever the image count "
+        "[CIVT_DECODE_BUDGET_PIXELS, or 64 Mpx on CPU, 1/64 of a GPU's memory]."),
+) -> None:
+    """Options of every command. The limits travel as environment variables, so loader
+    workers and torchrun ranks started by this process keep them."""
+    from .imageio import MAX_PIXELS_ENV
+    from .view_engine import BUDGET_ENV
+
     if debug:
         os.environ["CIVT_DEBUG"] = "1"
+    if max_image_pixels is not None:
+        os.environ[MAX_PIXELS_ENV] = str(max_image_pixels)
+    if decode_budget is not None:
+        os.environ[BUDGET_ENV] = str(decode_budget)
 
 
 def main() -> None:

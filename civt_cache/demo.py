@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache_store import stored_views_version
+from .cache_store import SCHEMA_VERSION, stored_versions
 from .digits import digits_items
 from .fsutil import sha256_file
 from .manifest import default_manifest_path, load_manifest
@@ -66,9 +66,10 @@ def main() -> None:
                                            workers=1))
             print(f"teacher {name} ({t['arch']}): val top-1 {res['val_top1']:.1f}%")
     cache_job = build_config(CacheJob, cfg, "cache", {}, args.pipeline)
-    stale = stored_views_version(cache_job.out)
-    if stale not in (None, VIEWS_VERSION):  # the demo's own output, from an older civt-cache
-        print(f"{cache_job.out}: made for views version {stale}, rebuilding it for version {VIEWS_VERSION}")
+    stale = stored_versions(cache_job.out)
+    if stale not in (None, (SCHEMA_VERSION, VIEWS_VERSION)):  # the demo's own, from an older civt-cache
+        print(f"{cache_job.out}: made with (schema, views version) {stale}, rebuilding it for "
+              f"{(SCHEMA_VERSION, VIEWS_VERSION)}")
         shutil.rmtree(cache_job.out)
     cache_teachers(cache_job)
     base = build_config(StudentJob, cfg, "student", {}, args.pipeline)
@@ -82,7 +83,7 @@ def main() -> None:
             job = replace(base, teachers=teachers, online=online, teacher=specs if online else [],
                           cache=None if online or teachers == "none" else base.cache, out=out,
                           seed=seed, view_seed=cache_job.seed)  # every row: the cache's views
-            key = {"views_version": VIEWS_VERSION, "job": job_record(job),
+            key = {"views_version": VIEWS_VERSION, "schema_version": SCHEMA_VERSION, "job": job_record(job),
                    "teachers": {spec: sha256_file(parse_teacher_spec(spec)[2]) for spec in specs}}
             if not _finished(out, key):  # a run of other settings, teachers or views is redone
                 shutil.rmtree(out, ignore_errors=True)

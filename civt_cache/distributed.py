@@ -66,3 +66,13 @@ def all_reduce_sum(info: DistInfo, values: list[float]) -> list[float]:
                      device=info.device if info.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_gather_objects(info: DistInfo, obj: object) -> list[object]:
+    """Every rank's ``obj`` in rank order (checkpoints keep each rank's RNG state and loss sums);
+    ``[obj]`` without torchrun."""
+    if not info.distributed:
+        return [obj]
+    out: list[object] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out

@@ -28,6 +28,19 @@ class ConfigError(CivtError):
     """A pipeline file or flag combination that cannot work."""
 
 
+class CheckpointError(CivtError):
+    """A checkpoint that is missing, damaged, of another run, or would run code to load."""
+
+
+class NonFiniteError(CivtError):
+    """NaN or infinity where numbers must be finite: a teacher's logits, a training loss. Named
+    at the place it appears (teacher, unit, view; step, shard, rows), never stored or trained on."""
+
+
+class OutOfMemoryError(CivtError):
+    """The device or host ran out of memory: said as such, never blamed on an input file."""
+
+
 class CacheMismatchError(CivtError):
     """A cache that was built for other data, views, teachers or settings than asked for."""
 

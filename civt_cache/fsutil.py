@@ -16,6 +16,19 @@ from typing import Any, Callable
 _CHUNK = 1 << 20
 
 
+def _process_umask() -> int:
+    """The umask this process was started with (read once: setting it is the only way to read it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: Mode of every file this tool creates: what ``open()`` would give (0644 under the usual umask
+#: 022), so a cache, manifest or run written by one user can be read by another. ``mkstemp``
+#: alone would create 0600 files.
+FILE_MODE = 0o666 & ~_process_umask()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` atomically (temp file in the same directory, fsync, rename)."""
     atomic_write_with(path, lambda f: f.write(data))
@@ -30,6 +43,7 @@ def atomic_write_with(path: str | Path, writer: Callable[[Any], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             writer(f)
             f.flush()

@@ -18,7 +18,12 @@ from .fsutil import atomic_write_json, canonical_sha256, sha256_file
 
 ROW_ALIGN = 64
 MANIFEST_VERSION = 1
-
+#: Bounds a manifest's numbers must keep: far above any real data set (ImageNet-21k has 21,841
+#: classes; shards hold thousands of samples), far below what would make a reader allocate
+#: without end (a label of 10^12 turned into 10^12 class names).
+MAX_CLASSES = 1 << 20
+MAX_SHARD_SAMPLES = 10_000_000
+MAX_SHARD_BYTES = 1 << 44
 
 
 @dataclass(frozen=True)
@@ -152,29 +157,74 @@ def load_manifest(path: str | Path) -> DataManifest:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise ManifestError(f"{path}: manifest not found") from None
-    except json.JSONDecodeError as e:
+    except IsADirectoryError:
+        raise ManifestError(f"{path}: is a directory, not a manifest file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ManifestError(f"{path}: not a manifest (JSON nested too deeply)") from None
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{path}: not a manifest (a JSON object is expected)")
+    classes = raw.get("classes")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ManifestError(f"{path}: 'classes' must be a list of class names (strings)")
+    if not classes:
+        raise ManifestError(f"{path}: lists no classes")
+    if len(classes) > MAX_CLASSES:
+        raise ManifestError(f"{path}: {len(classes):,} classes, more than {MAX_CLASSES:,}")
+    entries = raw.get("shards")
+    if not isinstance(entries, list) or not entries:
+        raise ManifestError(f"{path}: lists no shards ('shards' must be a non-empty list)")
+    shards = [_shard_entry(path, i, e) for i, e in enumerate(entries)]
+    _refuse_duplicates(path, shards)
     try:
-        shards = [ShardInfo(str(s["path"]), int(s["num_samples"]), int(s["bytes"]), str(s["sha256"]))
-                  for s in raw["shards"]]
-        m = DataManifest(name=str(raw["name"]), classes=[str(c) for c in raw["classes"]],
-                         shards=shards, source=str(raw.get("source", "")), seed=raw.get("seed"),
+        m = DataManifest(name=str(raw["name"]), classes=classes, shards=shards,
+                         source=str(raw.get("source", "")), seed=raw.get("seed"),
                          encoding=dict(raw.get("encoding", {})),
                          skipped=list(raw.get("skipped", [])), location=path.resolve())
     except (KeyError, TypeError, ValueError) as e:
         raise ManifestError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
-    if not m.shards:
-        raise ManifestError(f"{path}: lists no shards")
-    if not m.classes:
-        raise ManifestError(f"{path}: lists no classes")
-    for i, sh in enumerate(m.shards):
-        if sh.num_samples < 1 or sh.bytes < 1:
-            raise ManifestError(f"{path}: shard {i} ({sh.path}) has num_samples {sh.num_samples} "
-                                f"and bytes {sh.bytes}; both must be positive")
-    if "num_samples" in raw and int(raw["num_samples"]) != m.num_samples:
-        raise ManifestError(f"{path}: num_samples {raw['num_samples']} != sum over shards "
+    if "num_samples" in raw and raw["num_samples"] != m.num_samples:
+        raise ManifestError(f"{path}: num_samples {raw['num_samples']!r} != sum over shards "
                             f"{m.num_samples}")
     return m
+
+
+def _count(path: Path, where: str, value: Any, high: int) -> int:
+    """A whole number in 1..high, or a one-line refusal (JSON's 1e400 is a float, infinity)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ManifestError(f"{path}: {where} is {value!r}, not a whole number")
+    if not 1 <= value <= high:
+        raise ManifestError(f"{path}: {where} is {value:,}, outside 1..{high:,}")
+    return value
+
+
+def _shard_entry(path: Path, i: int, entry: Any) -> ShardInfo:
+    if not isinstance(entry, dict):
+        raise ManifestError(f"{path}: shard {i} is not an object")
+    try:
+        name, digest = entry["path"], entry["sha256"]
+        n, size = entry["num_samples"], entry["bytes"]
+    except KeyError as e:
+        raise ManifestError(f"{path}: shard {i} has no {e.args[0]!r}") from None
+    if not isinstance(name, str) or not name:
+        raise ManifestError(f"{path}: shard {i} path {name!r} is not a file name")
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise ManifestError(f"{path}: shard {i} ({name}) sha256 {digest!r} is not a hex digest")
+    return ShardInfo(name, _count(path, f"shard {i} ({name}) num_samples", n, MAX_SHARD_SAMPLES),
+                     _count(path, f"shard {i} ({name}) bytes", size, MAX_SHARD_BYTES), digest)
+
+
+def _refuse_duplicates(path: Path, shards: list[ShardInfo]) -> None:
+    """A shard listed twice (same file, or the same bytes under two names) would train every
+    sample in it twice per epoch."""
+    seen: dict[str, int] = {}
+    for i, sh in enumerate(shards):
+        for ident in (f"path {sh.path}", f"sha256 {sh.sha256}"):
+            if ident in seen:
+                raise ManifestError(f"{path}: shards {seen[ident]} and {i} are the same shard "
+                                    f"({ident}); list each shard once")
+            seen[ident] = i
 
 
 def default_manifest_path(name: str) -> Path:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,6 +18,12 @@ from .errors import ConfigError
 from .recipe import Recipe
 
 T = TypeVar("T")
+
+#: Upper bounds of counts a run can ask for: far beyond any real run (the paper trains 300
+#: epochs at batch 1,024), so that a typo is refused before anything is allocated or created.
+MAX_EPOCHS = 10_000
+MAX_BATCH = 1 << 16
+MAX_WORKERS = 256
 
 
 def load_pipeline(path: Path | None) -> dict[str, Any]:
@@ -38,9 +46,16 @@ def build_config(cls: type[T], pipeline: dict[str, Any], section: str, flags: di
     if unknown:
         raise ConfigError(f"{source or 'pipeline'}: [{section}] has unknown keys {sorted(unknown)}; "
                           f"known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    for name, value in table.items():
+        check_type(f"{source or 'pipeline'}: [{section}] {name}", value, hints[name])
     values = {**table, **{k: v for k, v in flags.items() if v is not None and v != []}}
     if "recipe" in known:
         recipe = dict(pipeline.get("recipe", {}))
+        recipe_hints = typing.get_type_hints(Recipe)
+        for name, value in recipe.items():
+            if name in recipe_hints:  # unknown keys: Recipe.from_json names them
+                check_type(f"{source or 'pipeline'}: [recipe] {name}", value, recipe_hints[name])
         if values.get("img_size") is not None:
             recipe["img_size"] = values["img_size"]
         values["recipe"] = Recipe.from_json(recipe)
@@ -58,6 +73,39 @@ def build_config(cls: type[T], pipeline: dict[str, Any], section: str, flags: di
         return cls(**values)
     except TypeError as e:
         raise ConfigError(f"[{section}]: {e}") from None
+
+
+def check_type(where: str, value: Any, hint: Any) -> None:
+    """Refuse a pipeline value of the wrong type (``img_size = "32"``), naming the key, instead of
+    failing later in arithmetic. TOML integers count as floats; paths are strings."""
+    if _fits(value, hint):
+        return
+    shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    raise ConfigError(f"{where} = {value!r}: must be {shown}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is Path:
+        return isinstance(value, (str, Path))
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is tuple:
+        return (isinstance(value, (list, tuple)) and len(value) == len(args)
+                and all(_fits(v, a) for v, a in zip(value, args)))
+    return True  # composite settings (a Recipe) are checked by their own constructor
 
 
 def require(source: str, **checks: tuple[object, bool, str]) -> None:

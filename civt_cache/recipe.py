@@ -15,6 +15,9 @@ from .fsutil import canonical_sha256
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RA_MAX_OPS = 4
+#: Largest view side: 8x the paper's 224, and a batch of views still fits a GPU. Larger values
+#: are typos that would allocate hundreds of GB before failing.
+MAX_IMG_SIZE = 2048
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,9 @@ class Recipe:
     mix_switch_prob: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.img_size < 8:
-            raise ConfigError(f"recipe img_size {self.img_size} is too small (>= 8)")
+        if not 8 <= self.img_size <= MAX_IMG_SIZE:
+            raise ConfigError(f"recipe img_size {self.img_size}: must be between 8 and {MAX_IMG_SIZE} "
+                              "pixels (--img-size)")
         for name in ("hflip", "erase_prob", "mix_prob", "mix_switch_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"recipe {name} must be a probability, got {getattr(self, name)}")

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from .errors import BadImageError, ConfigError, ShardError
 from .fsutil import sha256_file
-from .manifest import DataManifest, ShardInfo
+from .imageio import check_image_size, to_rgb
+from .manifest import MAX_CLASSES, DataManifest, ShardInfo
 from .shards import iter_shard_file
 
 JPEG_QUALITY = 95
@@ -43,20 +44,6 @@ class SourceItem:
     data: bytes | None = None  # in-memory sources; files are read lazily in the workers
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Flatten any PIL mode to RGB; transparency is composited on white, 16-bit scaled to 8."""
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
-        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
-    return im.convert("RGB")
-
-
 def encode_rgb_jpeg(data: bytes, origin: str) -> tuple[bytes, bool]:
     """Return (JPEG bytes, kept_as_is). RGB JPEGs are kept byte for byte; others are decoded,
     converted to RGB and encoded once at quality 95. Raises BadImageError naming ``origin``."""
@@ -64,10 +51,11 @@ def encode_rgb_jpeg(data: bytes, origin: str) -> tuple[bytes, bool]:
         raise BadImageError(f"{origin}: empty file")
     try:
         with Image.open(io.BytesIO(data)) as im:
+            check_image_size(im.size, origin)
             im.load()  # full decode: catches truncated files that open() alone accepts
             if im.format == "JPEG" and im.mode == "RGB":
                 return data, True
-            rgb = _to_rgb(im)
+            rgb = to_rgb(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadImageError(f"{origin}: cannot decode image ({type(e).__name__}: {e})") from None
     out = io.BytesIO()
@@ -222,7 +210,7 @@ def scan_shards(pattern: str, name: str, manifest_path: Path,
     shards, max_label, label_counts = [], -1, []
     for path in tqdm(paths, unit="shard", desc=f"scan-shards {name}", disable=None):
         n, counts = 0, Counter()
-        for sample in iter_shard_file(path):
+        for sample in iter_shard_file(path, len(classes) if classes else MAX_CLASSES):
             n += 1
             counts[sample.label] += 1
             max_label = max(max_label, sample.label)
@@ -233,8 +221,6 @@ def scan_shards(pattern: str, name: str, manifest_path: Path,
                                 path.stat().st_size, sha256_file(path)))
     if classes is None:
         classes = [str(i) for i in range(max_label + 1)]
-    elif max_label >= len(classes):
-        raise ConfigError(f"{pattern}: label {max_label} but only {len(classes)} class names given")
     manifest = DataManifest(name=name, classes=classes, shards=shards, source=f"scan:{pattern}")
     manifest.save(manifest_path)
     warning = class_sorted_warning(paths, label_counts)

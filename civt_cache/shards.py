@@ -17,7 +17,7 @@ from typing import BinaryIO, Iterator
 
 from .errors import ManifestError, ShardError
 from .fsutil import sha256_bytes
-from .manifest import DataManifest
+from .manifest import MAX_CLASSES, DataManifest
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXT = "cls"
@@ -46,7 +46,7 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2).lower()) if m else None
 
 
-def _finish_sample(shard: str, key: str, parts: dict[str, bytes]) -> Sample:
+def _finish_sample(shard: str, key: str, parts: dict[str, bytes], num_classes: int) -> Sample:
     image_ext = next((e for e in IMAGE_EXTS if e in parts), None)
     if image_ext is None:
         raise ShardError(f"{shard}: sample {key!r} has no image member "
@@ -58,16 +58,20 @@ def _finish_sample(shard: str, key: str, parts: dict[str, bytes]) -> Sample:
         label = int(text)
     except ValueError:
         raise ShardError(f"{shard}: sample {key!r} has a non-integer label {text[:20]!r}") from None
-    if label < 0:
-        raise ShardError(f"{shard}: sample {key!r} has a negative label {label}")
+    if not 0 <= label < num_classes:
+        raise ShardError(f"{shard}: sample {key!r} has label {label}, outside the "
+                         f"{num_classes:,} classes (0..{num_classes - 1})")
     return Sample(key, parts[image_ext], label)
 
 
-def iter_tar_samples(fileobj: BinaryIO, shard: str) -> Iterator[Sample]:
-    """Yield the samples of an open tar stream in stored order (see the module docstring)."""
+def iter_tar_samples(fileobj: BinaryIO, shard: str, num_classes: int = MAX_CLASSES) -> Iterator[Sample]:
+    """Yield the samples of an open tar stream in stored order (see the module docstring);
+    a label outside ``0..num_classes - 1`` is refused naming the shard and key."""
     key: str | None = None
     parts: dict[str, bytes] = {}
     seen: set[str] = set()
+    size = fileobj.seek(0, io.SEEK_END)
+    fileobj.seek(0)
     try:
         with tarfile.open(fileobj=fileobj, mode="r:") as tf:
             for member in tf:
@@ -79,11 +83,18 @@ def iter_tar_samples(fileobj: BinaryIO, shard: str) -> Iterator[Sample]:
                 mkey, ext = split
                 if mkey != key:
                     if key is not None:
-                        yield _finish_sample(shard, key, parts)
+                        yield _finish_sample(shard, key, parts, num_classes)
                     if mkey in seen:
                         raise ShardError(f"{shard}: key {mkey!r} appears twice (members not grouped)")
                     seen.add(mkey)
                     key, parts = mkey, {}
+                if ext in parts or (ext in IMAGE_EXTS and any(e in parts for e in IMAGE_EXTS)):
+                    raise ShardError(f"{shard}: sample {mkey!r} has a second image or '{ext}' member "
+                                     f"({member.name!r}); which one is the sample is ambiguous")
+                if member.offset_data + member.size > size:  # never read past the file's end
+                    raise ShardError(f"{shard}: member {member.name!r} declares {member.size:,} "
+                                     f"bytes, more than the file holds after it (truncated or "
+                                     "corrupt tar)")
                 data = tf.extractfile(member)
                 assert data is not None
                 parts[ext] = data.read()
@@ -93,7 +104,7 @@ def iter_tar_samples(fileobj: BinaryIO, shard: str) -> Iterator[Sample]:
     except tarfile.TarError as e:
         raise ShardError(f"{shard}: truncated or corrupt tar ({e})") from None
     if key is not None:
-        yield _finish_sample(shard, key, parts)
+        yield _finish_sample(shard, key, parts, num_classes)
     # tarfile stops silently when a file ends exactly between members; a complete archive
     # always ends in two zero blocks, so their absence means the shard was cut short.
     fileobj.seek(end)
@@ -102,10 +113,10 @@ def iter_tar_samples(fileobj: BinaryIO, shard: str) -> Iterator[Sample]:
         raise ShardError(f"{shard}: truncated tar (no end-of-archive marker after offset {end})")
 
 
-def iter_shard_file(path: str | Path) -> Iterator[Sample]:
+def iter_shard_file(path: str | Path, num_classes: int = MAX_CLASSES) -> Iterator[Sample]:
     """Stream the samples of a shard file without loading it whole."""
     with open(path, "rb") as f:
-        yield from iter_tar_samples(f, str(path))
+        yield from iter_tar_samples(f, str(path), num_classes)
 
 
 def read_shard(manifest: DataManifest, shard: int, verify: bool = True) -> list[Sample]:
@@ -127,7 +138,7 @@ def read_shard(manifest: DataManifest, shard: int, verify: bool = True) -> list[
         if sha256_bytes(data) != info.sha256:
             raise ManifestError(f"{path}: sha256 differs from manifest {manifest.location}; "
                                 "the shard changed since the manifest was written")
-    samples = list(iter_tar_samples(io.BytesIO(data), str(path)))
+    samples = list(iter_tar_samples(io.BytesIO(data), str(path), manifest.num_classes))
     if len(samples) != info.num_samples:
         raise ManifestError(f"{path}: holds {len(samples)} samples, manifest says {info.num_samples}")
     return samples

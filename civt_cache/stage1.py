@@ -29,13 +29,13 @@ from tqdm import tqdm
 
 from .cache_store import CacheSpec, CacheStore, check_alignment, committed_components
 from .distributed import DistInfo, barrier, init_distributed, shutdown
-from .errors import CacheMismatchError
+from .errors import CacheMismatchError, NonFiniteError
 from .manifest import DataManifest, load_manifest
 from .models.teachers import Teacher, build_teacher, parse_teacher_spec, teacher_logits
-from .pipeline import require
+from .pipeline import MAX_BATCH, MAX_EPOCHS, MAX_WORKERS, require
 from .recipe import Recipe
 from .shards import read_shard, sample_name
-from .view_engine import EncodedImage, decode_images, render_views, worker_image
+from .view_engine import EncodedImage, render_encoded, worker_image
 from .views import PAIR_GROUP, image_size, sample_shard_records
 
 
@@ -64,11 +64,14 @@ class CacheJob:
             self.teachers = [self.teachers]
         require("cache-teachers",
                 teacher=(self.teachers, bool(self.teachers), "given at least once (NAME=ARCH:CHECKPOINT)"),
-                epochs=(self.epochs, self.epochs >= 1, ">= 1"),
-                epochs_per_unit=(self.epochs_per_unit, self.epochs_per_unit >= 1, ">= 1"),
+                epochs=(self.epochs, 1 <= self.epochs <= MAX_EPOCHS, f"in 1..{MAX_EPOCHS}"),
+                epochs_per_unit=(self.epochs_per_unit, 1 <= self.epochs_per_unit <= MAX_EPOCHS,
+                                 f"in 1..{MAX_EPOCHS}"),
                 topk=(self.topk, self.topk >= 1, ">= 1"),
-                batch_size=(self.batch_size, self.batch_size >= 1, ">= 1"),
-                workers=(self.workers, self.workers >= 0, ">= 0"),
+                out=(str(self.out), not Path(self.out).exists() or Path(self.out).is_dir(),
+                     "a folder (that path is a file)"),
+                batch_size=(self.batch_size, 1 <= self.batch_size <= MAX_BATCH, f"in 1..{MAX_BATCH}"),
+                workers=(self.workers, 0 <= self.workers <= MAX_WORKERS, f"in 0..{MAX_WORKERS}"),
                 device=(self.device, self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"))
         for spec in self.teachers:
             parse_teacher_spec(spec)
@@ -267,13 +270,17 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
             acc = pending.setdefault(unit, {"groups": [], "new_views": item.new_views,
                                             "teachers": {n: [] for n in needs[unit]}})
             acc["groups"].append((item.keys, item.labels, item.records))  # not the bytes
-            images = decode_images(item.images, info.device, item.names)  # once for all epochs
             outs: dict[str, list[tuple[np.ndarray, ...]]] = {n: [] for n in needs[unit]}
-            for epoch_records in item.records:
-                views = render_views(images, epoch_records, item.rows, job.recipe)
+            epoch_views = render_encoded(item.images, item.records, item.rows, job.recipe,
+                                         info.device, item.names)  # decoded once for all epochs
+            for j, views in enumerate(epoch_views):
                 for t in teachers:
                     if t.name in outs:
-                        outs[t.name].append(_top_k(t, views, job, info.device))
+                        *top, finite = _top_k(t, views, job, info.device)
+                        if not finite.all():
+                            raise NonFiniteError(_non_finite(t, item, store.block_epochs(item.block)[j],
+                                                             finite))
+                        outs[t.name].append(tuple(top))
             for name, per_epoch in outs.items():
                 acc["teachers"][name].append(per_epoch)
             n = item.records.shape[0] * item.records.shape[1]  # epochs x rows
@@ -292,18 +299,30 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
 
 
 def _top_k(teacher: Teacher, views: torch.Tensor, job: CacheJob,
-           device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-k logits (fp16), their indices and the log-sum-exp of one group-epoch of views, in
-    teacher batches; reduced on the device, one copy to the host at the end."""
-    logits, indices, lse = [], [], []
+           device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k log-probabilities (float32, logit - lse), their indices, the log-sum-exp and
+    whether each view's logits were all finite, of one group-epoch of views, in teacher
+    batches; reduced on the device, one copy to the host at the end."""
+    logprobs, indices, lse, finite = [], [], [], []
     for i in range(0, len(views), job.batch_size):
         full = teacher_logits(teacher, views[i:i + job.batch_size], job.recipe.mean, job.recipe.std,
                               device)
         top = full.topk(job.topk, dim=1)
-        logits.append(top.values.half())
+        total = torch.logsumexp(full, dim=1)
+        logprobs.append(top.values - total[:, None])
         indices.append(top.indices)
-        lse.append(torch.logsumexp(full, dim=1))
-    return tuple(torch.cat(x).cpu().numpy() for x in (logits, indices, lse))  # type: ignore[return-value]
+        lse.append(total)
+        finite.append(torch.isfinite(full).all(dim=1))
+    return tuple(torch.cat(x).cpu().numpy() for x in (logprobs, indices, lse, finite))  # type: ignore[return-value]
+
+
+def _non_finite(teacher: Teacher, item: GroupViews, epoch: int, finite: np.ndarray) -> str:
+    """Which teacher gave NaN or infinite logits, for which unit and views (shard file, key)."""
+    bad = np.flatnonzero(~finite)
+    return (f"teacher {teacher.name!r} ({teacher.arch}, {teacher.checkpoint}) gave NaN or infinite "
+            f"logits for {len(bad)} view(s) of unit (shard {item.shard}, block {item.block}), epoch "
+            f"{epoch}, e.g. row {item.rows[bad[0]]} = {item.names[bad[0]]}; nothing of this unit was "
+            "stored. Check the teacher's weights (`civt-cache eval`)")
 
 
 def _unit_arrays(acc: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,8 @@ evaluate, checkpoint, write metrics. ``--online`` computes the same targets with
 """
 from __future__ import annotations
 
+import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,15 +17,17 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .cache_store import CacheStore
-from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
-from .errors import CacheMismatchError, ConfigError, CorruptUnitError
+from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, \
+    shutdown
+from .errors import CacheMismatchError, CheckpointError, ConfigError, CorruptUnitError, NonFiniteError
 from .fsutil import sha256_file
 from .manifest import load_manifest
 from .models.teachers import build_teacher, parse_teacher_spec, teacher_logits
-from .pipeline import require
+from .pipeline import MAX_BATCH, MAX_EPOCHS, MAX_WORKERS, require
 from .recipe import Recipe
-from .soft_targets import LossWeights, coadvise_loss, pseudo_logits
-from .student_data import EpochSource, StudentBatches, batch_inputs, batch_loader, rank_shards, \
+from .runs import RunLock, check_resumable, load_checkpoint, start_fresh
+from .soft_targets import LossWeights, coadvise_loss
+from .student_data import EpochSource, StudentBatches, batch_inputs, batch_loader, batch_targets, rank_shards, \
     steps_per_epoch, worker_skips
 from .training import (append_metrics, evaluate, optimizer_and_schedule, plot_curves,
                        save_checkpoint, write_results)
@@ -66,15 +70,18 @@ class StudentJob:
     compile: bool = False
     checkpoint_every: int = 0  # steps; 0: at epoch ends only
     resume: bool = False
+    force: bool = False  # a fresh run may replace another run's files in ``out``
     max_steps: int = 0  # stop after this many steps in all (tests and benchmarks); 0: no limit
 
     def __post_init__(self) -> None:
         require("train-student",
                 model=(self.model, timm.is_model(self.model), "a registered model, e.g. civt_tiny"),
                 teachers=(self.teachers, self.teachers in TEACHER_SETS, f"one of {list(TEACHER_SETS)}"),
-                epochs=(self.epochs, self.epochs >= 1, ">= 1"),
-                batch_size=(self.batch_size, self.batch_size >= 1, ">= 1"),
-                workers=(self.workers, self.workers >= 0, ">= 0"),
+                out=(str(self.out), not Path(self.out).exists() or Path(self.out).is_dir(),
+                     "a folder (that path is a file)"),
+                epochs=(self.epochs, 1 <= self.epochs <= MAX_EPOCHS, f"in 1..{MAX_EPOCHS}"),
+                batch_size=(self.batch_size, 1 <= self.batch_size <= MAX_BATCH, f"in 1..{MAX_BATCH}"),
+                workers=(self.workers, 0 <= self.workers <= MAX_WORKERS, f"in 0..{MAX_WORKERS}"),
                 lr=(self.lr, self.lr is None or self.lr > 0, "> 0"),
                 temperature=(self.temperature, self.temperature > 0, "> 0 (it divides the logits)"),
                 label_smoothing=(self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
@@ -89,9 +96,11 @@ class StudentJob:
 
 def train_student(job: StudentJob) -> dict[str, Any]:
     info = init_distributed(job.device)
+    lock = RunLock(job.out)
     try:
-        return _train(job, info)
+        return _train(job, info, lock)
     finally:
+        lock.release()
         shutdown(info)
 
 
@@ -154,7 +163,7 @@ def _check_cache(job: StudentJob, names: tuple[str, ...], manifest, log) -> Cach
     return store
 
 
-def _train(job: StudentJob, info: DistInfo) -> dict[str, Any]:
+def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
     log = (lambda msg: tqdm.write(f"train-student: {msg}")) if info.is_main else (lambda msg: None)
     device = info.device
     manifest, val_manifest = load_manifest(job.manifest), load_manifest(job.val_manifest)
@@ -171,9 +180,24 @@ def _train(job: StudentJob, info: DistInfo) -> dict[str, Any]:
         store = _check_cache(job, names, manifest, log)
     num_classes = manifest.num_classes
     view_seed = store.spec.seed if store else (job.seed if job.view_seed is None else job.view_seed)
-    job.out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = job.out / "checkpoint.pt"
+    if info.is_main:  # rank 0 owns the folder: one run writes it at a time
+        lock.acquire()
+    state = None
+    if job.resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        check_resumable(ckpt_path, state, job_record(job), info.world_size)
+        if state["epoch"] >= job.epochs:
+            log(f"{job.out}: this run already finished its {job.epochs} epoch(s); nothing to do "
+                f"(results in {job.out / 'results.json'})")
+            return _finished_results(job.out)
+    else:
+        if job.resume:  # files here are of this run, killed before its first checkpoint
+            log(f"--resume: no checkpoint at {ckpt_path}; starting fresh")
+        start_fresh(job.out, job.force or job.resume, remove=info.is_main)
+    barrier(info)
 
-    torch.manual_seed(job.seed)
+    torch.manual_seed(job.seed + info.rank)  # per-rank drop path (DDP broadcasts rank 0's weights)
     model = timm.create_model(job.model, num_classes=num_classes, img_size=job.recipe.img_size,
                               drop_path_rate=job.drop_path).to(device)
     if device.type == "cuda":
@@ -187,23 +211,21 @@ def _train(job: StudentJob, info: DistInfo) -> dict[str, Any]:
     warmup = int(job.warmup_epochs * steps[0])
     optimizer, schedule = optimizer_and_schedule(model, "adamw", lr, job.weight_decay, sum(steps),
                                                  warmup, job.min_lr)
-    ckpt_path = job.out / "checkpoint.pt"
     if info.is_main:  # temp files of checkpoint writes a kill interrupted
         for orphan in job.out.glob(f".{ckpt_path.name}.*.tmp"):
             orphan.unlink(missing_ok=True)
     start_epoch, start_step, global_step = 0, 0, 0
     sums = {"loss": 0.0, "ce": 0.0, "conv": 0.0, "inv": 0.0, "n": 0.0, "seconds": 0.0}
-    if job.resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if state["job"]["model"] != job.model or state["job"]["seed"] != job.seed:
-            raise ConfigError(f"{ckpt_path}: checkpoint is for model {state['job']['model']} seed "
-                              f"{state['job']['seed']}; not resuming a different run")
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
-        sums = state["sums"]
-        torch.set_rng_state(state["rng"])
+        mine = state["ranks"][info.rank]
+        sums = dict(mine["sums"])
+        torch.set_rng_state(mine["rng_cpu"])
+        if device.type == "cuda" and mine["rng_cuda"] is not None:
+            torch.cuda.set_rng_state(mine["rng_cuda"], device)
         log(f"resumed from {ckpt_path} at epoch {start_epoch} step {start_step}")
     ddp_model = DistributedDataParallel(model) if info.distributed else model
     if job.compile:
@@ -211,11 +233,17 @@ def _train(job: StudentJob, info: DistInfo) -> dict[str, Any]:
     weights = LossWeights(job.w_ce, job.w_conv, job.w_inv, job.temperature)
 
     def checkpoint(epoch: int, step: int) -> None:
+        ranks = all_gather_objects(info, {  # each rank's RNG (drop path) and running loss sums
+            "rng_cpu": torch.get_rng_state(), "sums": dict(sums),
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
         if info.is_main:
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                raise NonFiniteError(f"{ckpt_path}: not written: the weights hold NaN or infinity "
+                                     f"at epoch {epoch + 1} step {step}; the last checkpoint is kept")
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "schedule": schedule.state_dict(), "epoch": epoch, "step": step,
-                                        "global_step": global_step, "sums": sums,
-                                        "rng": torch.get_rng_state(), "job": job_record(job)})
+                                        "global_step": global_step, "ranks": ranks,
+                                        "world_size": info.world_size, "job": job_record(job)})
         barrier(info)
 
     rows: list[dict[str, Any]] = []
@@ -244,20 +272,22 @@ def _train(job: StudentJob, info: DistInfo) -> dict[str, Any]:
                 targets = {n: teacher_logits(t, x, job.recipe.mean, job.recipe.std, device)
                            for n, t in live.items()}
             else:
-                targets = {n: pseudo_logits(*(torch.from_numpy(a).to(device) for a in batch.teachers[n]),
-                                            num_classes, job.renormalize) for n in names}
+                targets = batch_targets(batch, num_classes, job.renormalize, device)
             loss, parts = train_step(ddp_model, optimizer, x, ce_target, targets, weights, job.clip_grad)
             global_step += 1
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise NonFiniteError(_bad_batch(loss_value, global_step, epoch, step, batch, manifest))
             schedule.step_update(global_step)
             n = x.shape[0]
-            sums["loss"] += loss.item() * n
+            sums["loss"] += loss_value * n
             for k in ("ce", "conv", "inv"):
                 sums[k] += parts[k] * n
             sums["n"] += n
             now = time.perf_counter()
             sums["seconds"] += now - tick
             tick = now
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{sums['n'] * info.world_size / max(sums['seconds'], 1e-9):.0f}")
+            bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{sums['n'] * info.world_size / max(sums['seconds'], 1e-9):.0f}")
             bar.update(1)
             if job.checkpoint_every and global_step % job.checkpoint_every == 0 and step + 1 < steps[epoch]:
                 checkpoint(epoch, step + 1)
@@ -292,6 +322,28 @@ def _train(job: StudentJob, info: DistInfo) -> dict[str, Any]:
     if info.is_main:
         write_results(job.out, results)
     return results
+
+
+def _bad_batch(value: float, global_step: int, epoch: int, step: int, batch: Any,
+               manifest: Any) -> str:
+    """Where a non-finite loss appeared: the step and the batch's shards and rows."""
+    rows = [int(r) for r in batch.rows[:batch.size]]
+    shards = sorted({r // manifest.row_stride for r in rows})
+    files = ", ".join(str(manifest.shard_path(s)) for s in shards[:3]) + (" ..." if len(shards) > 3 else "")
+    return (f"loss is {value} at step {global_step} (epoch {epoch + 1}, step {step + 1}) on a batch "
+            f"from {files}, rows {rows[:8]}{' ...' if len(rows) > 8 else ''}; stopped, no checkpoint "
+            "written after the last good one (check the teachers' cache with `civt-cache verify`, "
+            "or lower --lr)")
+
+
+def _finished_results(run_dir: Path) -> dict[str, Any]:
+    """A finished run's results, read, never rewritten."""
+    path = run_dir / "results.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: the run's checkpoint says it finished, but its results "
+                              f"cannot be read ({e})") from None
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,

@@ -28,7 +28,8 @@ from .errors import CacheMismatchError
 from .manifest import DataManifest
 from .recipe import Recipe
 from .shards import read_shard, sample_name
-from .view_engine import EncodedImage, decode_images, eval_views, render_views, worker_image
+from .soft_targets import pseudo_logits
+from .view_engine import EncodedImage, decoded_in_budget, eval_views, render_encoded, worker_image
 from .views import LAM, LAM_ONE, PARTNER, _rng, image_size, mixed_targets, sample_shard_records
 
 _STREAM_SHARDS, _STREAM_ORDER = 0x5348, 0x4F52
@@ -74,7 +75,7 @@ class StudentBatch:
     labels: np.ndarray                  # [size]
     partner_labels: np.ndarray
     lam: np.ndarray                     # float32
-    teachers: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # top-k logits, indices, lse
+    teachers: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # top-k logprobs, indices, lse
     views: torch.Tensor | None = None   # built in the worker (CPU training only), else None
 
     @property
@@ -84,8 +85,8 @@ class StudentBatch:
 
 def batch_views(batch: StudentBatch, recipe: Recipe, device: torch.device) -> torch.Tensor:
     """The batch's finished views [size, 3, S, S] on ``device``, from its bytes and records."""
-    images = decode_images(batch.images, device, batch.names)
-    return render_views(images, batch.records, batch.rows, recipe, outputs=range(batch.size))
+    return next(render_encoded(batch.images, [batch.records], batch.rows, recipe, device, batch.names,
+                               outputs=range(batch.size)))
 
 
 def batch_inputs(batch: StudentBatch, recipe: Recipe, num_classes: int, smoothing: float,
@@ -98,6 +99,14 @@ def batch_inputs(batch: StudentBatch, recipe: Recipe, num_classes: int, smoothin
     labels, partners, lam = (torch.from_numpy(a).to(device) for a in
                              (batch.labels, batch.partner_labels, batch.lam))
     return x, mixed_targets(labels, partners, lam, num_classes, smoothing)
+
+
+def batch_targets(batch: StudentBatch, num_classes: int, renormalize: bool,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """Each cached teacher's dense target logits for the batch, on ``device``."""
+    return {name: pseudo_logits(torch.from_numpy(logprobs).to(device),
+                                torch.from_numpy(indices).to(device), num_classes, renormalize)
+            for name, (logprobs, indices, _) in batch.teachers.items()}
 
 
 def _as_is(item: Any) -> Any:
@@ -247,7 +256,8 @@ class ValBatches(IterableDataset):
 def val_views(images: list[EncodedImage], names: list[str], recipe: Recipe,
               device: torch.device) -> torch.Tensor:
     """Validation views of a ``ValBatches`` item, built on ``device``."""
-    return eval_views(decode_images(images, device, names), recipe)
+    return torch.cat([eval_views(decoded, recipe)
+                      for _, decoded in decoded_in_budget(images, device, names)])
 
 
 def worker_skips(skip_batches: int, batch_size: int, workers: int) -> list[int]:

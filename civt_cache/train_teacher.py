@@ -117,9 +117,7 @@ def evaluate_checkpoint(manifest_path: Path, arch: str, checkpoint: Path, img_si
 
     info = init_distributed(device)
     teacher = build_teacher(f"{arch}:{checkpoint}", info.device)
-    meta = torch.load(checkpoint, map_location="cpu", weights_only=False) if str(checkpoint).endswith((".pt", ".pth")) else {}
-    size = img_size or (meta.get("img_size") if isinstance(meta, dict) else None) or \
-        teacher.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    size = img_size or teacher.img_size or teacher.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
     recipe = Recipe(img_size=int(size), mean=teacher.mean, std=teacher.std)
     heads = _student_heads if hasattr(teacher.model, "forward_heads") else _logits
     return evaluate(teacher.model, load_manifest(manifest_path), recipe, info, heads, batch_size, 0)

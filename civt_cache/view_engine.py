@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import kornia.enhance
 import numpy as np
@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .errors import BadImageError
+from .errors import BadImageError, OutOfMemoryError
+from .imageio import check_image_size, pixels_from_env, to_rgb
 from .recipe import RA_MAX_OPS, Recipe
 from .views import CROP, ERASE, ERASE_SEED, FLIP, LAM, LAM_ONE, MAG_SCALE, MIX_BOX, MIX_CUTMIX, \
     MIX_MIXUP, MIX_MODE, PARTNER, RA, RA_OPS
@@ -57,9 +58,10 @@ def worker_image(data: bytes, where: str) -> EncodedImage:
     here with PIL, which is rare and small in the data sets this tool is for."""
     try:
         with Image.open(io.BytesIO(data)) as im:
+            check_image_size(im.size, where)
             if im.format == "JPEG" and im.mode == "RGB":
                 return data
-            rgb = np.asarray(im.convert("RGB"))
+            rgb = np.asarray(to_rgb(im))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise BadImageError(f"{where}: image does not decode ({e})") from None
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
@@ -68,15 +70,19 @@ def worker_image(data: bytes, where: str) -> EncodedImage:
 def decode_images(items: Sequence[EncodedImage], device: torch.device,
                   names: Sequence[str] | None = None) -> list[torch.Tensor]:
     """uint8 [3, H, W] images on ``device``: JPEG bytes in one batched decode, pixels moved.
-    A JPEG that does not decode is named (``names``, e.g. shard and key)."""
+    A JPEG that does not decode is named (``names``, e.g. shard and key); running out of memory
+    is said as such, never blamed on an image. Callers that may hold many large images decode
+    through ``decoded_in_budget``."""
     out: list[torch.Tensor | None] = [None] * len(items)
     jpeg = [i for i, x in enumerate(items) if isinstance(x, (bytes, bytearray))]
     if jpeg:
         data = [torch.frombuffer(bytearray(items[i]), dtype=torch.uint8) for i in jpeg]
         try:
             decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:
-            decoded = [_decode_one(d, device, names[i] if names else f"image {i}")
+        except (RuntimeError, MemoryError) as e:
+            if _out_of_memory(e):
+                raise _memory_error(items, device, names) from None
+            decoded = [_decode_one(d, items[i], device, names[i] if names else f"image {i}")
                        for d, i in zip(data, jpeg)]
         for i, img in zip(jpeg, decoded):
             out[i] = img
@@ -86,11 +92,106 @@ def decode_images(items: Sequence[EncodedImage], device: torch.device,
     return out  # type: ignore[return-value]
 
 
-def _decode_one(data: torch.Tensor, device: torch.device, name: str) -> torch.Tensor:
+def _decode_one(data: torch.Tensor, item: EncodedImage, device: torch.device, name: str) -> torch.Tensor:
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError as e:
+    except (RuntimeError, MemoryError) as e:
+        if _out_of_memory(e):
+            raise _memory_error([item], device, [name]) from None
         raise BadImageError(f"{name}: JPEG does not decode ({str(e).splitlines()[0]})") from None
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    text = str(e)
+    return (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in text
+            or "can't allocate memory" in text or "Cannot allocate memory" in text)
+
+
+def _memory_error(items: Sequence[EncodedImage], device: torch.device,
+                  names: Sequence[str] | None) -> OutOfMemoryError:
+    pixels = sum(encoded_pixels(x) for x in items)
+    first = f", e.g. {names[0]}" if names else ""
+    return OutOfMemoryError(f"out of memory on {device} decoding {len(items)} image(s) of "
+                            f"{pixels:,} pixels in all{first}: lower the decode budget "
+                            f"(--decode-budget, now {decode_budget(device):,} pixels) or the "
+                            "per-image limit (--max-image-pixels), or free memory")
+
+
+# ---- memory: decoded pixels bounded by a budget -----------------------------------------------
+#: Environment variable (set by ``civt-cache --decode-budget``, inherited by workers and ranks)
+#: of the decoded pixels one decode pass may hold, whatever the number of images.
+BUDGET_ENV = "CIVT_DECODE_BUDGET_PIXELS"
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # JPEG start-of-frame
+
+
+def decode_budget(device: torch.device) -> int:
+    """Decoded pixels one pass may hold: ``CIVT_DECODE_BUDGET_PIXELS``, else 64 Mpx on a CPU
+    (~200 MB of RGB: a batch of 256 ImageNet images is ~50 Mpx) and 1/64 of a GPU's memory at
+    ~16 bytes per pixel (decode, crop and float views), e.g. 78 Mpx on an 80 GB card."""
+    value = pixels_from_env(BUDGET_ENV)
+    if value is not None:
+        return value
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 64 // 16
+    return 64 << 20
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame marker, without decoding (a few µs, where
+    PIL's header parse takes ~70); None when the markers do not lead to one."""
+    i, n = 2, len(data)
+    if data[:2] != b"\xff\xd8":
+        return None
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if marker in _SOF_MARKERS and i + 9 <= n:
+            return (data[i + 7] << 8) | data[i + 8], (data[i + 5] << 8) | data[i + 6]
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return None
+
+
+def encoded_pixels(item: EncodedImage) -> int:
+    """Pixels ``item`` decodes to, from its header (JPEG bytes) or its shape (pixels)."""
+    if isinstance(item, torch.Tensor):
+        return int(item.shape[-1] * item.shape[-2])
+    size = jpeg_size(item)
+    if size is None:
+        try:
+            with Image.open(io.BytesIO(item)) as im:
+                size = im.size
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return 0  # the decode names it
+    return size[0] * size[1]
+
+
+def decoded_in_budget(items: Sequence[EncodedImage], device: torch.device,
+                      names: Sequence[str] | None = None,
+                      budget: int | None = None) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+    """Decode ``items`` in consecutive groups whose decoded pixels fit ``budget`` (default
+    ``decode_budget``); yields (positions, images). An image alone over the budget is decoded
+    alone (the per-image limit bounds it), so memory is bounded by pixels, not image counts."""
+    budget = decode_budget(device) if budget is None else budget
+    group: list[int] = []
+    total = 0
+    for i, item in enumerate(items):
+        pixels = encoded_pixels(item)
+        if group and total + pixels > budget:
+            yield group, decode_images([items[j] for j in group], device,
+                                       [names[j] for j in group] if names else None)
+            group, total = [], 0
+        group.append(i)
+        total += pixels
+    if group:
+        yield group, decode_images([items[j] for j in group], device,
+                                   [names[j] for j in group] if names else None)
 
 
 # ---- views -------------------------------------------------------------------------------------
@@ -101,21 +202,73 @@ def render_views(images: Sequence[torch.Tensor], records: np.ndarray, rows: Sequ
     (float32, normalised) of the positions ``outputs`` (default: all). Every base view is built
     once; a mixed view takes its partner's base view from this batch, so the partner's row must
     be among ``rows``."""
-    device = images[0].device
     recs = np.asarray(records, dtype=np.int64)
-    outputs = list(range(len(rows))) if outputs is None else list(outputs)
-    position = {int(r): i for i, r in enumerate(rows)}
+    plan = _Plan.of(recs, rows, outputs)
+    crops = crop_resize([images[j] for j in plan.needed], recs[plan.needed], recipe.img_size)
+    return _render(crops, recs, plan, recipe)
+
+
+def render_encoded(items: Sequence[EncodedImage], records: Sequence[np.ndarray],
+                   rows: Sequence[int], recipe: Recipe, device: torch.device,
+                   names: Sequence[str] | None = None,
+                   outputs: Sequence[int] | None = None) -> Iterator[torch.Tensor]:
+    """``render_views`` from encoded images, for one or several record sets of the same rows
+    (stage one builds every epoch of a unit from one decode): each image is decoded once, in
+    groups whose pixels fit the decode budget, and cropped for every record set before the next
+    group is decoded, so memory holds one group of full images and the small uint8 crops. Yields
+    each record set's views in turn (one set of float views alive at a time)."""
+    s = recipe.img_size
+    sets = [np.asarray(r, dtype=np.int64) for r in records]
+    plans = [_Plan.of(r, rows, outputs) for r in sets]
+    wanted = sorted(set().union(*(plan.needed for plan in plans)))
+    crops = [torch.empty((len(plan.needed), 3, s, s), dtype=torch.uint8, device=device) for plan in plans]
+    slots = [{p: i for i, p in enumerate(plan.needed)} for plan in plans]
+    for positions, images in decoded_in_budget([items[j] for j in wanted], device,
+                                               [names[j] for j in wanted] if names else None):
+        for recs, slot, out in zip(sets, slots, crops):
+            take = [(k, wanted[p]) for k, p in enumerate(positions) if wanted[p] in slot]
+            if take:
+                at = torch.as_tensor([slot[row] for _, row in take], device=device)
+                out[at] = crop_resize([images[k] for k, _ in take], recs[[row for _, row in take]], s)
+    for c, recs, plan in zip(crops, sets, plans):
+        yield _render(c, recs, plan, recipe)
+
+
+class _Plan:
+    """Which base views a batch needs: its ``outputs``, their mixing partners' positions, and
+    the sorted union of both (``needed``), each built once."""
+
+    def __init__(self, outputs: list[int], partners: list[int]) -> None:
+        self.outputs, self.partners = outputs, partners
+        self.needed = sorted(set(outputs) | set(partners))
+
+    @classmethod
+    def of(cls, recs: np.ndarray, rows: Sequence[int], outputs: Sequence[int] | None) -> "_Plan":
+        outputs = list(range(len(rows))) if outputs is None else list(outputs)
+        position = {int(r): i for i, r in enumerate(rows)}
+        try:
+            partners = [position[int(p)] for p in recs[outputs, PARTNER]]
+        except KeyError as e:
+            raise ValueError(f"row {rows[outputs[0]]}'s mixing partner {e.args[0]} is not in the "
+                             "batch") from None
+        return cls(outputs, partners)
+
+
+def crop_resize(images: Sequence[torch.Tensor], recs: np.ndarray, s: int) -> torch.Tensor:
+    """Each image's record crop, resized to S x S: uint8 [N, 3, S, S] (the first op of a view)."""
+    return torch.stack([_resized_crop(img, *(int(c) for c in rec[CROP]), s) for img, rec in zip(images, recs)])
+
+
+def _render(crops: torch.Tensor, recs: np.ndarray, plan: _Plan, recipe: Recipe) -> torch.Tensor:
+    """The views of ``plan.outputs`` from the crops of ``plan.needed`` (in that order)."""
+    device = crops.device
+    needed, outputs, partners = plan.needed, plan.outputs, plan.partners
     out_recs = recs[outputs]
-    try:
-        partners = [position[int(p)] for p in out_recs[:, PARTNER]]
-    except KeyError as e:
-        raise ValueError(f"row {rows[outputs[0]]}'s mixing partner {e.args[0]} is not in the batch") from None
-    needed = sorted(set(outputs) | set(partners))
     s, step = recipe.img_size, _chunk(device)
     base = torch.empty((len(needed), 3, s, s), device=device)
     for i in range(0, len(needed), step):
         part = needed[i:i + step]
-        base[i:i + len(part)] = _base_views([images[j] for j in part], recs[part], recipe)
+        base[i:i + len(part)] = _base_views(crops[i:i + len(part)], recs[part], recipe)
     at = {p: i for i, p in enumerate(needed)}
     own_at = torch.as_tensor([at[o] for o in outputs], device=device)
     partner_at = torch.as_tensor([at[p] for p in partners], device=device)
@@ -133,10 +286,9 @@ def _chunk(device: torch.device) -> int:
     return 16 if device.type == "cpu" else 1 << 30
 
 
-def _base_views(images: Sequence[torch.Tensor], recs: np.ndarray, recipe: Recipe) -> torch.Tensor:
-    """Crop-resize, flip, RandAugment, normalise, erase: unmixed views [M, 3, S, S]."""
-    s = recipe.img_size
-    v = torch.stack([_resized_crop(img, *(int(c) for c in rec[CROP]), s) for img, rec in zip(images, recs)]).float()
+def _base_views(crops: torch.Tensor, recs: np.ndarray, recipe: Recipe) -> torch.Tensor:
+    """Flip, RandAugment, normalise, erase the crops: unmixed views [M, 3, S, S]."""
+    v = crops.float()
     flip = torch.as_tensor(np.flatnonzero(recs[:, FLIP]), device=v.device)
     v[flip] = v[flip].flip(-1)
     v = _randaugment(v, recs, tuple(float(round(255 * m)) for m in recipe.mean))

@@ -29,6 +29,7 @@ from PIL import Image
 from timm.data import auto_augment as taa
 
 from .errors import BadImageError
+from .imageio import check_image_size
 from .recipe import RA_MAX_OPS, Recipe
 
 VIEWS_VERSION = 2  # 1: PIL on CPU workers, pairs over a whole shard; 2: the batched view engine
@@ -169,9 +170,10 @@ def image_size(image: bytes, where: str = "image") -> tuple[int, int]:
     pixels. An unreadable header is an error naming ``where`` (shard and key)."""
     try:
         with Image.open(io.BytesIO(image)) as im:
-            return im.size
+            size = im.size
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise BadImageError(f"{where}: image does not decode ({e})") from None
+    return check_image_size(size, where)
 
 
 def mixed_targets(labels: torch.Tensor, partner_labels: torch.Tensor, lam: torch.Tensor,

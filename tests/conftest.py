@@ -1,13 +1,18 @@
 """Shared fixtures: small data sets built once per test session."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
+
+from civt_cache import load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,3 +80,49 @@ def student_items(dataset, recipe) -> list[dict]:
                 item[f"t_{name}"] = tuple(torch.as_tensor(a[i]) for a in arrays)
             items.append(item)
     return items
+
+
+#: The stage-one tests' recipe as a pipeline file, for CLI runs.
+TINY = str(Path(__file__).parent / "data" / "tiny.toml")
+
+
+@pytest.fixture(scope="module")
+def world(digits, tmp_path_factory) -> dict[str, Path]:
+    """Own copy of the val shards + manifest, a conv teacher, and a reference cache built
+    uninterrupted (2 shards x 2 epochs = 4 units)."""
+    root = tmp_path_factory.mktemp("faults")
+    shutil.copytree(load_manifest(digits["val"]).shard_path(0).parent, root / "shards")
+    raw = json.loads(digits["val"].read_text())
+    for s in raw["shards"]:
+        s["path"] = str(root / "shards" / Path(s["path"]).name)
+    (root / "val.json").write_text(json.dumps(raw))
+    torch.manual_seed(0)
+    torch.save(timm.create_model("resnet10t", num_classes=10).state_dict(), root / "conv.pth")
+    ref = root / "ref"
+    run_cli(*cache_args(root, ref))
+    return {"root": root, "manifest": root / "val.json", "ref": ref}
+
+
+def cache_args(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["cache-teachers", "--pipeline", TINY, "--manifest", str(root / "val.json"),
+            "--teacher", f"conv=resnet10t:{root / 'conv.pth'}", "--epochs", "2",
+            "--epochs-per-unit", "1", "--topk", "5", "--out", str(out), "--workers", "0",
+            "--batch-size", "64", *extra]
+
+
+def student_args(world: dict[str, Path], cache: Path, out: Path, *extra: str) -> list[str]:
+    return ["train-student", "--pipeline", TINY, "--manifest", str(world["manifest"]),
+            "--val-manifest", str(world["manifest"]), "--cache", str(cache), "--teachers", "conv",
+            "--model", "civt_micro", "--epochs", "1", "--batch-size", "32", "--workers", "1",
+            "--device", "cpu", "--out", str(out), *extra]
+
+
+def refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Assert a one-line refusal (exit 2, no traceback) containing every needle."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("civt-cache: error: ")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]

@@ -17,59 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
 import zarr
 
-from civt_cache import load_manifest
 from civt_cache.cache_store import CacheStore
 
-from .conftest import ROOT, run_cli
-
-TINY = str(Path(__file__).parent / "data" / "tiny.toml")
-
-
-@pytest.fixture(scope="module")
-def world(digits, tmp_path_factory) -> dict[str, Path]:
-    """Own copy of the val shards + manifest, a conv teacher, and a reference cache built
-    uninterrupted (2 shards x 2 epochs = 4 units)."""
-    root = tmp_path_factory.mktemp("faults")
-    shutil.copytree(load_manifest(digits["val"]).shard_path(0).parent, root / "shards")
-    raw = json.loads(digits["val"].read_text())
-    for s in raw["shards"]:
-        s["path"] = str(root / "shards" / Path(s["path"]).name)
-    (root / "val.json").write_text(json.dumps(raw))
-    torch.manual_seed(0)
-    torch.save(timm.create_model("resnet10t", num_classes=10).state_dict(), root / "conv.pth")
-    ref = root / "ref"
-    run_cli(*cache_args(root, ref))
-    return {"root": root, "manifest": root / "val.json", "ref": ref}
-
-
-def cache_args(root: Path, out: Path, *extra: str) -> list[str]:
-    return ["cache-teachers", "--pipeline", TINY, "--manifest", str(root / "val.json"),
-            "--teacher", f"conv=resnet10t:{root / 'conv.pth'}", "--epochs", "2",
-            "--epochs-per-unit", "1", "--topk", "5", "--out", str(out), "--workers", "0",
-            "--batch-size", "64", *extra]
-
-
-def student_args(world: dict[str, Path], cache: Path, out: Path, *extra: str) -> list[str]:
-    return ["train-student", "--pipeline", TINY, "--manifest", str(world["manifest"]),
-            "--val-manifest", str(world["manifest"]), "--cache", str(cache), "--teachers", "conv",
-            "--model", "civt_micro", "--epochs", "1", "--batch-size", "32", "--workers", "1",
-            "--device", "cpu", "--out", str(out), *extra]
-
-
-def refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """Assert a one-line refusal (exit 2, no traceback) containing every needle."""
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("civt-cache: error: ")]
-    assert len(errors) == 1, proc.stderr[-2000:]
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-    return errors[0]
-
+from .conftest import ROOT, cache_args, refused, run_cli, student_args
 
 def arrays(root: Path) -> dict[str, np.ndarray]:
     g = zarr.open_group(str(root), mode="r")
@@ -102,12 +55,12 @@ def test_flipped_bytes_in_a_committed_chunk(world, tmp_path, where) -> None:
     raw Blosc error before): the read fails naming unit, array and file; verify --full lists
     the unit; --repair recomputes exactly it."""
     cache = copy_cache(world, tmp_path)
-    chunk = CacheStore.open(cache).chunk_path("teachers/conv/logits", 1, 0)
+    chunk = CacheStore.open(cache).chunk_path("teachers/conv/logprobs", 1, 0)
     flip(chunk, chunk.stat().st_size // 2 if where == "middle" else 20)
     before = {p.name: p.read_bytes() for p in (cache / "progress").iterdir() if p.name != "s000001-b0000.json"}
     run = tmp_path / "run"
     line = refused(run_cli(*student_args(world, cache, run), check=False),
-                   "unit (shard 1, epochs 0-0)", "teachers/conv/logits", str(chunk), "--repair")
+                   "unit (shard 1, epochs 0-0)", "teachers/conv/logprobs", str(chunk), "--repair")
     assert "does not decode" in line or "checksum" in line
     assert not (run / "metrics.jsonl").exists()  # the epoch never finished on damaged targets
     proc = run_cli("verify", str(cache), "--full", check=False)
@@ -122,7 +75,7 @@ def test_flipped_bytes_in_a_committed_chunk(world, tmp_path, where) -> None:
     assert "all sound -> OK" in run_cli("verify", str(cache), "--full").stdout
 
 
-@pytest.mark.parametrize("array", ["teachers/conv/logits", "teachers/conv/indices", "views/params"])
+@pytest.mark.parametrize("array", ["teachers/conv/logprobs", "teachers/conv/indices", "views/params"])
 def test_deleted_chunk_is_never_read_as_fill_values(world, tmp_path, array) -> None:
     """Row 3: a deleted chunk: train-student refuses naming the file, inspect calls the unit
     damaged, and a plain rerun of cache-teachers recomputes it."""
@@ -225,10 +178,10 @@ def test_make_shards_bad_files_and_settings(tmp_path) -> None:
 
 @pytest.mark.parametrize("flag,value,needle", [
     ("--temperature", "0", "--temperature 0.0: must be > 0"),
-    ("--batch-size", "0", "--batch-size 0: must be >= 1"),
-    ("--batch-size", "-5", "--batch-size -5: must be >= 1"),
-    ("--workers", "-1", "--workers -1: must be >= 0"),
-    ("--epochs", "0", "--epochs 0: must be >= 1"),
+    ("--batch-size", "0", "--batch-size 0: must be in 1..65536"),
+    ("--batch-size", "-5", "--batch-size -5: must be in 1..65536"),
+    ("--workers", "-1", "--workers -1: must be in 0..256"),
+    ("--epochs", "0", "--epochs 0: must be in 1..10000"),
     ("--model", "nosuch", "--model 'nosuch': must be a registered model"),
 ])
 def test_bad_student_settings_refused_before_anything(world, tmp_path, flag, value, needle) -> None:
@@ -318,7 +271,7 @@ def test_soak_kills_corruption_and_repair(world, tmp_path) -> None:
 
     store = CacheStore.open(cache)
     units = store.units()
-    arrays_ = ["views/params", "views/labels", "teachers/conv/logits", "teachers/conv/indices",
+    arrays_ = ["views/params", "views/labels", "teachers/conv/logprobs", "teachers/conv/indices",
                "teachers/conv/lse"]
     picks = rng.choice(len(units) * len(arrays_), size=7, replace=False)
     damaged = set()
@@ -347,8 +300,8 @@ def test_soak_kills_corruption_and_repair(world, tmp_path) -> None:
     for i in range(10):
         _kill_after(student(killed, "--fresh" if i == 0 else "--resume"), float(rng.uniform(4.0, 10.0)))
     run_cli(*student(killed, "--resume"))
-    a = torch.load(tmp_path / "uninterrupted" / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(killed / "checkpoint.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "uninterrupted" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(killed / "checkpoint.pt", weights_only=True)["model"]
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

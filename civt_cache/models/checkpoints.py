@@ -15,16 +15,42 @@ it (``fc``, ``head.fc``, ``head``, ``classifier``...), so no flag is needed for 
 """
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 
 _WRAPPERS = ("state_dict", "model", "model_state", "model_ema", "state_dict_ema")
 _OPTIONAL_BUFFERS = ("num_batches_tracked",)  # older checkpoints (mmcls, torch < 0.4.1) lack them
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_torch_file(path: Path) -> Any:
+    """``torch.load`` of a file a user can swap, as tensors and plain data only
+    (``weights_only=True``): a file that would need to run code to load (a crafted pickle) is
+    refused, never run; a truncated or damaged one is named in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint not found") from None
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:  # the file asks to call or build something: never done
+            raise CheckpointError(f"{path}: refused: it holds {found.group(1)}, not only tensors and "
+                                  "plain data, and loading it would run code") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or damaged") from None
+    except Exception as e:  # truncated zips, foreign formats: many library-specific errors
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or damaged "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
 
 
 def load_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -33,15 +59,15 @@ def load_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: checkpoint file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             raw: Any = load_file(str(path))
-        else:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or foreign files fail in many library-specific ways
-        raise ConfigError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+        except Exception as e:  # corrupt or foreign files fail in many library-specific ways
+            raise ConfigError(f"{path}: cannot read checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+    else:
+        raw = load_torch_file(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: checkpoint holds a {type(raw).__name__}, not a state dict")
     meta = {k: v for k, v in raw.items() if not isinstance(v, (dict, torch.Tensor))}

@@ -6,8 +6,10 @@ CLI    := $(VENV)/bin/civt-cache
 STAMP  := $(VENV)/.installed
 PIPELINE ?= pipelines/demo.toml
 PYTEST_ARGS ?=
+# extra flags for the CLI targets, e.g. make train-student ARGS=--resume
+ARGS ?=
 
-.PHONY: setup test test-fast timm-tests demo reproduce cache-teachers train-student bench bench-imagenet gpu-check clean
+.PHONY: setup test test-fast timm-tests demo prepare reproduce cache-teachers train-student bench bench-imagenet bench-threads gpu-check clean
 
 setup: $(STAMP)
 
@@ -35,17 +37,26 @@ timm-tests: setup
 	cd build/timm-tests && $(abspath $(PY)) -m pytest -q tests/test_models.py -k "rednet or civt" -p no:cacheprovider -W ignore
 
 demo: setup
-	$(PY) -m civt_cache.demo --pipeline $(PIPELINE)
+	$(PY) -m civt_cache.demo --pipeline $(PIPELINE) $(ARGS)
+
+# The demo pipeline's shards and teachers come from the demo itself (made once, then reused),
+# so `make cache-teachers` works from a fresh clone; other pipelines name their own files.
+prepare: setup
+	@if [ "$(PIPELINE)" = "pipelines/demo.toml" ]; then $(PY) -m civt_cache.demo --pipeline $(PIPELINE) --prepare; fi
 
 # The demo's ablation over 3 student seeds (one cache serves them all): mean +- std table and plot.
 reproduce: setup
 	$(PY) -m civt_cache.demo --pipeline $(PIPELINE) --seeds 0 1 2 --out runs/digits-3seeds
 
-cache-teachers: setup
-	$(CLI) cache-teachers --pipeline $(PIPELINE)
+cache-teachers: prepare
+	$(CLI) cache-teachers --pipeline $(PIPELINE) $(ARGS)
 
-train-student: setup
-	$(CLI) train-student --pipeline $(PIPELINE)
+train-student: prepare
+	$(CLI) train-student --pipeline $(PIPELINE) $(ARGS)
+
+# Intra-op threads chosen by civt-cache against torch's default, idle and beside a busy core.
+bench-threads: prepare
+	$(CLI) bench threads --pipeline $(PIPELINE)
 
 bench: setup
 	$(CLI) bench views

@@ -170,32 +170,38 @@ def measure_student(job: StudentJob, teacher_specs: list[str], steps: int,
     time of a run of 2 + ``steps`` steps minus that of a run of 2 (after an untimed warm-up
     run), so start-up, worker spawn and the stop checkpoint cancel; then the same step on
     pre-built device batches and from timm's loader. Peak memory over all modes."""
-    per_epoch = load_manifest(job.manifest).num_samples // job.batch_size
-    if steps + 2 >= per_epoch:  # a run must stop inside the first epoch (no evaluation timed)
-        raise ConfigError(f"{job.manifest}: {per_epoch} steps of {job.batch_size} per epoch; "
-                          f"bench student times runs of {steps + 2} steps: use --steps < {per_epoch - 2}")
     rates = {}
     modes = {"plain (no distillation)": dict(teachers="none", cache=None),
              "from cache (both teachers)": dict(teachers="both")}
     if online:
         modes["online (both teachers live)"] = dict(teachers="both", online=True, cache=None,
                                                     teacher=teacher_specs)
-    with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
+    with PeakMemory() as mem:
         for name, change in modes.items():
-            run = replace(job, **change, epochs=max(job.epochs, 2))
-            train_student(replace(run, max_steps=2, out=Path(tmp) / "warm"))
-            spent = []
-            for n, out in ((2, "short"), (2 + steps, "long")):
-                t0 = time.perf_counter()
-                train_student(replace(run, max_steps=n, out=Path(tmp) / f"{name.split()[0]}-{out}"))
-                spent.append(time.perf_counter() - t0)
-            # the difference of two runs cancels start-up, first batches and the final checkpoint
-            rates[name] = steps * job.batch_size / max(spent[1] - spent[0], 1e-9)
+            rates[name] = train_rate(replace(job, **change), steps)
         rates["pre-built device batches (limit)"] = measure_prebuilt(job, steps)
         rates["timm create_loader (plain)"] = measure_timm_loader(job, steps)
     return {"model": job.model, "batch_size": job.batch_size, "steps": steps,
             "img_size": job.recipe.img_size, "workers": job.workers, "rates": rates,
             "peak_rss": mem.rss, "peak_shm": mem.shm}
+
+
+def train_rate(job: StudentJob, steps: int) -> float:
+    """Steady-state img/s of ``train_student(job)``: a run of 2 + ``steps`` steps minus one of 2
+    (after an untimed warm-up run), which cancels start-up, first batches and the checkpoint."""
+    per_epoch = load_manifest(job.manifest).num_samples // job.batch_size
+    if steps + 2 >= per_epoch:  # a run must stop inside the first epoch (no evaluation timed)
+        raise ConfigError(f"{job.manifest}: {per_epoch} steps of {job.batch_size} per epoch; "
+                          f"the bench times runs of {steps + 2} steps: use --steps < {per_epoch - 2}")
+    run = replace(job, epochs=max(job.epochs, 2))
+    with tempfile.TemporaryDirectory() as tmp:
+        train_student(replace(run, max_steps=2, out=Path(tmp) / "warm"))
+        spent = []
+        for n, out in ((2, "short"), (2 + steps, "long")):
+            t0 = time.perf_counter()
+            train_student(replace(run, max_steps=n, out=Path(tmp) / out))
+            spent.append(time.perf_counter() - t0)
+    return steps * job.batch_size / max(spent[1] - spent[0], 1e-9)
 
 
 def _new_student(job: StudentJob, num_classes: int, device: torch.device) -> tuple[torch.nn.Module, Any]:

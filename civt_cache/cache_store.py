@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,7 +37,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, TransposeCodec
 
 from .errors import CacheMismatchError, CorruptUnitError
-from .fsutil import FILE_MODE, atomic_write_json, canonical_sha256
+from .fsutil import FILE_MODE, atomic_write_json, canonical_sha256, file_lock
 from .manifest import DataManifest
 from .recipe import Recipe
 from .views import NUM_FIELDS, VIEWS_VERSION
@@ -157,6 +157,14 @@ class CacheSpec:
                    Recipe.from_json(attrs["recipe"]), attrs["seed"], attrs["epochs"],
                    attrs["epochs_per_unit"], attrs["topk"], attrs["num_classes"], m.get("path", ""))
 
+    def grows_to(self, asked: "CacheSpec") -> bool:
+        """Whether ``asked`` is this cache with more epochs (and nothing else changed): such a
+        cache is grown in place. Its epochs per unit stay as stored (the chunk shape), which
+        differs from the asked one only where a short cache clamped it to its epochs."""
+        b_ok = min(asked.epochs_per_unit, self.epochs) == self.epochs_per_unit
+        same = replace(asked, epochs=self.epochs, epochs_per_unit=self.epochs_per_unit)
+        return asked.epochs > self.epochs and b_ok and not self.differences(same)
+
     def differences(self, other: "CacheSpec") -> list[str]:
         """Human-readable list of what differs between a stored spec (self) and a request."""
         out = []
@@ -222,14 +230,43 @@ class CacheStore:
     @classmethod
     def create_or_open(cls, root: str | Path, spec: CacheSpec) -> "CacheStore":
         """Open the cache at ``root`` if it matches ``spec`` (else refuse, saying what differs),
-        or create it atomically."""
+        grow it when ``spec`` asks for more epochs of it, or create it atomically."""
         root = Path(root)
         if not root.exists():
             root.parent.mkdir(parents=True, exist_ok=True)
             _create_beside(root, lambda tmp: cls._build(tmp, spec))
         store = cls.open(root, mode="r+")
+        if store.spec.grows_to(spec):
+            store = store.grow(spec.epochs)
+            spec = replace(spec, epochs_per_unit=store.spec.epochs_per_unit)
         store.check_spec(spec)
         return store
+
+    def grow(self, epochs: int) -> "CacheStore":
+        """Extend the cache to ``epochs`` in place: every array gets the new epochs (new chunks,
+        the committed ones untouched), the units of a short last block are un-committed (they
+        get the block's new epochs, recomputed), and the epoch count in the attributes is
+        written last, so a crash midway leaves the old cache readable and a rerun finishes it.
+        Processes that grow the same cache at once take turns (a lock in ``progress/``)."""
+        with file_lock(self.root / "progress" / ".grow.lock"):
+            current = CacheStore.open(self.root, mode="r+")  # another process may have grown it
+            old = current.spec
+            if old.epochs >= epochs:
+                return current
+            if old.epochs % old.epochs_per_unit:
+                for shard in range(old.num_shards):
+                    current._progress_path(shard, old.num_blocks - 1).unlink(missing_ok=True)
+            new = replace(old, epochs=epochs)
+            g = current.group
+            g["views/params"].resize((epochs, old.num_rows, NUM_FIELDS))
+            for name in ("views/keys", "views/labels"):
+                g[name].resize((new.num_blocks, old.num_rows))
+            for teacher in current.teachers():
+                for name in TEACHER_ARRAYS:
+                    array = g[f"teachers/{teacher}/{name}"]
+                    array.resize((epochs, *array.shape[1:]))
+            g.update_attributes({"epochs": epochs})
+        return CacheStore.open(self.root, mode="r+")
 
     def check_spec(self, spec: CacheSpec) -> None:
         diffs = self.spec.differences(spec)

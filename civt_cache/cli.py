@@ -71,6 +71,8 @@ def scan_shards_cmd(
 
 
 PIPELINE_OPT = typer.Option(None, "--pipeline", help="Pipeline TOML; flags override it.")
+THREADS_HELP = ("Intra-op threads [0: OMP_NUM_THREADS if set (torchrun sets 1 per rank), "
+                "else the rank's cores less one per worker].")
 
 
 @app.command("cache-teachers")
@@ -86,6 +88,7 @@ def cache_teachers_cmd(
     out: Optional[Path] = typer.Option(None, help="Cache directory (zarr v3 group)."),
     batch_size: Optional[int] = typer.Option(None, help="Teacher batch size (views are built per pair group of 256 rows, so at most 256)."),
     workers: Optional[int] = typer.Option(None, help="DataLoader workers building views."),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the teachers."),
     claim: Optional[bool] = typer.Option(None, "--claim/--static", help="Claim units with files (multi-node) instead of a static split."),
@@ -100,7 +103,7 @@ def cache_teachers_cmd(
     job = build_config(CacheJob, cfg, "cache", dict(
         manifest=manifest, teachers=teacher, epochs=epochs, epochs_per_unit=epochs_per_unit,
         topk=topk, img_size=img_size, seed=seed, out=out, batch_size=batch_size, workers=workers,
-        device=device, compile=compile, claim=claim, run_id=run_id, repair=repair), pipeline)
+        threads=threads, device=device, compile=compile, claim=claim, run_id=run_id, repair=repair), pipeline)
     summary = cache_teachers(job)
     typer.echo(f"rank {summary['rank']}: {summary['units']} unit(s), {summary['views']} views in "
                f"{summary['seconds']:.1f}s ({summary['views_per_s']:.0f} views/s) -> {job.out}")
@@ -154,9 +157,13 @@ def train_student_cmd(
     temperature: Optional[float] = typer.Option(None, help="Distillation temperature T."),
     renormalize: Optional[bool] = typer.Option(None, "--renormalize/--spread-rest", help="Top-k targets renormalised, or the remaining mass spread over other classes."),
     workers: Optional[int] = typer.Option(None, help="DataLoader workers."),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the student."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Also checkpoint every N steps."),
+    model_ema: Optional[bool] = typer.Option(None, "--model-ema/--no-model-ema", help="Keep and evaluate an EMA of the weights (timm's ModelEmaV3)."),
+    model_ema_decay: Optional[float] = typer.Option(None, help="EMA decay per step [0.9998]."),
+    log: Optional[str] = typer.Option(None, help="'tensorboard': also log each epoch's metrics to RUN/tb."),
     out: Optional[Path] = typer.Option(None, help="Run directory (checkpoints, metrics, plot)."),
     resume: Optional[bool] = typer.Option(None, "--resume/--fresh", help="Continue from RUN_DIR/checkpoint.pt."),
     force: Optional[bool] = typer.Option(None, "--force/--no-force", help="Start fresh in a folder holding another run's files, replacing them."),
@@ -171,7 +178,8 @@ def train_student_cmd(
         manifest=manifest, val_manifest=val_manifest, cache=cache, model=model, img_size=img_size,
         epochs=epochs, teachers=teachers, online=online, teacher=teacher, seed=seed,
         view_seed=view_seed, cycle_cache=cycle_cache, batch_size=batch_size, lr=lr, temperature=temperature, renormalize=renormalize,
-        workers=workers, device=device, compile=compile, checkpoint_every=checkpoint_every,
+        workers=workers, threads=threads, device=device, compile=compile, checkpoint_every=checkpoint_every,
+        model_ema=model_ema, model_ema_decay=model_ema_decay, log=log,
         out=out, resume=resume, force=force, max_steps=max_steps), pipeline)
     res = train_student(job)
     typer.echo(f"val top-1 {res.get('val_top1', float('nan')):.2f}% -> {job.out}/results.json")
@@ -190,13 +198,15 @@ def train_teacher_cmd(
     opt: str = typer.Option("adamw", help="adamw | sgd"),
     lr: Optional[float] = typer.Option(None, help="Peak LR [adamw 1e-3, sgd 0.1, x batch/256]."),
     workers: int = typer.Option(2, help="DataLoader workers."),
+    threads: int = typer.Option(0, help=THREADS_HELP),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ) -> None:
     """Train a teacher and write a checkpoint (+ its sha256)."""
     from .train_teacher import TeacherJob, train_teacher
 
     res = train_teacher(TeacherJob(manifest, val_manifest, arch, out, epochs, img_size, seed,
-                                   batch_size, opt, lr, workers=workers, device=device))
+                                   batch_size, opt, lr, workers=workers, device=device,
+                                   threads=threads))
     typer.echo(f"{arch}: val top-1 {res['val_top1']:.2f}% top-5 {res['val_top5']:.2f}% in "
                f"{res['train_seconds']:.0f}s -> {out} (sha256 {res['sha256'][:16]})")
 
@@ -208,11 +218,18 @@ def eval_cmd(
     checkpoint: Path = typer.Option(..., help="Checkpoint file."),
     img_size: Optional[int] = typer.Option(None, help="Image size [from the checkpoint]."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    json_out: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
 ) -> None:
     """Top-1/top-5 of a checkpoint (for CivT: each head and their mean)."""
+    import json
+
     from .train_teacher import evaluate_checkpoint
 
-    for k, v in evaluate_checkpoint(manifest, arch, checkpoint, img_size, device).items():
+    metrics = evaluate_checkpoint(manifest, arch, checkpoint, img_size, device)
+    if json_out:
+        typer.echo(json.dumps(metrics))
+        return
+    for k, v in metrics.items():
         typer.echo(f"{k}: {v:.2f}")
 
 
@@ -257,6 +274,20 @@ def bench_student_cmd(pipeline: Path = typer.Option(Path("pipelines/demo.toml"),
     typer.echo(bench_student(job, cfg.get("cache", {}).get("teachers", []), steps))
 
 
+@bench_app.command("threads")
+def bench_threads_cmd(pipeline: Path = typer.Option(Path("pipelines/demo.toml"), "--pipeline"),
+                      steps: int = typer.Option(12, help="Timed steps per setting (runs stop inside the first epoch)."),
+                      device: Optional[str] = typer.Option(None, help="auto | cpu | cuda")) -> None:
+    """Training img/s at civt-cache's thread choice vs 1 thread vs torch's default, idle and
+    beside a busy core."""
+    from .bench_threads import bench_threads
+    from .pipeline import build_config, load_pipeline
+    from .stage2 import StudentJob
+
+    job = build_config(StudentJob, load_pipeline(pipeline), "student", {"device": device}, pipeline)
+    typer.echo(bench_threads(job, steps))
+
+
 @bench_app.command("imagenet")
 def bench_imagenet_cmd(
     samples: int = typer.Option(256, help="Synthetic ImageNet-shaped images (shards of 1,250)."),
@@ -273,9 +304,19 @@ def bench_imagenet_cmd(
     typer.echo(bench_imagenet(samples, device, workers, teacher_batch, student_batch, steps, online))
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"civt-cache {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (or set CIVT_DEBUG=1)."),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="Print the version and exit."),
     max_image_pixels: Optional[int] = typer.Option(
         None, min=1, help="Largest width x height an input image may declare; larger ones are refused "
         "by name before decoding [CIVT_MAX_IMAGE_PIXELS, or 89,478,485]."),

@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--pipeline", type=Path, default=Path("pipelines/demo.toml"))
     parser.add_argument("--out", type=Path, default=Path("runs/digits"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds")
+    parser.add_argument("--prepare", action="store_true",
+                        help="only make the shards and train the teachers (what `make cache-teachers` needs)")
     args = parser.parse_args()
     cfg = load_pipeline(args.pipeline)
     t0 = time.perf_counter()
@@ -65,6 +67,8 @@ def main() -> None:
                                            Path(t["checkpoint"]), t["epochs"], img, batch_size=64,
                                            workers=1))
             print(f"teacher {name} ({t['arch']}): val top-1 {res['val_top1']:.1f}%")
+    if args.prepare:
+        return
     cache_job = build_config(CacheJob, cfg, "cache", {}, args.pipeline)
     stale = stored_versions(cache_job.out)
     if stale not in (None, (SCHEMA_VERSION, VIEWS_VERSION)):  # the demo's own, from an older civt-cache

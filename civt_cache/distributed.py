@@ -17,6 +17,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    threads: int = 1  # this process's intra-op threads (see ``choose_threads``)
 
     @property
     def is_main(self) -> bool:
@@ -36,8 +37,25 @@ def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device_preference: str = "auto") -> DistInfo:
-    """Join the torchrun process group if launched by torchrun (gloo on CPU, NCCL on GPU)."""
+def choose_threads(requested: int = 0, workers: int = 0) -> int:
+    """Set and return this process's intra-op threads. ``requested`` > 0 is used as given; else
+    an ``OMP_NUM_THREADS`` already set (torchrun sets 1 per rank) is kept; else the cores this
+    rank may use (its affinity, shared among the node's ranks) less one per loader worker, at
+    least 1. torch's own default takes every core, which with workers busy on the same cores
+    oversubscribes them (a RedNet-26 teacher epoch took 428-501 s instead of 66 s on a busy
+    2-core machine; ``civt-cache bench threads`` measures it)."""
+    if requested > 0:
+        torch.set_num_threads(requested)
+    elif not os.environ.get("OMP_NUM_THREADS"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        per_rank = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, per_rank - workers))
+    return torch.get_num_threads()
+
+
+def init_distributed(device_preference: str = "auto", threads: int = 0, workers: int = 0) -> DistInfo:
+    """Join the torchrun process group if launched by torchrun (gloo on CPU, NCCL on GPU), and
+    choose this process's threads (``choose_threads``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_preference, local)
@@ -45,7 +63,7 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(rank, world, local, device)
+    return DistInfo(rank, world, local, device, choose_threads(threads, workers))
 
 
 def barrier(info: DistInfo) -> None:

@@ -71,6 +71,10 @@ def one_line_error(e: BaseException) -> str | None:
     if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
         where = e.filename or "a file it was writing"
         return f"{where}: {_DISK_ERRNOS[e.errno]} ({e.strerror or e})"
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":  # torch's (CUDA)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
+        return (f"out of memory ({first[:200]}): lower --batch-size, the decode budget "
+                "(--decode-budget) or --workers")
     if not isinstance(e, ValueError):  # CivtError is a ValueError, as are library config errors
         return None
     text = str(e).strip()

@@ -6,12 +6,14 @@ file or the complete new one, never a torn write, even when the writer is killed
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 _CHUNK = 1 << 20
 
@@ -55,6 +57,18 @@ def atomic_write_with(path: str | Path, writer: Callable[[Any], Any]) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block, waiting for
+    any other holder; the lock goes with the process if it dies."""
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

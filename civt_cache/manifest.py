@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ManifestError
-from .fsutil import atomic_write_json, canonical_sha256, sha256_file
+from .fsutil import atomic_write_json, canonical_sha256
 
 ROW_ALIGN = 64
 MANIFEST_VERSION = 1
@@ -121,14 +121,6 @@ class DataManifest:
         if st.st_size != info.bytes:
             raise ManifestError(f"{path}: size {st.st_size} differs from manifest ({info.bytes} bytes)")
         return path
-
-    def verify_shard(self, shard: int) -> None:
-        """Check a shard's size and sha256 against the manifest; raise naming the file."""
-        info, path = self.shards[shard], self.check_shard_file(shard)
-        digest = sha256_file(path)
-        if digest != info.sha256:
-            raise ManifestError(f"{path}: sha256 {digest[:12]}... differs from manifest "
-                                f"({info.sha256[:12]}...); the shard changed since it was listed")
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -103,7 +103,3 @@ class Recipe:
 
     def fingerprint(self) -> str:
         return canonical_sha256(self.to_json())
-
-    def without_mixing(self) -> "Recipe":
-        """Same recipe, unmixed: for evaluation-style views and teacher-accuracy checks."""
-        return Recipe.from_json({**self.to_json(), "mix_prob": 0.0})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -16,10 +17,11 @@ from .errors import CheckpointError, ConfigError
 from .models.checkpoints import load_torch_file
 
 #: What a run writes; their presence means the folder holds a run.
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "results.json", "curves.png")
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "results.json", "curves.png", "summary.csv",
+             "model_best.pt", "args.yaml", "tb")
 #: Settings a resume may change: where and how fast it runs, not what it trains.
-RESUMABLE_CHANGES = frozenset({"workers", "device", "compile", "checkpoint_every", "resume",
-                               "max_steps", "force", "out"})
+RESUMABLE_CHANGES = frozenset({"workers", "threads", "device", "compile", "checkpoint_every",
+                               "resume", "max_steps", "force", "out", "log"})
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -78,7 +80,11 @@ def start_fresh(run_dir: Path, force: bool, remove: bool) -> None:
                           "--resume to continue it, --force to replace it, or another --out")
     if remove:
         for name in existing:
-            (run_dir / name).unlink(missing_ok=True)
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def resume_differences(saved: dict[str, Any], asked: dict[str, Any]) -> list[str]:

@@ -22,12 +22,12 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from braceexpand import braceexpand
 from PIL import Image
-from tqdm import tqdm
 
 from .errors import BadImageError, ConfigError, ShardError
 from .fsutil import sha256_file
 from .imageio import check_image_size, to_rgb
 from .manifest import MAX_CLASSES, DataManifest, ShardInfo
+from .progress import Progress
 from .shards import iter_shard_file
 
 JPEG_QUALITY = 95
@@ -146,8 +146,9 @@ def write_shards(items: Sequence[SourceItem], classes: list[str], out_dir: Path,
     try:
         encoded: Iterable = (pool.map(_encode_item, shuffled, chunksize=16) if pool
                              else map(_encode_item, shuffled))
-        for item, result in tqdm(zip(shuffled, encoded), total=len(shuffled), unit="img",
-                                 desc=f"make-shards {name}", disable=None):
+        bar = Progress(len(shuffled), f"make-shards {name}", "images")
+        for item, result in zip(shuffled, encoded):
+            bar.update(1)
             if isinstance(result, BadImageError):
                 if not skip_bad:
                     raise result
@@ -164,6 +165,7 @@ def write_shards(items: Sequence[SourceItem], classes: list[str], out_dir: Path,
             in_shard += 1
             tmp, final, _ = partials[-1]
             partials[-1] = (tmp, final, in_shard)
+        bar.close()
         close_current()
         if not partials:
             raise BadImageError(f"{source}: no readable images")
@@ -208,7 +210,8 @@ def scan_shards(pattern: str, name: str, manifest_path: Path,
     """Count and check every sample of existing shards and write their manifest."""
     paths = expand_shard_pattern(pattern)
     shards, max_label, label_counts = [], -1, []
-    for path in tqdm(paths, unit="shard", desc=f"scan-shards {name}", disable=None):
+    bar = Progress(len(paths), f"scan-shards {name}", "shards")
+    for path in paths:
         n, counts = 0, Counter()
         for sample in iter_shard_file(path, len(classes) if classes else MAX_CLASSES):
             n += 1
@@ -219,6 +222,8 @@ def scan_shards(pattern: str, name: str, manifest_path: Path,
         label_counts.append(counts)
         shards.append(ShardInfo(os.path.relpath(path.resolve(), manifest_path.resolve().parent), n,
                                 path.stat().st_size, sha256_file(path)))
+        bar.update(1)
+    bar.close()
     if classes is None:
         classes = [str(i) for i in range(max_label + 1)]
     manifest = DataManifest(name=name, classes=classes, shards=shards, source=f"scan:{pattern}")

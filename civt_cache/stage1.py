@@ -32,6 +32,7 @@ from .distributed import DistInfo, barrier, init_distributed, shutdown
 from .errors import CacheMismatchError, NonFiniteError
 from .manifest import DataManifest, load_manifest
 from .models.teachers import Teacher, build_teacher, parse_teacher_spec, teacher_logits
+from .progress import Progress
 from .pipeline import MAX_BATCH, MAX_EPOCHS, MAX_WORKERS, require
 from .recipe import Recipe
 from .shards import read_shard, sample_name
@@ -58,6 +59,7 @@ class CacheJob:
     claim: bool = False
     run_id: str = ""
     repair: bool = False  # check every committed unit's checksums first; redo the damaged ones
+    threads: int = 0  # intra-op threads; 0: OMP_NUM_THREADS if set, else cores less workers
 
     def __post_init__(self) -> None:
         if isinstance(self.teachers, str):
@@ -72,6 +74,7 @@ class CacheJob:
                      "a folder (that path is a file)"),
                 batch_size=(self.batch_size, 1 <= self.batch_size <= MAX_BATCH, f"in 1..{MAX_BATCH}"),
                 workers=(self.workers, 0 <= self.workers <= MAX_WORKERS, f"in 0..{MAX_WORKERS}"),
+                threads=(self.threads, 0 <= self.threads <= MAX_WORKERS, f"in 0..{MAX_WORKERS} (0: auto)"),
                 device=(self.device, self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"))
         for spec in self.teachers:
             parse_teacher_spec(spec)
@@ -222,7 +225,7 @@ def plan_units(store: CacheStore, teacher_names: list[str], info: DistInfo, clai
 
 def cache_teachers(job: CacheJob) -> dict[str, Any]:
     """Run stage one; returns a summary (units done, views/s). Safe to rerun at any point."""
-    info = init_distributed(job.device)
+    info = init_distributed(job.device, job.threads, job.workers)
     try:
         return _run(job, info)
     finally:
@@ -236,7 +239,8 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
     teachers = [build_teacher(t, info.device) for t in job.teachers]  # before any file is made
     if len({t.name for t in teachers}) != len(teachers):
         raise CacheMismatchError("two teachers share a name; name them NAME=ARCH:CKPT")
-    store = CacheStore.create_or_open(job.out, spec)
+    store = CacheStore.create_or_open(job.out, spec)  # or grows it to more epochs
+    spec = store.spec
     for t in teachers:
         store.ensure_teacher(t.identity())
         if job.compile:
@@ -262,8 +266,8 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
     writer.start()
     pending: dict[tuple[int, int], dict[str, Any]] = {}
     start, done = time.perf_counter(), 0
-    bar = tqdm(total=n_views, unit="view", desc=f"cache-teachers r{info.rank}", disable=None,
-               smoothing=0.1)
+    bar = Progress(n_views, f"cache-teachers (rank 0 of {info.world_size})" if info.distributed
+                   else "cache-teachers", "views", enabled=info.is_main)
     try:
         for item in loader:
             unit = (item.shard, item.block)

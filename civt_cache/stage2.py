@@ -13,6 +13,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -24,13 +25,15 @@ from .fsutil import sha256_file
 from .manifest import load_manifest
 from .models.teachers import build_teacher, parse_teacher_spec, teacher_logits
 from .pipeline import MAX_BATCH, MAX_EPOCHS, MAX_WORKERS, require
+from .progress import Progress
 from .recipe import Recipe
 from .runs import RunLock, check_resumable, load_checkpoint, start_fresh
 from .soft_targets import LossWeights, coadvise_loss
 from .student_data import EpochSource, StudentBatches, batch_inputs, batch_loader, batch_targets, rank_shards, \
     steps_per_epoch, worker_skips
-from .training import (append_metrics, evaluate, optimizer_and_schedule, plot_curves,
-                       save_checkpoint, write_results)
+from .training import (append_metrics, evaluate, log_scalars, optimizer_and_schedule, plot_curves,
+                       save_checkpoint, save_if_best, tensorboard_writer, write_args, write_results,
+                       write_summary)
 
 TEACHER_SETS = {"both": ("conv", "inv"), "conv": ("conv",), "inv": ("inv",), "none": ()}
 
@@ -66,9 +69,13 @@ class StudentJob:
     renormalize: bool = False
     drop_path: float = 0.1
     workers: int = 2
+    threads: int = 0  # intra-op threads; 0: OMP_NUM_THREADS if set, else cores less workers
     device: str = "auto"
     compile: bool = False
     checkpoint_every: int = 0  # steps; 0: at epoch ends only
+    model_ema: bool = False  # keep an exponential moving average of the weights (timm's ModelEmaV3)
+    model_ema_decay: float = 0.9998
+    log: str = ""  # "tensorboard": also log every epoch's metrics to RUN/tb
     resume: bool = False
     force: bool = False  # a fresh run may replace another run's files in ``out``
     max_steps: int = 0  # stop after this many steps in all (tests and benchmarks); 0: no limit
@@ -82,6 +89,7 @@ class StudentJob:
                 epochs=(self.epochs, 1 <= self.epochs <= MAX_EPOCHS, f"in 1..{MAX_EPOCHS}"),
                 batch_size=(self.batch_size, 1 <= self.batch_size <= MAX_BATCH, f"in 1..{MAX_BATCH}"),
                 workers=(self.workers, 0 <= self.workers <= MAX_WORKERS, f"in 0..{MAX_WORKERS}"),
+                threads=(self.threads, 0 <= self.threads <= MAX_WORKERS, f"in 0..{MAX_WORKERS} (0: auto)"),
                 lr=(self.lr, self.lr is None or self.lr > 0, "> 0"),
                 temperature=(self.temperature, self.temperature > 0, "> 0 (it divides the logits)"),
                 label_smoothing=(self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
@@ -89,13 +97,21 @@ class StudentJob:
                 drop_path=(self.drop_path, 0 <= self.drop_path < 1, "in [0, 1)"),
                 checkpoint_every=(self.checkpoint_every, self.checkpoint_every >= 0, ">= 0"),
                 max_steps=(self.max_steps, self.max_steps >= 0, ">= 0"),
+                model_ema_decay=(self.model_ema_decay, 0 < self.model_ema_decay < 1, "in (0, 1)"),
                 device=(self.device, self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"))
+        require("train-student", log=(self.log, self.log in ("", "tensorboard"), "'' or tensorboard"))
+        if self.log == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise ConfigError("--log tensorboard needs the tensorboard package: "
+                                  "pip install 'civt-cache[tensorboard]'") from None
         for spec in self.teacher:
             parse_teacher_spec(spec)
 
 
 def train_student(job: StudentJob) -> dict[str, Any]:
-    info = init_distributed(job.device)
+    info = init_distributed(job.device, job.threads, job.workers)
     lock = RunLock(job.out)
     try:
         return _train(job, info, lock)
@@ -123,8 +139,9 @@ def _check_cache(job: StudentJob, names: tuple[str, ...], manifest, log) -> Cach
     if job.epochs > s.epochs and not job.cycle_cache:
         raise CacheMismatchError(
             f"{job.cache}: holds {s.epochs} epoch(s) of views, training asks for {job.epochs}. "
-            f"The paper draws fresh views every epoch: cache {job.epochs} epochs (cache-teachers "
-            f"--epochs {job.epochs}), or replay the cached ones with --cycle-cache")
+            f"The paper draws fresh views every epoch: grow the cache to {job.epochs} epochs "
+            f"(cache-teachers --epochs {job.epochs} computes only the new ones), or replay the "
+            "cached ones with --cycle-cache")
     stored = store.teachers()
     for name in names:
         if name not in stored:
@@ -216,8 +233,14 @@ def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
             orphan.unlink(missing_ok=True)
     start_epoch, start_step, global_step = 0, 0, 0
     sums = {"loss": 0.0, "ce": 0.0, "conv": 0.0, "inv": 0.0, "n": 0.0, "seconds": 0.0}
+    ema = ModelEmaV3(model, decay=job.model_ema_decay) if job.model_ema else None
+    board = tensorboard_writer(job.out) if job.log == "tensorboard" and info.is_main else None
+    if info.is_main:
+        write_args(job.out, job_record(job))
     if state is not None:
         model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
@@ -243,7 +266,8 @@ def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "schedule": schedule.state_dict(), "epoch": epoch, "step": step,
                                         "global_step": global_step, "ranks": ranks,
-                                        "world_size": info.world_size, "job": job_record(job)})
+                                        "world_size": info.world_size, "job": job_record(job),
+                                        "ema": ema.module.state_dict() if ema is not None else None})
         barrier(info)
 
     rows: list[dict[str, Any]] = []
@@ -262,8 +286,7 @@ def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
         if skip == 0:
             sums = dict.fromkeys(sums, 0.0)
         ddp_model.train()
-        bar = tqdm(total=steps[epoch], initial=skip, desc=f"epoch {epoch + 1}/{job.epochs}",
-                   unit="step", disable=None if info.is_main else True)
+        bar = Progress(steps[epoch], f"epoch {epoch + 1}/{job.epochs}", "steps", info.is_main, skip)
         tick = time.perf_counter()
         for step, batch in zip(range(skip, steps[epoch]), loader):
             # decoded and augmented on the device
@@ -275,6 +298,8 @@ def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
                 targets = batch_targets(batch, num_classes, job.renormalize, device)
             loss, parts = train_step(ddp_model, optimizer, x, ce_target, targets, weights, job.clip_grad)
             global_step += 1
+            if ema is not None:
+                ema.update(model, step=global_step)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise NonFiniteError(_bad_batch(loss_value, global_step, epoch, step, batch, manifest))
@@ -287,8 +312,8 @@ def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
             now = time.perf_counter()
             sums["seconds"] += now - tick
             tick = now
-            bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{sums['n'] * info.world_size / max(sums['seconds'], 1e-9):.0f}")
-            bar.update(1)
+            bar.update(1, loss=f"{loss_value:.3f}",
+                       img_s=f"{sums['n'] * info.world_size / max(sums['seconds'], 1e-9):.0f}")
             if job.checkpoint_every and global_step % job.checkpoint_every == 0 and step + 1 < steps[epoch]:
                 checkpoint(epoch, step + 1)
             if job.max_steps and global_step >= job.max_steps and step + 1 < steps[epoch]:
@@ -299,6 +324,10 @@ def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
         totals = all_reduce_sum(info, [sums["loss"], sums["ce"], sums["conv"], sums["inv"], sums["n"]])
         metrics = evaluate(ddp_model, val_manifest, job.recipe, info, _student_heads,
                            job.batch_size, job.workers)
+        if ema is not None:
+            metrics.update({f"ema_{k}": v for k, v in evaluate(
+                ema.module, val_manifest, job.recipe, info, _student_heads, job.batch_size,
+                job.workers).items()})
         row = {"epoch": epoch, "cache_epoch": cache_epoch if store else None,
                "train_loss": totals[0] / max(totals[4], 1), "loss_ce": totals[1] / max(totals[4], 1),
                "loss_conv": totals[2] / max(totals[4], 1), "loss_inv": totals[3] / max(totals[4], 1),
@@ -307,6 +336,11 @@ def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
                "train_seconds": sums["seconds"], **metrics}
         if info.is_main:
             rows = append_metrics(job.out, row)
+            write_summary(job.out, rows)
+            if board is not None:
+                log_scalars(board, row)
+            save_if_best(job.out, rows, lambda: {"model": model.state_dict(), "arch": job.model,
+                                                 "img_size": job.recipe.img_size})
             plot_curves(rows, job.out / "curves.png", f"{job.model} teachers={job.teachers}"
                         + (" online" if live else ""))
             log(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, val top-1 {row['val_top1']:.2f}% "
@@ -328,7 +362,7 @@ def _bad_batch(value: float, global_step: int, epoch: int, step: int, batch: Any
                manifest: Any) -> str:
     """Where a non-finite loss appeared: the step and the batch's shards and rows."""
     rows = [int(r) for r in batch.rows[:batch.size]]
-    shards = sorted({r // manifest.row_stride for r in rows})
+    shards = sorted({manifest.locate(r)[0] for r in rows})
     files = ", ".join(str(manifest.shard_path(s)) for s in shards[:3]) + (" ..." if len(shards) > 3 else "")
     return (f"loss is {value} at step {global_step} (epoch {epoch + 1}, step {step + 1}) on a batch "
             f"from {files}, rows {rows[:8]}{' ...' if len(rows) > 8 else ''}; stopped, no checkpoint "

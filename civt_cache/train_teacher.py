@@ -11,12 +11,12 @@ from typing import Any
 
 import timm
 import torch
-from tqdm import tqdm
 
 from .distributed import DistInfo, init_distributed, shutdown
 from .errors import ConfigError
 from .fsutil import sha256_file
 from .manifest import load_manifest
+from .progress import Progress
 from .models.teachers import build_teacher
 from .recipe import Recipe
 from .soft_targets import soft_ce
@@ -43,6 +43,7 @@ class TeacherJob:
     crop_scale_min: float = 0.35
     workers: int = 2
     device: str = "auto"
+    threads: int = 0  # intra-op threads; 0: OMP_NUM_THREADS if set, else cores less workers
 
 
 def teacher_recipe(job: TeacherJob) -> Recipe:
@@ -53,7 +54,7 @@ def teacher_recipe(job: TeacherJob) -> Recipe:
 
 
 def train_teacher(job: TeacherJob) -> dict[str, Any]:
-    info = init_distributed(job.device)
+    info = init_distributed(job.device, job.threads, job.workers)
     try:
         return _train(job, info)
     finally:
@@ -83,7 +84,7 @@ def _train(job: TeacherJob, info: DistInfo) -> dict[str, Any]:
     optimizer, schedule = optimizer_and_schedule(model, job.opt, lr, wd, sum(steps),
                                                  int(job.warmup_epochs * steps[0]), lr * 1e-3)
     step, start = 0, time.perf_counter()
-    bar = tqdm(total=sum(steps), desc=f"train-teacher {job.arch}", unit="step", disable=None)
+    bar = Progress(sum(steps), f"train-teacher {job.arch}", "steps")
     for epoch in range(job.epochs):
         loader = batch_loader(StudentBatches(manifest, recipe, job.seed, rank_shards(manifest, job.seed, epoch, 0, 1),
                                              EpochSource(epoch, job.seed), job.batch_size,
@@ -98,8 +99,7 @@ def _train(job: TeacherJob, info: DistInfo) -> dict[str, Any]:
             optimizer.step()
             step += 1
             schedule.step_update(step)
-            bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch + 1)
-            bar.update(1)
+            bar.update(1, loss=f"{loss.item():.3f}", epoch=epoch + 1)
     bar.close()
     metrics = evaluate(model, val, recipe, info, _logits, job.batch_size, job.workers)
     state = {"state_dict": model.state_dict(), "arch": job.arch, "num_classes": manifest.num_classes,

@@ -14,6 +14,7 @@ from torch import nn
 from .distributed import DistInfo, all_reduce_sum
 from .fsutil import atomic_write_json, atomic_write_with
 from .manifest import DataManifest
+from .progress import Progress
 from .recipe import Recipe
 from .student_data import ValBatches, batch_loader, val_views
 
@@ -22,12 +23,15 @@ def optimizer_and_schedule(model: nn.Module, opt: str, lr: float, weight_decay: 
                            total_steps: int, warmup_steps: int, min_lr: float,
                            momentum: float = 0.9) -> tuple[torch.optim.Optimizer, CosineLRScheduler]:
     """timm's optimizer factory (no decay on norms, biases and ``no_weight_decay()`` params)
-    and a per-step cosine schedule with linear warmup."""
+    and a per-step cosine schedule with linear warmup, as co-advise's training script (Swin's
+    ``build_scheduler``) builds it: the cosine runs over all steps, warmup included
+    (``warmup_prefix=False``), so after warmup the rate is already ``cos(pi t / T)`` of the way
+    down, never a fresh cosine that starts after the warmup."""
     kwargs = {"momentum": momentum} if opt.lower() in ("sgd", "momentum") else {}
     optimizer = create_optimizer_v2(model, opt, lr=lr, weight_decay=weight_decay, **kwargs)
     schedule = CosineLRScheduler(optimizer, t_initial=max(total_steps, 1), lr_min=min_lr,
                                  warmup_t=warmup_steps, warmup_lr_init=min(1e-6, lr),
-                                 warmup_prefix=True, t_in_epochs=False)
+                                 warmup_prefix=False, t_in_epochs=False)
     return optimizer, schedule
 
 
@@ -41,10 +45,13 @@ def evaluate(model: nn.Module, manifest: DataManifest, recipe: Recipe, info: Dis
     model.eval()
     shards = list(range(len(manifest.shards)))[info.rank::info.world_size]
     loader = batch_loader(ValBatches(manifest, shards, batch_size), min(workers, len(shards)))
+    bar = Progress(sum(manifest.shards[s].num_samples for s in shards), f"evaluate {manifest.name}",
+                   "images", info.is_main, leave=False)
     names: list[str] = []
     counts: list[float] = []
     n = 0
     for images, image_names, labels in loader:
+        bar.update(len(labels))
         x = val_views(images, image_names, recipe, info.device)
         y = torch.from_numpy(labels).to(info.device)
         if info.device.type == "cuda":
@@ -59,6 +66,7 @@ def evaluate(model: nn.Module, manifest: DataManifest, recipe: Recipe, info: Dis
             counts[2 * i] += float((top5[:, 0] == y).sum())
             counts[2 * i + 1] += float((top5 == y[:, None]).any(1).sum())
         n += len(y)
+    bar.close()
     total = all_reduce_sum(info, [float(n), *counts])
     model.train(was_training)
     out = {}
@@ -106,3 +114,51 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def write_results(run_dir: Path, results: dict[str, Any]) -> None:
     atomic_write_json(run_dir / "results.json", results)
+
+
+def tensorboard_writer(run_dir: Path) -> Any:
+    """A TensorBoard ``SummaryWriter`` on ``RUN/tb`` (``--log tensorboard``)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def log_scalars(writer: Any, row: dict[str, Any]) -> None:
+    """Every number of an epoch's metrics row as a TensorBoard scalar at that epoch."""
+    for key, value in row.items():
+        if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            writer.add_scalar(key, value, row["epoch"])
+    writer.flush()
+
+
+def write_args(run_dir: Path, settings: dict[str, Any]) -> None:
+    """The run's merged settings (defaults, pipeline, flags) as ``args.yaml``, as timm's
+    train.py writes them: what was run, readable without this tool."""
+    import yaml
+
+    atomic_write_with(run_dir / "args.yaml",
+                      lambda f: f.write(yaml.safe_dump(settings, sort_keys=False).encode()))
+
+
+def write_summary(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """``summary.csv``: one line per epoch with every metric, as timm's train.py keeps it."""
+    import csv
+    import io
+
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_with(run_dir / "summary.csv", lambda f: f.write(text.getvalue().encode()))
+
+
+def save_if_best(run_dir: Path, rows: list[dict[str, Any]], state: Callable[[], dict[str, Any]],
+                 metric: str = "val_top1") -> bool:
+    """Write ``model_best.pt`` (weights, epoch, metric) when the last row has the best ``metric``
+    so far; ``state`` is called only then."""
+    if rows[-1][metric] < max(r[metric] for r in rows):
+        return False
+    save_checkpoint(run_dir / "model_best.pt", {**state(), "epoch": rows[-1]["epoch"],
+                                                metric: rows[-1][metric]})
+    return True

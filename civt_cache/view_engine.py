@@ -20,9 +20,10 @@ rounded or truncated where PIL rounds or truncates. Per op:
   the mean colour outside; its bicubic kernel is a = -0.75 where Pillow's transform uses a = -1:
   measured 0.5-0.8 levels mean absolute difference, 47-50 dB, at a tenth of the cost of
   gathering the 16 taps ourselves; colour ops as per-sample blends with PIL's degenerate images and
-  truncation; equalize, posterize and sharpness from kornia (they take per-sample factors and
-  follow PIL); autocontrast, solarize, invert on the integer levels (kornia has no PIL-style
-  autocontrast, and its contrast/brightness/saturation are not PIL's blends);
+  truncation; equalize and sharpness from kornia (they take per-sample factors and follow
+  PIL); autocontrast, posterize (0 bits at magnitude 10: black, as co-advise's Pillow gave),
+  solarize, invert on the integer levels (kornia has no PIL-style autocontrast, and its
+  contrast/brightness/saturation are not PIL's blends);
 - random erasing: normal noise from a counter-based hash of (erase seed, pixel), the same
   numbers on every device;
 - Mixup / CutMix with the partner's base view from the same batch.
@@ -419,9 +420,11 @@ def _colour_op(name: str, v: torch.Tensor, level: np.ndarray, sign: np.ndarray) 
         return (kornia.enhance.equalize(v / 255.0) * 255.0).round()
     if name == "Invert":
         return 255.0 - v
-    if name == "PosterizeIncreasing":  # bits = 4 - int(4 level), at least 1 (Pillow refuses 0)
-        bits = torch.as_tensor(np.maximum(1, 4 - (level * 4).astype(np.int64)), device=v.device)
-        return (kornia.enhance.posterize(v / 255.0, bits) * 255.0).round()
+    if name == "PosterizeIncreasing":
+        # timm's bits = 4 - int(4 level): 0 bits at magnitude 10, a black image, as Pillow before
+        # 12 (which co-advise ran) gives; keeping b bits of a level is flooring to 2^(8 - b)
+        step = per_sample(2.0 ** (8 - (4 - (level * 4).astype(np.int64)))).view(-1, 1, 1, 1)
+        return torch.floor(v / step) * step
     if name == "SolarizeIncreasing":
         thresh = per_sample(256 - np.minimum(256, (level * 256).astype(np.int64))).view(-1, 1, 1, 1)
         return torch.where(v < thresh, v, 255.0 - v)

@@ -26,13 +26,13 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import auto_augment as taa
 
 from .errors import BadImageError
 from .imageio import check_image_size
 from .recipe import RA_MAX_OPS, Recipe
 
-VIEWS_VERSION = 2  # 1: PIL on CPU workers, pairs over a whole shard; 2: the batched view engine
+VIEWS_VERSION = 3  # 1: PIL on CPU workers, pairs over a whole shard; 2: the batched view engine;
+# 3: posterize at magnitude 10 keeps 0 bits (black), as timm and Pillow of co-advise's time did
 PAIR_GROUP = 256   # positions of a shard inside which mixing partners are drawn
 
 # ---- record layout (int32) ------------------------------------------------------------------
@@ -50,7 +50,15 @@ LAM_ONE = 1 << 20           # fixed point: lam = value / 2**20 is exact in float
 MAG_SCALE = 100
 MIX_NONE, MIX_MIXUP, MIX_CUTMIX = 0, 1, 2
 
-RA_OPS: tuple[str, ...] = tuple(taa._RAND_INCREASING_TRANSFORMS)
+#: What a stored RandAugment op index means: the order of timm's increasing op set (``inc1``) as
+#: co-advise sampled from it, written out here because it defines stored data. Never read it
+#: from timm at run time: a timm release that reorders its private list would make every cache
+#: replay other ops. Changing this table changes what records mean: bump VIEWS_VERSION with it.
+RA_OPS: tuple[str, ...] = (
+    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
+    "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+    "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+)
 _STREAM_VIEW, _STREAM_PAIRS = 0x5649, 0x5041  # separate counter streams for views and pairs
 
 
@@ -127,6 +135,8 @@ def sample_record(recipe: Recipe, seed: int, epoch: int, row: int, src_w: int, s
             s = recipe.img_size
             cut = int(s * math.sqrt(1.0 - lam))
             cy, cx = int(rng.integers(0, s)), int(rng.integers(0, s))
+            # the box's half sides are cut // 2 each, as timm's rand_bbox of co-advise's time
+            # (timm 0.3-0.4) computed them; later timm keeps odd sizes whole. Kept on purpose.
             y0, y1 = np.clip([cy - cut // 2, cy + cut // 2], 0, s)
             x0, x1 = np.clip([cx - cut // 2, cx + cut // 2], 0, s)
             rec[MIX_BOX] = (x0, y0, x1, y1)
@@ -186,8 +196,3 @@ def mixed_targets(labels: torch.Tensor, partner_labels: torch.Tensor, lam: torch
     a.scatter_(1, labels[:, None], on)
     lam = lam[:, None].float()
     return lam * a + (1.0 - lam) * b
-
-
-def record_lams(records: np.ndarray) -> torch.Tensor:
-    """Lambda of each record as float32 (1.0 for unmixed views)."""
-    return torch.from_numpy(records[..., LAM].astype(np.float64) / LAM_ONE).float()

@@ -39,8 +39,8 @@ def _ra_args(name: str, magnitude: float, sign: int) -> tuple:
     if name in ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
                 "SharpnessIncreasing"):
         return (max(0.1, 1.0 + sign * 0.9 * level),)
-    if name == "PosterizeIncreasing":  # Pillow >= 12 refuses 0 bits (magnitude 10): keep 1
-        return (max(1, taa._posterize_increasing_level_to_arg(magnitude, {})[0]),)
+    if name == "PosterizeIncreasing":  # 0 bits at magnitude 10 (see _op)
+        return taa._posterize_increasing_level_to_arg(magnitude, {})
     fn = taa.LEVEL_TO_ARG[name]
     return fn(magnitude, {}) if fn is not None else ()
 
@@ -56,9 +56,11 @@ def render_base(image: Image.Image, rec: np.ndarray, recipe: Recipe) -> torch.Te
     for op, mag in rec[RA].reshape(RA_MAX_OPS, 2):
         if op >= 0:
             name = RA_OPS[op]
-            img = taa.NAME_TO_OP[name](img, *_ra_args(name, abs(int(mag)) / MAG_SCALE,
-                                                      -1 if mag < 0 else 1),
-                                       fillcolor=fill, resample=Image.BICUBIC)
+            args = _ra_args(name, abs(int(mag)) / MAG_SCALE, -1 if mag < 0 else 1)
+            if name == "PosterizeIncreasing" and args[0] == 0:
+                img = Image.new("RGB", img.size)  # Pillow < 12's posterize(img, 0); >= 12 refuses it
+            else:
+                img = taa.NAME_TO_OP[name](img, *args, fillcolor=fill, resample=Image.BICUBIC)
     t = TF.pil_to_tensor(img).float().div_(255.0)
     t = TF.normalize(t, list(recipe.mean), list(recipe.std), inplace=True)
     ex, ey, ew, eh = (int(v) for v in rec[ERASE])

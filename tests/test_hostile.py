@@ -383,3 +383,13 @@ def test_wrong_types_and_a_file_as_out_are_one_line(world, tmp_path) -> None:
     refused(run_cli(*cache_args(world["root"], afile), check=False), str(afile), "that path is a file")
     refused(run_cli(*student_args(world, world["ref"], afile), check=False), str(afile), "that path is a file")
     assert afile.read_text() == "keep me"
+
+
+def test_out_of_memory_is_said_as_such() -> None:
+    """A device or host out of memory (in a teacher, the student, a decode) is one line that
+    says so and what to lower, never a traceback blaming an input."""
+    from civt_cache.errors import one_line_error
+
+    for error in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), MemoryError()):
+        line = one_line_error(error)
+        assert line is not None and line.startswith("out of memory") and "--batch-size" in line

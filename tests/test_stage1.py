@@ -274,3 +274,39 @@ def test_verify_needs_only_the_cache_and_finds_moved_files(digits, teachers, tmp
     proc = run_cli("verify", str(out), "--samples", "3", "--teacher", f"conv=resnet10t:{moved}",
                    check=False)
     assert proc.returncode == 2 and "is not the one cached: sha256" in proc.stderr
+
+
+def _same_arrays(a: Path, b: Path) -> None:
+    x, y = arrays(a), arrays(b)
+    assert x.keys() == y.keys()
+    for k in x:
+        assert x[k].shape == y[k].shape and np.array_equal(x[k], y[k], equal_nan=x[k].dtype.kind == "f"), k
+
+
+def test_growing_a_cache_computes_only_the_new_epochs(reference, digits, teachers, tmp_path) -> None:
+    """2 -> 3 epochs: only the new units run, the committed ones stay as they were, and the
+    result equals a 3-epoch cache made at once."""
+    specs = [teachers["conv"], teachers["inv"]]
+    out = tmp_path / "grown"
+    shutil.copytree(reference, out)
+    committed = {p.name: p.read_bytes() for p in (out / "progress").glob("*.json")}
+    summary = cache_teachers(job(digits["val"], out, specs, epochs=3))
+    assert summary["units"] == 2  # 2 shards x 1 new epoch
+    assert all((out / "progress" / name).read_bytes() == data for name, data in committed.items())
+    assert CacheStore.open(out).spec.epochs == 3
+    at_once = tmp_path / "at-once"
+    cache_teachers(job(digits["val"], at_once, specs, epochs=3))
+    _same_arrays(out, at_once)
+    with pytest.raises(CacheMismatchError, match="epochs: cache has 3, asked 2"):
+        cache_teachers(job(digits["val"], out, specs, epochs=2))  # a cache never shrinks
+
+
+def test_growing_a_short_last_block_redoes_it(digits, teachers, tmp_path) -> None:
+    """3 epochs in blocks of 2 ([0, 1], [2]) grown to 4: block [2] becomes [2, 3] and is redone."""
+    specs = [teachers["conv"]]
+    grown, at_once = tmp_path / "grown", tmp_path / "at-once"
+    cache_teachers(job(digits["val"], grown, specs, epochs=3, epochs_per_unit=2))
+    summary = cache_teachers(job(digits["val"], grown, specs, epochs=4, epochs_per_unit=2))
+    assert summary["units"] == 2 and summary["views"] == 2 * load_manifest(digits["val"]).num_samples  # both shards x epochs 2, 3
+    cache_teachers(job(digits["val"], at_once, specs, epochs=4, epochs_per_unit=2))
+    _same_arrays(grown, at_once)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -84,6 +85,30 @@ def test_cached_step_equals_online_step(digits, full_cache) -> None:
     loss_online, _ = coadvise_loss(heads, target, live, LossWeights())
     # the cache stores log-probabilities as float16: agreement to ~1e-3 of the loss
     torch.testing.assert_close(loss_cached, loss_online, rtol=2e-3, atol=2e-3)
+
+
+def test_schedule_is_the_official_cosine_over_all_steps() -> None:
+    """co-advise's script (Swin's build_scheduler on timm 0.3's CosineLRScheduler) runs the
+    cosine over every step, warmup included; the paper's run: 8 x 128, 300 epochs of 1,251
+    steps, 20 warmup epochs, lr 5e-4 x 1024 / 512, min 1e-5, warmup from 1e-6."""
+    from civt_cache.training import optimizer_and_schedule
+
+    per_epoch, base, low, start = 1251, 1e-3, 1e-5, 1e-6
+    total, warmup = 300 * per_epoch, 20 * per_epoch
+
+    def official(t: int) -> float:
+        if t < warmup:
+            return start + t * (base - start) / warmup
+        return low + 0.5 * (base - low) * (1 + math.cos(math.pi * t / total))
+
+    optimizer, schedule = optimizer_and_schedule(torch.nn.Linear(2, 2), "adamw", base, 0.05, total,
+                                                 warmup, low)
+    for epoch in (0, 0.5, 10, 19.9, 20, 50, 100, 200, 299, 300):
+        t = int(epoch * per_epoch)
+        schedule.step_update(t)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(official(t), rel=1e-9), epoch
+    schedule.step_update(200 * per_epoch)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2.575e-4, rel=1e-3)  # not 3.52e-4
 
 
 def test_ranks_get_disjoint_shards_and_equal_steps(digits) -> None:

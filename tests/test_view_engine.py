@@ -136,6 +136,15 @@ def test_a_partner_outside_the_batch_is_refused(jpegs) -> None:
         engine_views([jpegs[row]], recs[[row]], "cpu", Recipe(img_size=64), rows=[row])
 
 
+def test_stored_op_table_is_timms_increasing_set() -> None:
+    """The op table that gives stored indices their meaning is written out in civt-cache; it
+    must stay timm's ``inc1`` order. A timm that reorders its list fails here, not silently in
+    every cache (the records version then needs a bump, see ``views.RA_OPS``)."""
+    from timm.data import auto_augment as taa
+
+    assert V.RA_OPS == tuple(taa._RAND_INCREASING_TRANSFORMS)
+
+
 def test_erase_noise_is_keyed_and_standard_normal() -> None:
     box = (10, 20, 100, 80)
     a = erase_noise(123, box, 224, torch.device("cpu"))

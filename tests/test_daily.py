@@ -1,0 +1,89 @@
+"""Daily use (issue: the paper's schedule and the details of daily use): progress in logs,
+thread choice, the version, flags through make."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import torch
+
+from civt_cache.distributed import choose_threads
+
+from .conftest import ROOT, cache_args, run_cli, student_args
+
+LINE = r"{}: [\d,]+/[\d,]+ {} \(\d+%\), [\d,.]+ {}/s, ETA \d+:\d\d"
+
+
+def test_progress_lines_outside_a_terminal(world, tmp_path) -> None:
+    """Under nohup or SLURM (no terminal) every long command prints a line every
+    CIVT_PROGRESS_SECONDS: done of total, rate, ETA."""
+    env = {**os.environ, "CIVT_PROGRESS_SECONDS": "0"}
+    proc = run_cli(*cache_args(world["root"], tmp_path / "c", "--epochs", "1"), env=env)
+    assert re.search(LINE.format("cache-teachers", "views", "views"), proc.stderr), proc.stderr[-2000:]
+    proc = run_cli(*student_args(world, tmp_path / "c", tmp_path / "run", "--workers", "0"), env=env)
+    assert re.search(LINE.format(r"epoch 1/1", "steps", "steps") + r", loss [\d.]+", proc.stderr)
+    assert re.search(LINE.format("evaluate digits-val", "images", "images"), proc.stderr)
+    quiet = run_cli(*student_args(world, tmp_path / "c", tmp_path / "run2", "--workers", "0",
+                                  "--max-steps", "2"), env={**env, "CIVT_PROGRESS_SECONDS": "3600"})
+    # a long interval: no line per step, one when the epoch's counter closes
+    assert len(re.findall(LINE.format(r"epoch 1/1", "steps", "steps"), quiet.stderr)) == 1
+
+
+def test_threads_are_chosen_from_the_cores_left_after_workers(monkeypatch) -> None:
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        cores = len(os.sched_getaffinity(0))
+        assert choose_threads(0, 1) == max(1, cores - 1)
+        assert choose_threads(0, 64) == 1
+        assert choose_threads(3, 1) == 3  # --threads wins
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's: kept
+        torch.set_num_threads(1)
+        assert choose_threads(0, 0) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_version_and_make_passes_extra_flags(tmp_path) -> None:
+    from civt_cache import __version__
+
+    assert run_cli("--version").stdout.strip() == f"civt-cache {__version__}"
+    dry = subprocess.run(["make", "-n", "train-student", "ARGS=--resume --threads 2", "PY=" + sys.executable,
+                          "CLI=civt-cache"], cwd=ROOT, capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert "civt-cache train-student --pipeline pipelines/demo.toml --resume --threads 2" in dry.stdout
+
+
+def test_run_records_are_written_and_readable(world, tmp_path) -> None:
+    """Like timm's train.py: the merged settings (args.yaml), a per-epoch summary.csv, the best
+    weights (model_best.pt, which `eval --json` reads), EMA weights and TensorBoard when asked."""
+    import csv
+    import json
+
+    import yaml
+
+    run = tmp_path / "run"
+    run_cli(*student_args(world, world["ref"], run, "--workers", "0", "--model-ema",
+                          "--model-ema-decay", "0.9", "--log", "tensorboard"))
+    args = yaml.safe_load((run / "args.yaml").read_text())
+    assert (args["model"], args["batch_size"], args["model_ema"]) == ("civt_micro", 32, True)
+    rows = list(csv.DictReader((run / "summary.csv").open()))
+    assert len(rows) == 1 and rows[0]["epoch"] == "0"
+    assert 0 <= float(rows[0]["val_top1"]) <= 100 and 0 <= float(rows[0]["ema_val_top1"]) <= 100
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["ema"] is not None and state["ema"].keys() == state["model"].keys()
+    best = torch.load(run / "model_best.pt", weights_only=True)
+    assert best["epoch"] == 0 and best["val_top1"] == float(rows[0]["val_top1"])
+    out = run_cli("eval", "--manifest", str(world["manifest"]), "--arch", "civt_micro",
+                  "--checkpoint", str(run / "model_best.pt"), "--device", "cpu", "--json").stdout
+    metrics = json.loads(out)
+    assert metrics["val_top1"] == float(rows[0]["val_top1"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    (scalar,) = events.Scalars("val_top1")
+    assert scalar.step == 0 and abs(scalar.value - float(rows[0]["val_top1"])) < 1e-4

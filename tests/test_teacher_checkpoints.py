@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import civt_cache  # noqa: F401  (registers rednet*/civt_*)
-from civt_cache.errors import ConfigError
+from civt_cache.errors import CheckpointError, ConfigError
 from civt_cache.models.teachers import build_teacher
 
 from .conftest import run_cli
@@ -85,7 +85,7 @@ def test_checkpoint_that_fits_no_layout_names_the_keys(tmp_path: Path) -> None:
                                           r"\['layer1.0.bn3.*unexpected keys"):
         build_teacher(f"rednet26:{tmp_path / 'r.pth'}")
     (tmp_path / "junk.pth").write_bytes(b"junk")
-    with pytest.raises(ConfigError, match="junk.pth: cannot read"):
+    with pytest.raises(CheckpointError, match="junk.pth: not a readable checkpoint"):
         build_teacher(f"resnet10t:{tmp_path / 'junk.pth'}")
     sd = timm.create_model("resnet10t", num_classes=10).state_dict()
     del sd["fc.weight"], sd["fc.bias"]

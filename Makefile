@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # extra flags for the CLI targets, e.g. make train-student ARGS=--resume
 ARGS ?=
 
-.PHONY: setup test test-fast timm-tests demo prepare reproduce cache-teachers train-student bench bench-imagenet bench-threads gpu-check clean
+.PHONY: setup test test-slow timm-tests demo prepare reproduce cache-teachers train-student bench bench-imagenet bench-threads gpu-check clean
 
 setup: $(STAMP)
 
@@ -20,11 +20,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The test suite in two tiers: `make test` (about 13 minutes on 2 cores) and the slow tier (the
+# soak, kill and whole-cache fault tests, about 10 more); CI runs both.
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
-
-test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 # timm's own model tests (tests/test_models.py of a timm checkout of the installed version) on
 # every rednet* and civt* model: make timm-tests TIMM_SRC=/path/to/pytorch-image-models

@@ -49,6 +49,7 @@ def flip(path: Path, offset: int, count: int = 3) -> None:
     path.write_bytes(bytes(blob))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["middle", "start"])
 def test_flipped_bytes_in_a_committed_chunk(world, tmp_path, where) -> None:
     """Row 1 and 2: bytes flipped inside a chunk (it would still decode) or near its start (a
@@ -75,6 +76,7 @@ def test_flipped_bytes_in_a_committed_chunk(world, tmp_path, where) -> None:
     assert "all sound -> OK" in run_cli("verify", str(cache), "--full").stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("array", ["teachers/conv/logprobs", "teachers/conv/indices", "views/params"])
 def test_deleted_chunk_is_never_read_as_fill_values(world, tmp_path, array) -> None:
     """Row 3: a deleted chunk: train-student refuses naming the file, inspect calls the unit
@@ -146,6 +148,7 @@ def test_manifest_pointing_at_a_device_or_fifo(world, tmp_path, kind) -> None:
     refused(proc, target, "not a regular file")
 
 
+@pytest.mark.slow
 def test_make_shards_bad_files_and_settings(tmp_path) -> None:
     """Row 7: a link loop and a broken link are named, and skipped under --skip-bad; a zero
     shard size and a folder without class folders are one-line errors."""
@@ -197,6 +200,7 @@ def test_bad_student_settings_refused_before_anything(world, tmp_path, flag, val
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_bad_cache_settings_leave_no_cache(world, tmp_path) -> None:
     """Row 9: a typo'd teacher spec, a missing checkpoint or bad numbers create nothing."""
     out = tmp_path / "c"
@@ -213,6 +217,7 @@ def test_bad_cache_settings_leave_no_cache(world, tmp_path) -> None:
         assert not out.exists() and not list(tmp_path.glob(".c.tmp-*"))
 
 
+@pytest.mark.slow
 def test_full_disk_is_one_line_and_loses_nothing_committed(world, tmp_path) -> None:
     """Row 9: a full disk names the path; every unit committed before it stays sound."""
     disk = tmp_path / "disk"

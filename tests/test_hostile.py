@@ -128,6 +128,7 @@ def test_non_finite_teacher_refused_where_its_output_is_made(world, tmp_path, va
     assert not list((out / "progress").glob("*.json"))  # nothing committed
 
 
+@pytest.mark.slow
 def test_huge_finite_logit_cannot_overflow_the_cache(world, tmp_path) -> None:
     """A logit of 1e5 (over float16's 65,504) is stored as a log-probability: finite, and
     verify and training agree with it."""
@@ -327,7 +328,7 @@ def test_a_run_folder_has_one_writer_and_one_run(world, stopped_run, tmp_path) -
     run_cli(*student_args(world, world["ref"], run, "--workers", "0", "--max-steps", "1"))
     before = (run / "checkpoint.pt").read_bytes()
     refused(run_cli(*student_args(world, world["ref"], run, "--workers", "0"), check=False),
-            str(run), "holds another run's files (checkpoint.pt)", "--force")
+            str(run), "holds another run's files (checkpoint.pt, args.yaml)", "--force")
     assert (run / "checkpoint.pt").read_bytes() == before
     run_cli(*student_args(world, world["ref"], run, "--workers", "0", "--force", "--seed", "3"))
     assert torch.load(run / "checkpoint.pt", weights_only=True)["job"]["seed"] == 3

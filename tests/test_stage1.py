@@ -221,6 +221,7 @@ def _cli_job_args(manifest: Path, out: Path, teachers: dict[str, str]) -> list[s
             "--workers", "0", "--batch-size", "64"]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume(reference, digits, teachers, tmp_path) -> None:
     out = tmp_path / "c"
     args = [sys.executable, "-m", "civt_cache.cli", *_cli_job_args(digits["val"], out, teachers)]
@@ -254,6 +255,7 @@ def test_two_ranks_under_torchrun_match_one_process(reference, digits, teachers,
         assert np.array_equal(ref[k], got[k]), k
 
 
+@pytest.mark.slow
 def test_verify_needs_only_the_cache_and_finds_moved_files(digits, teachers, tmp_path) -> None:
     ckpt = Path(teachers["conv"].split(":", 1)[1])
     own = tmp_path / "conv.pth"

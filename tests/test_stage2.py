@@ -150,6 +150,7 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_train_cycles_cache_and_resume_after_kill_reproduces(digits, full_cache, tmp_path) -> None:
     cache, _ = full_cache
     ref = student_job(digits, cache, tmp_path / "ref", epochs=3, cycle_cache=True)

@@ -67,6 +67,7 @@ def test_checkpoint_loads_with_the_source_logits(arch: str, fmt: str, tmp_path: 
         torch.testing.assert_close(teacher.model(x), model(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_train_teacher_output_loads(digits, tmp_path: Path) -> None:
     from civt_cache.train_teacher import TeacherJob, train_teacher
 

@@ -236,7 +236,7 @@ def measure_prebuilt(job: StudentJob, steps: int) -> float:
     beforehand and already on the device (no data path at all)."""
     from .soft_targets import LossWeights
     from .stage2 import TEACHER_SETS, train_step
-    from .student_data import EpochSource, StudentBatches, batch_inputs, batch_targets
+    from .student_data import EpochSource, StudentBatches, batch_inputs
 
     device = pick_device(job.device)
     manifest = load_manifest(job.manifest)
@@ -245,8 +245,8 @@ def measure_prebuilt(job: StudentJob, steps: int) -> float:
     batches = []
     for batch in StudentBatches(manifest, job.recipe, job.seed, list(range(len(manifest.shards))),
                                 source, job.batch_size):
-        x, ce = batch_inputs(batch, job.recipe, manifest.num_classes, job.label_smoothing, device)
-        targets = batch_targets(batch, manifest.num_classes, job.renormalize, device)
+        x, ce, targets = batch_inputs(batch, job.recipe, manifest.num_classes, job.label_smoothing, device,
+                                      job.renormalize)
         batches.append((x, ce, targets))
         if len(batches) == steps + 2:
             break
@@ -438,7 +438,27 @@ def measure_views(samples: int, img_size: int = 224, batch: int = 64, device: st
     if gpu.type == "cuda":
         engine(gpu)()  # warm-up: nvJPEG handles, kernels
         rates[f"engine, {torch.cuda.get_device_name(gpu)}"] = best(engine(gpu))
-    return {"samples": samples, "img_size": img_size, "batch": batch, "rates": rates}
+    return {"samples": samples, "img_size": img_size, "batch": batch, "rates": rates,
+            "counts": _count_engine(jpegs, recipe)}
+
+
+def _count_engine(jpegs: list[bytes], recipe: Recipe, batches: tuple[int, ...] = (256, 512)) -> dict[int, Any]:
+    """Launches, host-to-device transfers and device reads of one engine batch (decode
+    included) of each size, counted on the CPU running a GPU's op stream (``op_counts``).
+    Sizes are whole pair groups, so every partner is in the batch."""
+    from .op_counts import count_ops
+    from .view_engine import gpu_op_stream, worker_image
+    from .views import image_size, sample_shard_records
+
+    counts = {}
+    for n in batches:
+        rows = list(range(n))
+        batch = [jpegs[r % len(jpegs)] for r in rows]
+        recs = sample_shard_records(recipe, 1, 0, 0, rows, [image_size(j) for j in batch])
+        items = [worker_image(j, str(r)) for r, j in zip(rows, batch)]
+        with gpu_op_stream():
+            counts[n] = count_ops(lambda: next(render_encoded(items, [recs], rows, recipe, torch.device("cpu"))))
+    return counts
 
 
 def format_views(r: dict[str, Any]) -> str:
@@ -447,6 +467,10 @@ def format_views(r: dict[str, Any]) -> str:
              f"{r['img_size']}px, engine batches of {r['batch']}; decode included)"]
     lines += [f"  {k:34s} {v:9.1f} views/s  ({v / pil:.2f}x the PIL path per core)"
               for k, v in r["rates"].items()]
+    lines.append("  per batch, as a GPU runs it (counted on the CPU): kernel launches, host-to-device "
+                 "transfers, device reads")
+    lines += [f"  {n:5d} views: {c.launches:6d} launches {c.transfers:3d} transfers {c.reads:3d} reads"
+              for n, c in r["counts"].items()]
     return "\n".join(lines)
 
 

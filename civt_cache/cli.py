@@ -161,6 +161,7 @@ def train_student_cmd(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the student."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Also checkpoint every N steps."),
+    log_every: Optional[int] = typer.Option(None, help="Steps between reads of the loss from the device (progress, NaN check) [20]."),
     model_ema: Optional[bool] = typer.Option(None, "--model-ema/--no-model-ema", help="Keep and evaluate an EMA of the weights (timm's ModelEmaV3)."),
     model_ema_decay: Optional[float] = typer.Option(None, help="EMA decay per step [0.9998]."),
     log: Optional[str] = typer.Option(None, help="'tensorboard': also log each epoch's metrics to RUN/tb."),
@@ -178,7 +179,7 @@ def train_student_cmd(
         manifest=manifest, val_manifest=val_manifest, cache=cache, model=model, img_size=img_size,
         epochs=epochs, teachers=teachers, online=online, teacher=teacher, seed=seed,
         view_seed=view_seed, cycle_cache=cycle_cache, batch_size=batch_size, lr=lr, temperature=temperature, renormalize=renormalize,
-        workers=workers, threads=threads, device=device, compile=compile, checkpoint_every=checkpoint_every,
+        workers=workers, threads=threads, device=device, compile=compile, checkpoint_every=checkpoint_every, log_every=log_every,
         model_ema=model_ema, model_ema_decay=model_ema_decay, log=log,
         out=out, resume=resume, force=force, max_steps=max_steps), pipeline)
     res = train_student(job)

@@ -60,9 +60,10 @@ def soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def coadvise_loss(heads: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ce_target: torch.Tensor,
-                  teacher: dict[str, torch.Tensor], w: LossWeights) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss and its parts. A head whose teacher is absent (ablations) learns from the
-    labels instead, so all three heads stay meaningful for the averaged prediction."""
+                  teacher: dict[str, torch.Tensor], w: LossWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total loss and its parts (detached, still on the device: nothing here waits for it). A
+    head whose teacher is absent (ablations) learns from the labels instead, so all three heads
+    stay meaningful for the averaged prediction."""
     cls_head, conv_head, inv_head = heads
     parts = {"ce": soft_ce(cls_head, ce_target) * w.ce}
     for name, head, weight in (("conv", conv_head, w.conv), ("inv", inv_head, w.inv)):
@@ -71,4 +72,4 @@ def coadvise_loss(heads: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ce_tar
         else:
             parts[name] = soft_ce(head, ce_target) * weight
     total = parts["ce"] + parts["conv"] + parts["inv"]
-    return total, {k: float(v.detach()) for k, v in parts.items()}
+    return total, {k: v.detach() for k, v in parts.items()}

@@ -5,7 +5,6 @@ evaluate, checkpoint, write metrics. ``--online`` computes the same targets with
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,8 +27,9 @@ from .pipeline import MAX_BATCH, MAX_EPOCHS, MAX_WORKERS, require
 from .progress import Progress
 from .recipe import Recipe
 from .runs import RunLock, check_resumable, load_checkpoint, start_fresh
+from .loss_window import LossWindow
 from .soft_targets import LossWeights, coadvise_loss
-from .student_data import EpochSource, StudentBatches, batch_inputs, batch_loader, batch_targets, rank_shards, \
+from .student_data import EpochSource, StudentBatches, batch_inputs, batch_loader, rank_shards, \
     steps_per_epoch, worker_skips
 from .training import (append_metrics, evaluate, log_scalars, optimizer_and_schedule, plot_curves,
                        save_checkpoint, save_if_best, tensorboard_writer, write_args, write_results,
@@ -73,6 +73,7 @@ class StudentJob:
     device: str = "auto"
     compile: bool = False
     checkpoint_every: int = 0  # steps; 0: at epoch ends only
+    log_every: int = 20  # steps between reads of the loss from the device (progress, NaN check)
     model_ema: bool = False  # keep an exponential moving average of the weights (timm's ModelEmaV3)
     model_ema_decay: float = 0.9998
     log: str = ""  # "tensorboard": also log every epoch's metrics to RUN/tb
@@ -96,6 +97,7 @@ class StudentJob:
                 clip_grad=(self.clip_grad, self.clip_grad >= 0, ">= 0 (0: off)"),
                 drop_path=(self.drop_path, 0 <= self.drop_path < 1, "in [0, 1)"),
                 checkpoint_every=(self.checkpoint_every, self.checkpoint_every >= 0, ">= 0"),
+                log_every=(self.log_every, self.log_every >= 1, ">= 1"),
                 max_steps=(self.max_steps, self.max_steps >= 0, ">= 0"),
                 model_ema_decay=(self.model_ema_decay, 0 < self.model_ema_decay < 1, "in (0, 1)"),
                 device=(self.device, self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"))
@@ -233,6 +235,7 @@ def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
             orphan.unlink(missing_ok=True)
     start_epoch, start_step, global_step = 0, 0, 0
     sums = {"loss": 0.0, "ce": 0.0, "conv": 0.0, "inv": 0.0, "n": 0.0, "seconds": 0.0}
+    window = LossWindow(job.log_every, sums, lambda value, where: _bad_batch(value, where, manifest))
     ema = ModelEmaV3(model, decay=job.model_ema_decay) if job.model_ema else None
     board = tensorboard_writer(job.out) if job.log == "tensorboard" and info.is_main else None
     if info.is_main:
@@ -245,7 +248,7 @@ def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
         schedule.load_state_dict(state["schedule"])
         start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
         mine = state["ranks"][info.rank]
-        sums = dict(mine["sums"])
+        sums.update(mine["sums"])
         torch.set_rng_state(mine["rng_cpu"])
         if device.type == "cuda" and mine["rng_cuda"] is not None:
             torch.cuda.set_rng_state(mine["rng_cuda"], device)
@@ -256,6 +259,7 @@ def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
     weights = LossWeights(job.w_ce, job.w_conv, job.w_inv, job.temperature)
 
     def checkpoint(epoch: int, step: int) -> None:
+        window.read()  # a non-finite loss stops the run before anything is written
         ranks = all_gather_objects(info, {  # each rank's RNG (drop path) and running loss sums
             "rng_cpu": torch.get_rng_state(), "sums": dict(sums),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
@@ -284,42 +288,38 @@ def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
         # state (drop-path masks) a resumed run restores mid-epoch
         loader = batch_loader(dataset, job.workers, torch.Generator().manual_seed(job.seed + epoch))
         if skip == 0:
-            sums = dict.fromkeys(sums, 0.0)
+            sums.update(dict.fromkeys(sums, 0.0))
         ddp_model.train()
         bar = Progress(steps[epoch], f"epoch {epoch + 1}/{job.epochs}", "steps", info.is_main, skip)
         tick = time.perf_counter()
         for step, batch in zip(range(skip, steps[epoch]), loader):
             # decoded and augmented on the device
-            x, ce_target = batch_inputs(batch, job.recipe, num_classes, job.label_smoothing, device)
+            x, ce_target, targets = batch_inputs(batch, job.recipe, num_classes, job.label_smoothing,
+                                                 device, job.renormalize)
             if live:
                 targets = {n: teacher_logits(t, x, job.recipe.mean, job.recipe.std, device)
                            for n, t in live.items()}
-            else:
-                targets = batch_targets(batch, num_classes, job.renormalize, device)
             loss, parts = train_step(ddp_model, optimizer, x, ce_target, targets, weights, job.clip_grad)
             global_step += 1
             if ema is not None:
                 ema.update(model, step=global_step)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise NonFiniteError(_bad_batch(loss_value, global_step, epoch, step, batch, manifest))
             schedule.step_update(global_step)
-            n = x.shape[0]
-            sums["loss"] += loss_value * n
-            for k in ("ce", "conv", "inv"):
-                sums[k] += parts[k] * n
-            sums["n"] += n
-            now = time.perf_counter()
-            sums["seconds"] += now - tick
-            tick = now
-            bar.update(1, loss=f"{loss_value:.3f}",
-                       img_s=f"{sums['n'] * info.world_size / max(sums['seconds'], 1e-9):.0f}")
+            if window.add(loss, parts, x.shape[0], (global_step, epoch, step, batch.rows[:batch.size])):
+                now = time.perf_counter()
+                sums["seconds"] += now - tick
+                tick = now
+                bar.update(0, loss=f"{window.last:.3f}",
+                           img_s=f"{sums['n'] * info.world_size / max(sums['seconds'], 1e-9):.0f}")
+            bar.update(1)
             if job.checkpoint_every and global_step % job.checkpoint_every == 0 and step + 1 < steps[epoch]:
                 checkpoint(epoch, step + 1)
             if job.max_steps and global_step >= job.max_steps and step + 1 < steps[epoch]:
                 bar.close()
+                window.read()
                 checkpoint(epoch, step + 1)  # stopped mid-epoch: resumable, no epoch metrics
                 return {"stopped_at": {"epoch": epoch, "step": step + 1}, "global_step": global_step}
+        window.read()
+        sums["seconds"] += time.perf_counter() - tick
         bar.close()
         totals = all_reduce_sum(info, [sums["loss"], sums["ce"], sums["conv"], sums["inv"], sums["n"]])
         metrics = evaluate(ddp_model, val_manifest, job.recipe, info, _student_heads,
@@ -358,10 +358,10 @@ def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
     return results
 
 
-def _bad_batch(value: float, global_step: int, epoch: int, step: int, batch: Any,
-               manifest: Any) -> str:
+def _bad_batch(value: float, where: tuple[int, int, int, list[int]], manifest: Any) -> str:
     """Where a non-finite loss appeared: the step and the batch's shards and rows."""
-    rows = [int(r) for r in batch.rows[:batch.size]]
+    global_step, epoch, step, rows = where
+    rows = [int(r) for r in rows]
     shards = sorted({manifest.locate(r)[0] for r in rows})
     files = ", ".join(str(manifest.shard_path(s)) for s in shards[:3]) + (" ..." if len(shards) > 3 else "")
     return (f"loss is {value} at step {global_step} (epoch {epoch + 1}, step {step + 1}) on a batch "
@@ -382,7 +382,7 @@ def _finished_results(run_dir: Path) -> dict[str, Any]:
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                ce_target: torch.Tensor, targets: dict[str, torch.Tensor], weights: LossWeights,
-               clip_grad: float) -> tuple[torch.Tensor, dict[str, float]]:
+               clip_grad: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimisation step of co-advise's loss on a batch already on the device (bf16
     autocast on GPU); the benchmarks time exactly this against the data paths around it."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):

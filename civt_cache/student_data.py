@@ -29,6 +29,7 @@ from .manifest import DataManifest
 from .recipe import Recipe
 from .shards import read_shard, sample_name
 from .soft_targets import pseudo_logits
+from .transfer import to_device
 from .view_engine import EncodedImage, decoded_in_budget, eval_views, render_encoded, worker_image
 from .views import LAM, LAM_ONE, PARTNER, _rng, image_size, mixed_targets, sample_shard_records
 
@@ -90,23 +91,21 @@ def batch_views(batch: StudentBatch, recipe: Recipe, device: torch.device) -> to
 
 
 def batch_inputs(batch: StudentBatch, recipe: Recipe, num_classes: int, smoothing: float,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """What a training step consumes: the views (channels_last on GPU) and timm's mixed,
-    smoothed label targets, both on ``device``."""
+                 device: torch.device, renormalize: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """What a training step consumes, on ``device``: the views (channels_last on GPU), timm's
+    mixed, smoothed label targets and each cached teacher's dense target logits. The batch's
+    numbers travel in one transfer."""
     x = batch.views.to(device) if batch.views is not None else batch_views(batch, recipe, device)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    labels, partners, lam = (torch.from_numpy(a).to(device) for a in
-                             (batch.labels, batch.partner_labels, batch.lam))
-    return x, mixed_targets(labels, partners, lam, num_classes, smoothing)
-
-
-def batch_targets(batch: StudentBatch, num_classes: int, renormalize: bool,
-                  device: torch.device) -> dict[str, torch.Tensor]:
-    """Each cached teacher's dense target logits for the batch, on ``device``."""
-    return {name: pseudo_logits(torch.from_numpy(logprobs).to(device),
-                                torch.from_numpy(indices).to(device), num_classes, renormalize)
-            for name, (logprobs, indices, _) in batch.teachers.items()}
+    arrays = {"labels": batch.labels, "partners": batch.partner_labels, "lam": batch.lam}
+    for name, (logprobs, indices, _) in batch.teachers.items():
+        arrays.update({f"{name}.logprobs": logprobs, f"{name}.indices": indices})
+    p = to_device(arrays, device)
+    target = mixed_targets(p["labels"], p["partners"], p.as_sent("lam"), num_classes, smoothing)
+    return x, target, {name: pseudo_logits(p.as_sent(f"{name}.logprobs"), p[f"{name}.indices"],
+                                           num_classes, renormalize) for name in batch.teachers}
 
 
 def _as_is(item: Any) -> Any:

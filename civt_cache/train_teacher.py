@@ -91,7 +91,7 @@ def _train(job: TeacherJob, info: DistInfo) -> dict[str, Any]:
                                              views_in_workers=info.device.type == "cpu"), job.workers)
         model.train()
         for _, batch in zip(range(steps[epoch]), loader):
-            x, target = batch_inputs(batch, recipe, manifest.num_classes, job.label_smoothing, info.device)
+            x, target, _ = batch_inputs(batch, recipe, manifest.num_classes, job.label_smoothing, info.device)
             with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=info.device.type == "cuda"):
                 loss = soft_ce(model(x), target)
             optimizer.zero_grad(set_to_none=True)

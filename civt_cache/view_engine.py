@@ -5,51 +5,40 @@ build their views here; nothing else renders an augmentation.
 Why on the device and in batches: one CPU core decodes and augments ~190 ImageNet JPEGs/s, a
 GPU trains a DeiT-Ti on ~7,800 img/s. So loader workers only move bytes (``worker_image``); the
 device decodes them in one call (``torchvision.io.decode_jpeg`` on a list: nvJPEG on CUDA,
-libjpeg-turbo on CPU) and applies every op to the whole batch with per-sample parameters.
-The code is device-agnostic torch: the CPU tests exercise exactly what runs on a GPU.
+libjpeg-turbo on CPU) and builds the views of the whole batch with a fixed number of tensor
+ops, whatever its size: every per-sample number (records, coefficient tables, factors, boxes,
+indices) reaches the device in one transfer (``transfer``), and nothing reads a device value.
+The code is device-agnostic torch: the CPU tests exercise exactly what runs on a GPU (the one
+exception, the CPU's resize kernel, gives the same bytes and is tested against the other).
 
 What a record renders is defined by PIL (the reference the tests hold every op against: timm's
-RandAugment ops on uint8 images), so pixel values stay on the 0..255 integer grid between ops,
-rounded or truncated where PIL rounds or truncates. Per op:
+RandAugment ops on uint8 images). The ops:
 
-- crop + resize: per image (sizes differ), ``F.interpolate(bicubic, antialias=True)``, PIL's
-  antialiased bicubic filter (uint8 kernel on CPU, float on CUDA);
-- flip, normalisation, mixing: batched tensor ops;
-- RandAugment, one op slot at a time: the five geometric ops as ONE batched inverse-affine warp
-  (``grid_sample``, per-sample grids) with PIL's pixel-centre convention, edge taps clamped and
-  the mean colour outside; its bicubic kernel is a = -0.75 where Pillow's transform uses a = -1:
-  measured 0.5-0.8 levels mean absolute difference, 47-50 dB, at a tenth of the cost of
-  gathering the 16 taps ourselves; colour ops as per-sample blends with PIL's degenerate images and
-  truncation; equalize and sharpness from kornia (they take per-sample factors and follow
-  PIL); autocontrast, posterize (0 bits at magnitude 10: black, as co-advise's Pillow gave),
-  solarize, invert on the integer levels (kornia has no PIL-style autocontrast, and its
-  contrast/brightness/saturation are not PIL's blends);
-- random erasing: normal noise from a counter-based hash of (erase seed, pixel), the same
-  numbers on every device;
-- Mixup / CutMix with the partner's base view from the same batch.
+- crop + resize: Pillow's antialiased bicubic resize, bit-exact on every device (``resample``);
+- flip, RandAugment, normalisation, erasing and Mixup/CutMix (``view_ops``).
 """
 from __future__ import annotations
 
 import io
 import math
+from contextlib import contextmanager
 from typing import Iterator, Sequence
 
-import kornia.enhance
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .errors import BadImageError, OutOfMemoryError
 from .imageio import check_image_size, pixels_from_env, to_rgb
-from .recipe import RA_MAX_OPS, Recipe
-from .views import CROP, ERASE, ERASE_SEED, FLIP, LAM, LAM_ONE, MAG_SCALE, MIX_BOX, MIX_CUTMIX, \
-    MIX_MIXUP, MIX_MODE, PARTNER, RA, RA_OPS
+from .recipe import Recipe
+from .resample import resample
+from .transfer import DeviceArrays, to_device
+from .view_ops import erase, erase_params, flip, flip_params, mix, mix_params, randaugment, \
+    randaugment_params
+from .views import CROP, PARTNER
 
 EncodedImage = bytes | torch.Tensor  # JPEG bytes for the device, or uint8 [3, H, W] pixels
-_LEVEL_DENOM = 10.0  # timm's RandAugment magnitude scale
-_GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 
 
 # ---- bytes in ---------------------------------------------------------------------------------
@@ -222,17 +211,16 @@ def render_encoded(items: Sequence[EncodedImage], records: Sequence[np.ndarray],
     sets = [np.asarray(r, dtype=np.int64) for r in records]
     plans = [_Plan.of(r, rows, outputs) for r in sets]
     wanted = sorted(set().union(*(plan.needed for plan in plans)))
-    crops = [torch.empty((len(plan.needed), 3, s, s), dtype=torch.uint8, device=device) for plan in plans]
-    slots = [{p: i for i, p in enumerate(plan.needed)} for plan in plans]
+    needed = [set(plan.needed) for plan in plans]
+    parts: list[list[torch.Tensor]] = [[] for _ in plans]
     for positions, images in decoded_in_budget([items[j] for j in wanted], device,
                                                [names[j] for j in wanted] if names else None):
-        for recs, slot, out in zip(sets, slots, crops):
-            take = [(k, wanted[p]) for k, p in enumerate(positions) if wanted[p] in slot]
-            if take:
-                at = torch.as_tensor([slot[row] for _, row in take], device=device)
-                out[at] = crop_resize([images[k] for k, _ in take], recs[[row for _, row in take]], s)
-    for c, recs, plan in zip(crops, sets, plans):
-        yield _render(c, recs, plan, recipe)
+        for recs, need, part in zip(sets, needed, parts):
+            take = [k for k, p in enumerate(positions) if wanted[p] in need]
+            if take:  # groups come in row order, so their crops concatenate in plan.needed order
+                part.append(crop_resize([images[k] for k in take], recs[[wanted[positions[k]] for k in take]], s))
+    for part, recs, plan in zip(parts, sets, plans):
+        yield _render(part[0] if len(part) == 1 else torch.cat(part), recs, plan, recipe)
 
 
 class _Plan:
@@ -257,253 +245,81 @@ class _Plan:
 
 def crop_resize(images: Sequence[torch.Tensor], recs: np.ndarray, s: int) -> torch.Tensor:
     """Each image's record crop, resized to S x S: uint8 [N, 3, S, S] (the first op of a view)."""
-    return torch.stack([_resized_crop(img, *(int(c) for c in rec[CROP]), s) for img, rec in zip(images, recs)])
+    n = len(images)
+    return resample(images, recs[:, CROP], np.full((n, 2), s), np.zeros((n, 2)), s,
+                    kernel="gather" if _gpu_stream[0] else None)
+
+
+#: Views per pass on a CPU: 16, whose float views (10 MB at 224 px) stay in cache across the
+#: dozen passes where a whole batch would be fetched from memory by each (measured 2-3x
+#: faster). Per-view results do not depend on the pass (see the batch-independence test).
+_CPU_CHUNK = 16
+_gpu_stream = [False]
+
+
+@contextmanager
+def gpu_op_stream() -> Iterator[None]:
+    """Inside the block a CPU runs the op stream a GPU runs (the gather resize kernel, whole
+    batches), so that ``op_counts`` counts a GPU's launches and transfers on any machine."""
+    _gpu_stream[0] = True
+    try:
+        yield
+    finally:
+        _gpu_stream[0] = False
 
 
 def _render(crops: torch.Tensor, recs: np.ndarray, plan: _Plan, recipe: Recipe) -> torch.Tensor:
-    """The views of ``plan.outputs`` from the crops of ``plan.needed`` (in that order)."""
+    """The views of ``plan.outputs`` from the crops of ``plan.needed`` (in that order): base
+    views (flip, RandAugment, normalise, erase), then mixing, each pass a fixed number of ops
+    on the whole batch (on a GPU; in cache-sized chunks on a CPU) with its per-sample numbers
+    sent in one transfer."""
     device = crops.device
-    needed, outputs, partners = plan.needed, plan.outputs, plan.partners
-    out_recs = recs[outputs]
-    s, step = recipe.img_size, _chunk(device)
-    base = torch.empty((len(needed), 3, s, s), device=device)
-    for i in range(0, len(needed), step):
-        part = needed[i:i + step]
-        base[i:i + len(part)] = _base_views(crops[i:i + len(part)], recs[part], recipe)
-    at = {p: i for i, p in enumerate(needed)}
-    own_at = torch.as_tensor([at[o] for o in outputs], device=device)
-    partner_at = torch.as_tensor([at[p] for p in partners], device=device)
-    out = torch.empty((len(outputs), 3, s, s), device=device)
-    for i in range(0, len(outputs), step):
-        j = slice(i, i + step)
-        out[j] = _mix(base[own_at[j]], base[partner_at[j]], out_recs[j])
-    return out
+    step = _CPU_CHUNK if device.type == "cpu" and not _gpu_stream[0] else 1 << 30
+    needed = recs[plan.needed]
+    base = _joined([_base_views(crops[i:i + step], needed[i:i + step], recipe)
+                    for i in range(0, len(needed), step)])
+    at = {p: i for i, p in enumerate(plan.needed)}
+    own, partner = [at[o] for o in plan.outputs], [at[q] for q in plan.partners]
+    outs = recs[plan.outputs]
+    return _joined([mix(base, to_device(mix_params(outs[i:i + step], own[i:i + step], partner[i:i + step]), device))
+                    for i in range(0, len(outs), step)])
 
 
-def _chunk(device: torch.device) -> int:
-    """Views per pass of the ops. On a GPU the whole batch (one launch per op is what is fast);
-    on CPU 16, whose float views (10 MB at 224 px) stay in cache across the dozen passes where a
-    batch of 128 (77 MB) would be fetched from memory by each (measured 1.5x faster)."""
-    return 16 if device.type == "cpu" else 1 << 30
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _base_views(crops: torch.Tensor, recs: np.ndarray, recipe: Recipe) -> torch.Tensor:
     """Flip, RandAugment, normalise, erase the crops: unmixed views [M, 3, S, S]."""
-    v = crops.float()
-    flip = torch.as_tensor(np.flatnonzero(recs[:, FLIP]), device=v.device)
-    v[flip] = v[flip].flip(-1)
-    v = _randaugment(v, recs, tuple(float(round(255 * m)) for m in recipe.mean))
-    return _erase(normalize_levels(v, recipe), recs)
+    ra, groups = randaugment_params(recs, recipe.img_size)
+    p = to_device({**flip_params(recs), **ra, **erase_params(recs), **_normalize_params(recipe)}, crops.device)
+    v = randaugment(flip(crops.float(), p), p, groups, p["fill"].float().view(1, 3, 1, 1))
+    return erase(_normalize(v, p), p)
 
 
-def _resized_crop(img: torch.Tensor, x: int, y: int, w: int, h: int, s: int) -> torch.Tensor:
-    """PIL's antialiased bicubic resize of a crop, as uint8 [3, S, S]."""
-    return _resize(img[:, y:y + h, x:x + w], (s, s))
+def _normalize_params(recipe: Recipe) -> dict[str, np.ndarray]:
+    """0..255 levels -> (x / 255 - mean) / std as x * scale + shift; the RandAugment fill (the
+    mean colour)."""
+    return {"norm_scale": np.array([1.0 / (255.0 * s) for s in recipe.std]),
+            "norm_shift": np.array([-m / s for m, s in zip(recipe.mean, recipe.std)]),
+            "fill": np.array([float(round(255 * m)) for m in recipe.mean])}
 
 
-def _resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Antialiased bicubic resize of a uint8 image. On CPU torch's uint8 kernel (written to match
-    PIL's, and 4-5x faster than the float one); elsewhere the float kernel, rounded."""
-    if img.device.type == "cpu":
-        return F.interpolate(img.unsqueeze(0), size=size, mode="bicubic", antialias=True,
-                             align_corners=False)[0]
-    out = F.interpolate(img.unsqueeze(0).float(), size=size, mode="bicubic", antialias=True,
-                        align_corners=False)[0]
-    return out.round_().clamp_(0, 255).to(torch.uint8)
-
-
-def normalize_levels(v: torch.Tensor, recipe: Recipe) -> torch.Tensor:
-    """0..255 levels -> (x / 255 - mean) / std."""
-    scale = torch.tensor([1.0 / (255.0 * s) for s in recipe.std], device=v.device).view(1, 3, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(recipe.mean, recipe.std)], device=v.device).view(1, 3, 1, 1)
-    return torch.addcmul(shift, v, scale)
+def _normalize(v: torch.Tensor, p: DeviceArrays) -> torch.Tensor:
+    return torch.addcmul(p["norm_shift"].float().view(1, 3, 1, 1), v, p["norm_scale"].float().view(1, 3, 1, 1))
 
 
 def eval_views(images: Sequence[torch.Tensor], recipe: Recipe, crop_pct: float = 0.875) -> torch.Tensor:
     """Validation views: short side resized to S / crop_pct (torchvision's rounding), centre
-    crop S, normalised."""
+    crop S, normalised; the resize computes only the centre window."""
     s = recipe.img_size
     short = int(math.floor(s / crop_pct))
-    out = []
+    sizes, windows, boxes = [], [], []
     for img in images:
         h, w = img.shape[-2:]
         nh, nw = (int(short * h / w), short) if w <= h else (short, int(short * w / h))
-        r = _resize(img, (nh, nw))
-        top, left = int(round((nh - s) / 2.0)), int(round((nw - s) / 2.0))
-        out.append(r[:, top:top + s, left:left + s])
-    return normalize_levels(torch.stack(out).float(), recipe)
-
-
-# ---- RandAugment -------------------------------------------------------------------------------
-def _randaugment(v: torch.Tensor, recs: np.ndarray, fill: tuple[float, ...]) -> torch.Tensor:
-    """Apply each op slot in turn; inside a slot every sample's op runs on its sub-batch."""
-    ra = recs[:, RA].reshape(len(recs), RA_MAX_OPS, 2)
-    for k in range(RA_MAX_OPS):
-        ops, mags = ra[:, k, 0], ra[:, k, 1]
-        if (ops < 0).all():
-            continue
-        level = np.abs(mags) / MAG_SCALE / _LEVEL_DENOM  # timm: magnitude / _LEVEL_DENOM
-        sign = np.where(mags < 0, -1.0, 1.0)
-        names = np.array([RA_OPS[o] if o >= 0 else "" for o in ops])
-        geo = np.flatnonzero(np.isin(names, _GEOMETRIC))
-        if len(geo):
-            mats = np.stack([_affine_matrix(names[i], level[i], sign[i], v.shape[-1]) for i in geo])
-            idx = torch.as_tensor(geo, device=v.device)
-            v[idx] = _warp_affine(v[idx], torch.as_tensor(mats, dtype=torch.float32, device=v.device), fill)
-        for name in set(names.tolist()) - set(_GEOMETRIC) - {""}:
-            sel = np.flatnonzero(names == name)
-            idx = torch.as_tensor(sel, device=v.device)
-            v[idx] = _colour_op(name, v[idx], level[sel], sign[sel])
-    return v
-
-
-def _affine_matrix(name: str, level: float, sign: float, s: int) -> np.ndarray:
-    """PIL's AFFINE data (output pixel centre -> input point) of timm's geometric ops on an
-    S x S image, with timm's level-to-argument rules and our explicit sign."""
-    if name == "Rotate":  # Image.rotate(deg): about the centre, counter-clockwise
-        a = -math.radians(sign * 30.0 * level)
-        c, sn = round(math.cos(a), 15), round(math.sin(a), 15)
-        m = [c, sn, 0.0, -sn, c, 0.0]
-        m[2] = m[0] * (-s / 2) + m[1] * (-s / 2) + s / 2
-        m[5] = m[3] * (-s / 2) + m[4] * (-s / 2) + s / 2
-        return np.array(m)
-    if name == "ShearX":
-        return np.array([1.0, sign * 0.3 * level, 0.0, 0.0, 1.0, 0.0])
-    if name == "ShearY":
-        return np.array([1.0, 0.0, 0.0, sign * 0.3 * level, 1.0, 0.0])
-    if name == "TranslateXRel":
-        return np.array([1.0, 0.0, sign * 0.45 * level * s, 0.0, 1.0, 0.0])
-    return np.array([1.0, 0.0, 0.0, 0.0, 1.0, sign * 0.45 * level * s])  # TranslateYRel
-
-
-def _warp_affine(v: torch.Tensor, mats: torch.Tensor, fill: tuple[float, ...]) -> torch.Tensor:
-    """One batched inverse-affine warp [G, 3, S, S] with per-sample matrices [G, 6], as PIL's
-    ``Image.transform(AFFINE, BICUBIC, fillcolor)``: an output pixel whose centre maps outside
-    the image gets ``fill``; inside, bicubic taps clamped at the edges (``grid_sample``)."""
-    g, c, h, w = v.shape
-    ys, xs = torch.meshgrid(torch.arange(h, device=v.device, dtype=torch.float32) + 0.5,
-                            torch.arange(w, device=v.device, dtype=torch.float32) + 0.5, indexing="ij")
-    m = mats.view(g, 6, 1, 1)
-    xin = m[:, 0] * xs + m[:, 1] * ys + m[:, 2]
-    yin = m[:, 3] * xs + m[:, 4] * ys + m[:, 5]
-    grid = torch.stack((2 * xin / w - 1, 2 * yin / h - 1), dim=-1)
-    out = F.grid_sample(v, grid, mode="bicubic", padding_mode="border", align_corners=False)
-    inside = (xin >= 0) & (xin < w) & (yin >= 0) & (yin < h)
-    fill_t = torch.tensor(fill, device=v.device).view(1, c, 1, 1)
-    return torch.where(inside[:, None], out.round().clamp(0, 255), fill_t)
-
-
-def _gray(v: torch.Tensor) -> torch.Tensor:
-    """PIL's RGB -> L: (19595 R + 38470 G + 7471 B + 2^15) >> 16, exact in float32."""
-    return torch.floor((19595 * v[:, 0:1] + 38470 * v[:, 1:2] + 7471 * v[:, 2:3] + 32768) / 65536)
-
-
-def _blend(degenerate: torch.Tensor, v: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """PIL's Image.blend: degenerate + f (image - degenerate), clipped and truncated."""
-    return torch.floor((degenerate + factor.view(-1, 1, 1, 1) * (v - degenerate)).clamp(0, 255))
-
-
-def _colour_op(name: str, v: torch.Tensor, level: np.ndarray, sign: np.ndarray) -> torch.Tensor:
-    """One non-geometric op on its sub-batch, per-sample arguments from timm's level rules."""
-    def per_sample(values: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(values, dtype=torch.float32, device=v.device)
-
-    def factor() -> torch.Tensor:  # the *Increasing enhancers (a host-to-device copy: only theirs)
-        return per_sample(np.maximum(0.1, 1.0 + sign * 0.9 * level))
-
-    if name == "AutoContrast":
-        lo = v.amin(dim=(2, 3), keepdim=True)
-        hi = v.amax(dim=(2, 3), keepdim=True)
-        scale = 255.0 / (hi - lo).clamp(min=1)
-        return torch.where(hi > lo, torch.trunc(v * scale - lo * scale).clamp(0, 255), v)
-    if name == "Equalize":
-        return (kornia.enhance.equalize(v / 255.0) * 255.0).round()
-    if name == "Invert":
-        return 255.0 - v
-    if name == "PosterizeIncreasing":
-        # timm's bits = 4 - int(4 level): 0 bits at magnitude 10, a black image, as Pillow before
-        # 12 (which co-advise ran) gives; keeping b bits of a level is flooring to 2^(8 - b)
-        step = per_sample(2.0 ** (8 - (4 - (level * 4).astype(np.int64)))).view(-1, 1, 1, 1)
-        return torch.floor(v / step) * step
-    if name == "SolarizeIncreasing":
-        thresh = per_sample(256 - np.minimum(256, (level * 256).astype(np.int64))).view(-1, 1, 1, 1)
-        return torch.where(v < thresh, v, 255.0 - v)
-    if name == "SolarizeAdd":
-        add = per_sample(np.minimum(128, (level * 110).astype(np.int64))).view(-1, 1, 1, 1)
-        return torch.where(v < 128, (v + add).clamp(max=255), v)
-    if name == "ColorIncreasing":
-        return _blend(_gray(v).expand_as(v), v, factor())
-    if name == "ContrastIncreasing":
-        mean = torch.floor(_gray(v).double().mean(dim=(1, 2, 3)) + 0.5).float()
-        return _blend(mean.view(-1, 1, 1, 1).expand_as(v), v, factor())
-    if name == "BrightnessIncreasing":
-        return _blend(torch.zeros_like(v), v, factor())
-    if name == "SharpnessIncreasing":
-        return torch.floor(kornia.enhance.sharpness(v / 255.0, factor()) * 255.0 + 1e-3)
-    raise ValueError(f"unknown RandAugment op {name!r}")
-
-
-# ---- erasing and mixing ------------------------------------------------------------------------
-_MASK32 = 0xFFFFFFFF
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for x < 2^32 in int64, split in 16-bit halves so nothing overflows."""
-    lo = x * (c & 0xFFFF)
-    hi = ((x * (c >> 16)) & 0xFFFF) << 16
-    return (lo + hi) & _MASK32
-
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer finaliser (lowbias32): counter -> well-mixed bits, exact on any device."""
-    x = x & _MASK32
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def erase_noise(seed: int, box: tuple[int, int, int, int], size: int, device: torch.device) -> torch.Tensor:
-    """Standard normal noise [3, h, w] for the erase box (x, y, w, h) of an S x S view, keyed by
-    (erase seed, pixel index in the view): the same numbers on every device and in every batch
-    (Box-Muller on two hashed 24-bit uniforms)."""
-    x, y, w, h = box
-    ar = lambda n, off: torch.arange(off, off + n, device=device, dtype=torch.int64)
-    idx = (ar(3, 0).view(3, 1, 1) * size + ar(h, y).view(1, h, 1)) * size + ar(w, x).view(1, 1, w)
-    key = _hash32(torch.tensor(seed, dtype=torch.int64, device=device))
-    u1 = ((_hash32(key ^ (2 * idx)) >> 8).float() + 0.5) / 16777216.0
-    u2 = ((_hash32(key ^ (2 * idx + 1)) >> 8).float() + 0.5) / 16777216.0
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
-
-
-def _box_mask(boxes: np.ndarray, size: int, device: torch.device) -> torch.Tensor:
-    """[N, 1, S, S] mask of boxes given as (x0, y0, x1, y1)."""
-    b = torch.as_tensor(boxes, device=device).view(-1, 4, 1, 1)
-    ar = torch.arange(size, device=device)
-    inx = (ar.view(1, 1, -1) >= b[:, 0]) & (ar.view(1, 1, -1) < b[:, 2])
-    iny = (ar.view(1, -1, 1) >= b[:, 1]) & (ar.view(1, -1, 1) < b[:, 3])
-    return (inx & iny)[:, None]
-
-
-def _erase(v: torch.Tensor, recs: np.ndarray) -> torch.Tensor:
-    """Random erasing: each erased view's box (a few % to a third of it) gets its own noise."""
-    for i in np.flatnonzero(recs[:, ERASE][:, 2] > 0):
-        x, y, w, h = (int(c) for c in recs[i, ERASE])
-        v[i, :, y:y + h, x:x + w] = erase_noise(int(recs[i, ERASE_SEED]), (x, y, w, h), v.shape[-1], v.device)
-    return v
-
-
-def _mix(own: torch.Tensor, partner: torch.Tensor, recs: np.ndarray) -> torch.Tensor:
-    """Mixup: lam own + (1 - lam) partner (``lerp``, exact at lam = 1); CutMix: the partner
-    inside the box."""
-    mode = recs[:, MIX_MODE]
-    lam = np.where(mode == MIX_MIXUP, recs[:, LAM] / LAM_ONE, 1.0)
-    lam_t = torch.as_tensor(lam, dtype=torch.float32, device=own.device).view(-1, 1, 1, 1)
-    out = torch.lerp(partner, own, lam_t)
-    cut = np.flatnonzero(mode == MIX_CUTMIX)
-    if len(cut):
-        idx = torch.as_tensor(cut, device=own.device)
-        inside = _box_mask(recs[cut][:, MIX_BOX], own.shape[-1], own.device)
-        out[idx] = torch.where(inside, partner[idx], out[idx])
-    return out
+        sizes.append((nw, nh))
+        windows.append((int(round((nw - s) / 2.0)), int(round((nh - s) / 2.0))))
+        boxes.append((0, 0, w, h))
+    crops = resample(images, np.array(boxes), np.array(sizes), np.array(windows), s)
+    return _normalize(crops.float(), to_device(_normalize_params(recipe), crops.device))

@@ -31,8 +31,9 @@ from .errors import BadImageError
 from .imageio import check_image_size
 from .recipe import RA_MAX_OPS, Recipe
 
-VIEWS_VERSION = 3  # 1: PIL on CPU workers, pairs over a whole shard; 2: the batched view engine;
-# 3: posterize at magnitude 10 keeps 0 bits (black), as timm and Pillow of co-advise's time did
+VIEWS_VERSION = 4  # 1: PIL on CPU workers, pairs over a whole shard; 2: the batched view engine;
+# 3: posterize at magnitude 10 keeps 0 bits (black), as timm and Pillow of co-advise's time did;
+# 4: resize bit-exact to Pillow on every device, equalize as PIL's histogram LUT
 PAIR_GROUP = 256   # positions of a shard inside which mixing partners are drawn
 
 # ---- record layout (int32) ------------------------------------------------------------------

@@ -16,7 +16,7 @@ from timm.data import auto_augment as taa
 from torchvision.transforms import InterpolationMode
 
 from civt_cache.recipe import RA_MAX_OPS, Recipe
-from civt_cache.view_engine import erase_noise
+from civt_cache.view_ops import erase_noise
 from civt_cache.views import CROP, ERASE, ERASE_SEED, FLIP, LAM, LAM_ONE, MAG_SCALE, MIX_BOX, \
     MIX_CUTMIX, MIX_MIXUP, MIX_MODE, MIX_NONE, PARTNER, RA, RA_OPS
 

@@ -16,7 +16,8 @@ from civt_cache.errors import BadImageError
 from civt_cache.recipe import Recipe
 from civt_cache.stage1 import UnitViews
 from civt_cache.synthetic import photo_like_jpeg, write_imagenet_like
-from civt_cache.view_engine import decode_images, erase_noise, eval_views, render_views, worker_image
+from civt_cache.view_engine import decode_images, eval_views, render_views, worker_image
+from civt_cache.view_ops import erase_noise
 from civt_cache import views as V
 
 from .pil_reference import apply_records, decode_rgb, eval_view, render_base

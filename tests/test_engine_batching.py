@@ -1,0 +1,154 @@
+"""The view engine as a GPU runs it (issue: views at the GPU's speed): Pillow-exact batched
+resize, batched erasing equal to one box at a time, the CPU's chunked stream equal to the GPU's
+whole-batch stream, and launches / transfers / device reads per batch that do not grow with it,
+counted on the CPU."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from civt_cache.op_counts import count_ops
+from civt_cache.recipe import Recipe
+from civt_cache.resample import resample
+from civt_cache.transfer import to_device
+from civt_cache.view_engine import decode_images, eval_views, gpu_op_stream, render_encoded, \
+    worker_image
+from civt_cache.view_ops import erase, erase_noise, erase_params
+from civt_cache import views as V
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _pillow_crop_resize(pixels: np.ndarray, box: tuple[int, int, int, int], out: tuple[int, int],
+                        window: tuple[int, int], s: int) -> np.ndarray:
+    x, y, w, h = box
+    im = Image.fromarray(pixels).crop((x, y, x + w, y + h)).resize(out, Image.BICUBIC)
+    return np.array(im.crop((window[0], window[1], window[0] + s, window[1] + s)))
+
+
+def _cases(rng: np.random.Generator) -> list[tuple[np.ndarray, tuple, tuple, tuple]]:
+    """ImageNet-shaped images with crops that upscale, downscale, both at once, at extreme
+    aspect ratios, and the whole image resized then centre-cropped (evaluation)."""
+    cases = []
+    for w, h, box, out, window in [
+        (500, 375, (0, 0, 500, 375), (224, 224), (0, 0)),      # downscale both ways
+        (500, 375, (40, 30, 100, 90), (224, 224), (0, 0)),     # upscale both ways
+        (480, 420, (10, 5, 60, 400), (224, 224), (0, 0)),      # up in x, down in y
+        (480, 420, (3, 7, 470, 80), (224, 224), (0, 0)),       # down in x, up in y
+        (640, 480, (100, 0, 1, 480), (224, 224), (0, 0)),      # one pixel wide
+        (640, 480, (0, 200, 640, 2), (224, 224), (0, 0)),      # two pixels high
+        (333, 500, (0, 0, 333, 500), (256, 384), (16, 80)),    # eval: short side 256, centre 224
+        (500, 333, (0, 0, 500, 333), (384, 256), (80, 16)),
+        (224, 224, (0, 0, 224, 224), (224, 224), (0, 0)),      # no resize at all
+    ]:
+        cases.append((rng.integers(0, 256, (h, w, 3), dtype=np.uint8), box, out, window))
+    return cases
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gather_resize_is_bit_exact_to_pillow(device) -> None:
+    """The GPU's resize kernel, on the CPU (and on CUDA when present), equals Pillow byte for
+    byte, for planar and interleaved image layouts in one batch."""
+    rng = np.random.default_rng(0)
+    cases = _cases(rng)
+    images = []
+    for i, (px, *_) in enumerate(cases):
+        hwc = torch.from_numpy(px).to(device)
+        images.append(hwc.permute(2, 0, 1) if i % 2 else hwc.permute(2, 0, 1).contiguous())
+    got = resample(images, np.array([c[1] for c in cases]), np.array([c[2] for c in cases]),
+                   np.array([c[3] for c in cases]), 224, kernel="gather").cpu()
+    for i, (px, box, out, window) in enumerate(cases):
+        ref = torch.from_numpy(_pillow_crop_resize(px, box, out, window, 224)).permute(2, 0, 1)
+        assert torch.equal(got[i], ref), (i, box, out)
+    pil = resample([im.cpu() for im in images], np.array([c[1] for c in cases]),
+                   np.array([c[2] for c in cases]), np.array([c[3] for c in cases]), 224, kernel="pillow")
+    assert torch.equal(pil, got)
+
+
+def test_random_crops_bit_exact_to_pillow() -> None:
+    """Random crops of random sizes (what RandomResizedCrop draws, and beyond) at two output
+    sizes: the gather kernel equals Pillow on every one."""
+    rng = np.random.default_rng(1)
+    for s in (224, 40):
+        images, boxes = [], []
+        for _ in range(24):
+            w, h = (int(v) for v in rng.integers(20, 520, 2))
+            images.append(torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)))
+            cw, ch = int(rng.integers(1, w + 1)), int(rng.integers(1, h + 1))
+            boxes.append((int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1)), cw, ch))
+        n = len(images)
+        got = resample(images, np.array(boxes), np.full((n, 2), s), np.zeros((n, 2)), s, kernel="gather")
+        ref = resample(images, np.array(boxes), np.full((n, 2), s), np.zeros((n, 2)), s, kernel="pillow")
+        assert torch.equal(got, ref)
+
+
+def test_batched_erasing_equals_one_box_at_a_time() -> None:
+    rng = np.random.default_rng(2)
+    s, n = 64, 12
+    recs = np.zeros((n, V.NUM_FIELDS), np.int64)
+    for i in range(n):
+        if i % 3:  # a third not erased
+            w, h = (int(v) for v in rng.integers(1, s, 2))
+            recs[i, V.ERASE] = (int(rng.integers(0, s - w + 1)), int(rng.integers(0, s - h + 1)), w, h)
+            recs[i, V.ERASE_SEED] = int(rng.integers(-2**31, 2**31))
+    views = torch.randn(n, 3, s, s)
+    expected = views.clone()
+    for i in range(n):
+        x, y, w, h = (int(v) for v in recs[i, V.ERASE])
+        if w:
+            expected[i, :, y:y + h, x:x + w] = erase_noise(int(recs[i, V.ERASE_SEED]), (x, y, w, h), s,
+                                                          torch.device("cpu"))
+    got = erase(views, to_device(erase_params(recs), torch.device("cpu")))
+    assert torch.equal(got, expected)
+
+
+def _batch(n: int, s: int, seed: int = 0) -> tuple[list, np.ndarray, Recipe]:
+    recipe = Recipe(img_size=s)
+    rng = np.random.default_rng(seed)
+    jpegs = [_jpeg(rng, int(rng.integers(3 * s // 2, 2 * s)), int(rng.integers(s, 2 * s))) for _ in range(n)]
+    recs = V.sample_shard_records(recipe, 3, 0, 0, list(range(n)), [V.image_size(j) for j in jpegs])
+    return [worker_image(j, str(i)) for i, j in enumerate(jpegs)], recs, recipe
+
+
+def _jpeg(rng: np.random.Generator, w: int, h: int) -> bytes:
+    """A small photo-like JPEG: smooth colour fields and grain."""
+    field = Image.fromarray(rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8))
+    pixels = np.asarray(field.resize((w, h), Image.BICUBIC), np.float32) + rng.normal(0, 6, (h, w, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _render(items: list, recs: np.ndarray, recipe: Recipe) -> torch.Tensor:
+    return next(render_encoded(items, [recs], list(range(len(items))), recipe, torch.device("cpu")))
+
+
+def test_cpu_stream_equals_gpu_stream() -> None:
+    """The CPU's chunked passes and Pillow resize give the very views of the whole-batch op
+    stream a GPU runs (here on the CPU): the CPU tests test the GPU's numbers."""
+    items, recs, recipe = _batch(40, 64)
+    cpu = _render(items, recs, recipe)
+    with gpu_op_stream():
+        gpu = _render(items, recs, recipe)
+    assert torch.equal(cpu, gpu)
+    images = decode_images(items[:6], torch.device("cpu"))
+    with gpu_op_stream():
+        assert torch.equal(eval_views(images, recipe), eval_views(images, recipe))
+
+
+def test_launches_and_transfers_per_batch_do_not_grow_with_it() -> None:
+    """Counted on the CPU as a GPU would run them: at most 600 kernel launches per 256 views,
+    512 views within 1.25x of that, at most 8 host-to-device transfers, no device reads."""
+    counts = {}
+    for n in (256, 512):
+        items, recs, recipe = _batch(n, 48, seed=n)
+        with gpu_op_stream():
+            counts[n] = count_ops(lambda: _render(items, recs, recipe))
+    assert counts[256].launches <= 600, counts
+    assert counts[512].launches <= 1.25 * counts[256].launches, counts
+    assert max(c.transfers for c in counts.values()) <= 8, counts
+    assert all(c.reads == 0 for c in counts.values()), counts

@@ -15,20 +15,41 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Cache co-advise teachers once; train CivT students from the cache.")
 
 
+PIPELINE_OPT = typer.Option(None, "--pipeline", help="Pipeline TOML; flags override it, and it overrides the [defaults] shown.")
+THREADS_HELP = ("Intra-op threads [0: OMP_NUM_THREADS if set (torchrun sets 1 per rank), "
+                "else the rank's cores less one per worker].")
+DATA_KEYS = frozenset({"src", "shards", "name", "shard_size", "manifest", "seed", "skip_bad", "workers"})
+
+
 @app.command("make-shards")
 def make_shards_cmd(
-    src: str = typer.Argument(..., help="ImageFolder root (one folder per class) or 'digits'."),
-    out_dir: Path = typer.Argument(..., help="Folder for the .tar shards."),
-    name: str = typer.Option(..., help="Dataset name; shards are NAME-000000.tar ..."),
-    shard_size: int = typer.Option(1000, help="Samples per shard."),
+    src: Optional[str] = typer.Argument(None, help="ImageFolder root (one folder per class) or 'digits' [[data] src]."),
+    out_dir: Optional[Path] = typer.Argument(None, help="Folder for the .tar shards [[data] shards]."),
+    pipeline: Optional[Path] = PIPELINE_OPT,
+    name: Optional[str] = typer.Option(None, help="Dataset name; shards are NAME-000000.tar ... [[data] name]."),
+    shard_size: Optional[int] = typer.Option(None, help="Samples per shard [1000]."),
     manifest: Optional[Path] = typer.Option(None, help="Manifest path [data_manifests/NAME.json]."),
-    seed: int = typer.Option(0, help="Seed of the shuffle across shards."),
-    skip_bad: bool = typer.Option(False, help="Record undecodable files under 'skipped' and go on."),
-    workers: int = typer.Option(0, help="Encoding processes [min(8, cores)]."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the shuffle across shards [0]."),
+    skip_bad: Optional[bool] = typer.Option(None, "--skip-bad/--no-skip-bad", help="Record undecodable files under 'skipped' and go on [off]."),
+    workers: Optional[int] = typer.Option(None, help="Encoding processes [0: min(8, cores)]."),
 ) -> None:
     """Write WebDataset shards (KEY.jpg + KEY.cls) and their data manifest."""
+    from .errors import ConfigError
+    from .pipeline import load_pipeline, need, setting
     from .shard_writer import image_folder_items, write_shards
 
+    cfg = load_pipeline(pipeline)
+    unknown = set(cfg.get("data", {})) - DATA_KEYS
+    if unknown:
+        raise ConfigError(f"{pipeline}: [data] has unknown keys {sorted(unknown)}; known: {sorted(DATA_KEYS)}")
+    src = need(setting(cfg, "data.src", src, str, pipeline), "SRC", "[data] src")
+    out_dir = need(setting(cfg, "data.shards", out_dir, Path, pipeline), "OUT_DIR", "[data] shards")
+    name = need(setting(cfg, "data.name", name, str, pipeline), "--name", "[data] name")
+    shard_size = setting(cfg, "data.shard_size", shard_size, int, pipeline, 1000)
+    manifest = setting(cfg, "data.manifest", manifest, Path, pipeline)
+    seed = setting(cfg, "data.seed", seed, int, pipeline, 0)
+    skip_bad = setting(cfg, "data.skip_bad", skip_bad, bool, pipeline, False)
+    workers = setting(cfg, "data.workers", workers, int, pipeline, 0)
     if src == "digits":
         from .digits import digits_items
 
@@ -70,11 +91,6 @@ def scan_shards_cmd(
                f"{m.num_classes} classes")
 
 
-PIPELINE_OPT = typer.Option(None, "--pipeline", help="Pipeline TOML; flags override it.")
-THREADS_HELP = ("Intra-op threads [0: OMP_NUM_THREADS if set (torchrun sets 1 per rank), "
-                "else the rank's cores less one per worker].")
-
-
 @app.command("cache-teachers")
 def cache_teachers_cmd(
     pipeline: Optional[Path] = PIPELINE_OPT,
@@ -83,7 +99,7 @@ def cache_teachers_cmd(
     epochs: Optional[int] = typer.Option(None, help="Epochs of views to cache."),
     epochs_per_unit: Optional[int] = typer.Option(None, help="Epochs per unit of work (decode once per unit)."),
     topk: Optional[int] = typer.Option(None, help="Logits kept per view and teacher."),
-    img_size: Optional[int] = typer.Option(None, help="View size (overrides [recipe] img_size)."),
+    img_size: Optional[int] = typer.Option(None, help="View size, overriding [recipe] img_size [224]."),
     seed: Optional[int] = typer.Option(None, help="Seed of the view records."),
     out: Optional[Path] = typer.Option(None, help="Cache directory (zarr v3 group)."),
     batch_size: Optional[int] = typer.Option(None, help="Teacher batch size (views are built per pair group of 256 rows, so at most 256)."),
@@ -109,17 +125,25 @@ def cache_teachers_cmd(
                f"{summary['seconds']:.1f}s ({summary['views_per_s']:.0f} views/s) -> {job.out}")
 
 
+def _cache_dir(cache: Optional[Path], pipeline: Optional[Path]) -> Path:
+    from .pipeline import load_pipeline, need, setting
+
+    return need(setting(load_pipeline(pipeline), "cache.out", cache, Path, pipeline), "CACHE", "[cache] out")
+
+
 @app.command("inspect")
-def inspect_cmd(cache: Path = typer.Argument(..., help="Cache directory.")) -> None:
+def inspect_cmd(cache: Optional[Path] = typer.Argument(None, help="Cache directory [[cache] out]."),
+                pipeline: Optional[Path] = PIPELINE_OPT) -> None:
     """Teachers, epochs, completed units, bytes per view, teacher agreement, what is missing."""
     from .cache_tools import inspect_cache
 
-    typer.echo(inspect_cache(cache))
+    typer.echo(inspect_cache(_cache_dir(cache, pipeline)))
 
 
 @app.command("verify")
 def verify_cmd(
-    cache: Path = typer.Argument(..., help="Cache directory."),
+    cache: Optional[Path] = typer.Argument(None, help="Cache directory [[cache] out]."),
+    pipeline: Optional[Path] = PIPELINE_OPT,
     manifest: Optional[Path] = typer.Option(None, help="Data manifest [the one the cache recorded]."),
     teacher: list[str] = typer.Option([], help="NAME=ARCH:CHECKPOINT for a cached teacher whose file moved [recorded path]."),
     samples: int = typer.Option(32, min=1, help="Random (epoch, row) views to rebuild and rerun."),
@@ -131,6 +155,7 @@ def verify_cmd(
     (or, with --full, check every committed unit for damage)."""
     from .cache_tools import verify_cache, verify_full
 
+    cache = _cache_dir(cache, pipeline)
     report, ok = verify_full(cache) if full else verify_cache(cache, manifest, teacher, samples, seed, device)
     typer.echo(report)
     if not ok:
@@ -144,7 +169,7 @@ def train_student_cmd(
     val_manifest: Optional[Path] = typer.Option(None, help="Validation data manifest."),
     cache: Optional[Path] = typer.Option(None, help="Teacher cache from cache-teachers."),
     model: Optional[str] = typer.Option(None, help="Student: civt_micro | civt_tiny | civt_small | civt_base."),
-    img_size: Optional[int] = typer.Option(None, help="View size (must match the cache's recipe)."),
+    img_size: Optional[int] = typer.Option(None, help="View size, overriding [recipe] img_size; must match the cache's [224]."),
     epochs: Optional[int] = typer.Option(None, help="Training epochs (at most the cached ones unless --cycle-cache)."),
     teachers: Optional[str] = typer.Option(None, help="both | conv | inv | none (ablations)."),
     online: Optional[bool] = typer.Option(None, "--online/--cached", help="Run the teachers live instead of reading the cache."),
@@ -162,6 +187,7 @@ def train_student_cmd(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the student."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Also checkpoint every N steps."),
     log_every: Optional[int] = typer.Option(None, help="Steps between reads of the loss from the device (progress, NaN check) [20]."),
+    prefetch: Optional[bool] = typer.Option(None, "--prefetch/--no-prefetch", help="Build the next batch while the current one trains [on]."),
     model_ema: Optional[bool] = typer.Option(None, "--model-ema/--no-model-ema", help="Keep and evaluate an EMA of the weights (timm's ModelEmaV3)."),
     model_ema_decay: Optional[float] = typer.Option(None, help="EMA decay per step [0.9998]."),
     log: Optional[str] = typer.Option(None, help="'tensorboard': also log each epoch's metrics to RUN/tb."),
@@ -179,7 +205,7 @@ def train_student_cmd(
         manifest=manifest, val_manifest=val_manifest, cache=cache, model=model, img_size=img_size,
         epochs=epochs, teachers=teachers, online=online, teacher=teacher, seed=seed,
         view_seed=view_seed, cycle_cache=cycle_cache, batch_size=batch_size, lr=lr, temperature=temperature, renormalize=renormalize,
-        workers=workers, threads=threads, device=device, compile=compile, checkpoint_every=checkpoint_every, log_every=log_every,
+        workers=workers, threads=threads, device=device, compile=compile, checkpoint_every=checkpoint_every, log_every=log_every, prefetch=prefetch,
         model_ema=model_ema, model_ema_decay=model_ema_decay, log=log,
         out=out, resume=resume, force=force, max_steps=max_steps), pipeline)
     res = train_student(job)
@@ -188,45 +214,86 @@ def train_student_cmd(
 
 @app.command("train-teacher")
 def train_teacher_cmd(
-    manifest: Path = typer.Option(..., help="Training data manifest."),
-    val_manifest: Path = typer.Option(..., help="Validation data manifest."),
-    arch: str = typer.Option(..., help="timm architecture (e.g. resnet18, regnety_006, rednet26)."),
-    epochs: int = typer.Option(30, help="Epochs."),
-    img_size: int = typer.Option(224, help="Training image size."),
-    out: Path = typer.Option(..., help="Checkpoint path (.pth)."),
-    seed: int = typer.Option(0, help="Seed."),
-    batch_size: int = typer.Option(128, help="Batch size."),
-    opt: str = typer.Option("adamw", help="adamw | sgd"),
+    pipeline: Optional[Path] = PIPELINE_OPT,
+    name: Optional[str] = typer.Option(None, help="The pipeline's [teachers.NAME] table to train (arch, checkpoint, epochs, ...)."),
+    manifest: Optional[Path] = typer.Option(None, help="Training data manifest [[student] manifest]."),
+    val_manifest: Optional[Path] = typer.Option(None, help="Validation data manifest [[student] val_manifest]."),
+    arch: Optional[str] = typer.Option(None, help="timm architecture (e.g. resnet18, regnety_006, rednet26)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs [30]."),
+    img_size: Optional[int] = typer.Option(None, help="Training image size [[recipe] img_size, or 224]."),
+    out: Optional[Path] = typer.Option(None, help="Checkpoint path (.pth) [[teachers.NAME] checkpoint]."),
+    seed: Optional[int] = typer.Option(None, help="Seed [0]."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size [128]."),
+    opt: Optional[str] = typer.Option(None, help="adamw | sgd [adamw]."),
     lr: Optional[float] = typer.Option(None, help="Peak LR [adamw 1e-3, sgd 0.1, x batch/256]."),
-    workers: int = typer.Option(2, help="DataLoader workers."),
-    threads: int = typer.Option(0, help=THREADS_HELP),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers [2]."),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda [auto]."),
 ) -> None:
     """Train a teacher and write a checkpoint (+ its sha256)."""
+    from .pipeline import build_config, load_pipeline
     from .train_teacher import TeacherJob, train_teacher
 
-    res = train_teacher(TeacherJob(manifest, val_manifest, arch, out, epochs, img_size, seed,
-                                   batch_size, opt, lr, workers=workers, device=device,
-                                   threads=threads))
-    typer.echo(f"{arch}: val top-1 {res['val_top1']:.2f}% top-5 {res['val_top5']:.2f}% in "
-               f"{res['train_seconds']:.0f}s -> {out} (sha256 {res['sha256'][:16]})")
+    cfg, section, table = load_pipeline(pipeline), "train-teacher", {}
+    if name is not None:
+        section = f"teachers.{name}"
+        table = dict(need_table(cfg, "teachers", name, pipeline))
+        if "checkpoint" in table:
+            table["out"] = table.pop("checkpoint")
+    student, recipe = cfg.get("student", {}), cfg.get("recipe", {})
+    table = {**{k: student[k] for k in ("manifest", "val_manifest") if k in student},
+             **({"img_size": recipe["img_size"]} if "img_size" in recipe else {}), **table}
+    job = build_config(TeacherJob, {section: table}, section, dict(
+        manifest=manifest, val_manifest=val_manifest, arch=arch, out=out, epochs=epochs,
+        img_size=img_size, seed=seed, batch_size=batch_size, opt=opt, lr=lr, workers=workers,
+        device=device, threads=threads), pipeline)
+    res = train_teacher(job)
+    typer.echo(f"{job.arch}: val top-1 {res['val_top1']:.2f}% top-5 {res['val_top5']:.2f}% in "
+               f"{res['train_seconds']:.0f}s -> {job.out} (sha256 {res['sha256'][:16]})")
+
+
+def need_table(cfg: dict, group: str, name: str, pipeline: Optional[Path]) -> dict:
+    """The pipeline's [GROUP.NAME] table, or a refusal naming the ones it has."""
+    from .errors import ConfigError
+
+    tables = cfg.get(group, {})
+    if name not in tables:
+        raise ConfigError(f"{pipeline or 'no --pipeline'}: no [{group}.{name}] table "
+                          f"(has {sorted(tables) or 'none'})")
+    return tables[name]
 
 
 @app.command("eval")
 def eval_cmd(
-    manifest: Path = typer.Option(..., help="Validation data manifest."),
-    arch: str = typer.Option(..., help="Architecture of the checkpoint."),
-    checkpoint: Path = typer.Option(..., help="Checkpoint file."),
-    img_size: Optional[int] = typer.Option(None, help="Image size [from the checkpoint]."),
+    pipeline: Optional[Path] = PIPELINE_OPT,
+    name: Optional[str] = typer.Option(None, help="Evaluate the pipeline's [teachers.NAME] checkpoint [the student's model_best.pt]."),
+    manifest: Optional[Path] = typer.Option(None, help="Validation data manifest [[student] val_manifest]."),
+    arch: Optional[str] = typer.Option(None, help="Architecture of the checkpoint."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint file."),
+    img_size: Optional[int] = typer.Option(None, help="Image size [[recipe] img_size, else the checkpoint's]."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
 ) -> None:
     """Top-1/top-5 of a checkpoint (for CivT: each head and their mean)."""
     import json
 
+    from .pipeline import load_pipeline, need, setting
     from .train_teacher import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(manifest, arch, checkpoint, img_size, device)
+    cfg = load_pipeline(pipeline)
+    if name is not None:
+        table = need_table(cfg, "teachers", name, pipeline)
+        arch, checkpoint = arch or table.get("arch"), checkpoint or table.get("checkpoint")
+    elif pipeline is not None:
+        student = cfg.get("student", {})
+        arch = arch or student.get("model")
+        if checkpoint is None and "out" in student:
+            checkpoint = Path(student["out"]) / "model_best.pt"
+    manifest = need(setting(cfg, "student.val_manifest", manifest, Path, pipeline), "--manifest", "[student] val_manifest")
+    metrics = evaluate_checkpoint(manifest, need(arch, "--arch", "[teachers.NAME] arch or [student] model"),
+                                  Path(need(checkpoint, "--checkpoint", "[teachers.NAME] checkpoint or [student] out")),
+                                  img_size if img_size is not None else setting(cfg, "recipe.img_size", None, int, pipeline),
+                                  device)
     if json_out:
         typer.echo(json.dumps(metrics))
         return
@@ -305,12 +372,37 @@ def bench_imagenet_cmd(
     typer.echo(bench_imagenet(samples, device, workers, teacher_batch, student_batch, steps, online))
 
 
+def _defaults_in_help(command: object, job: type) -> None:
+    """Show each setting's default (the job dataclass's) in ``--help``: the options default to
+    None so that a pipeline file can set them, which would otherwise hide the real default."""
+    import dataclasses
+    import inspect
+
+    fields = {f.name: f for f in dataclasses.fields(job)}  # type: ignore[arg-type]
+    for name, param in inspect.signature(command).parameters.items():  # type: ignore[arg-type]
+        info, f = param.default, fields.get(name)
+        if not isinstance(info, typer.models.OptionInfo) or f is None or not info.help or "[" in info.help:
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING and \
+            f.default_factory is not dataclasses.MISSING else f.default
+        if default is not dataclasses.MISSING and default not in (None, [], ""):
+            info.help = f"{info.help} [{default}]"
+
+
 def _print_version(value: bool) -> None:
     if value:
         from . import __version__
 
         typer.echo(f"civt-cache {__version__}")
         raise typer.Exit()
+
+
+def _show_job_defaults() -> None:
+    from .stage1 import CacheJob
+    from .stage2 import StudentJob
+
+    _defaults_in_help(cache_teachers_cmd, CacheJob)
+    _defaults_in_help(train_student_cmd, StudentJob)
 
 
 @app.callback()
@@ -341,8 +433,12 @@ def _options(
 def main() -> None:
     """Entry point: a user's mistake or a failing disk becomes one line naming the file and the
     problem, exit code 2; ``--debug`` / ``CIVT_DEBUG=1`` keep the traceback."""
+    import sys
+
     from .errors import one_line_error
 
+    if "--help" in sys.argv[1:]:
+        _show_job_defaults()
     try:
         app(standalone_mode=True)
     except Exception as e:  # pragma: no cover - exercised through subprocess tests

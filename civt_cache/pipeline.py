@@ -1,9 +1,11 @@
 """Pipeline files: declarative run configs (TOML) that flags override.
 
 A pipeline has a ``[recipe]`` table (views, shared by both stages), a ``[cache]`` table
-(``cache-teachers``) and a ``[student]`` table (``train-student``); the demo adds
-``[teachers.NAME]`` tables for ``train-teacher``. Unknown keys are refused, so a typo never
-silently falls back to a default.
+(``cache-teachers``; ``verify`` and ``inspect`` read its ``out``), a ``[student]`` table
+(``train-student``; ``eval`` reads its model, run and validation manifest), ``[teachers.NAME]``
+tables (``train-teacher --name NAME``, ``eval --name NAME``) and a ``[data]`` table
+(``make-shards``). Unknown keys of a command's own table are refused, so a typo never silently
+falls back to a default.
 """
 from __future__ import annotations
 
@@ -73,6 +75,30 @@ def build_config(cls: type[T], pipeline: dict[str, Any], section: str, flags: di
         return cls(**values)
     except TypeError as e:
         raise ConfigError(f"[{section}]: {e}") from None
+
+
+def setting(pipeline: dict[str, Any], path: str, flag: Any, hint: Any, source: Path | None = None,
+            default: Any = None) -> Any:
+    """One setting of a command that reads a pipeline table it does not own (``make-shards``
+    reads [data], ``verify`` [cache], ``eval`` [student]...): the flag if given, else
+    ``pipeline[table][key]`` (``path`` "table.key", type-checked), else ``default``."""
+    if flag is not None and flag != []:
+        return flag
+    *tables, key = path.split(".")
+    node: Any = pipeline
+    for t in tables:
+        node = node.get(t, {}) if isinstance(node, dict) else {}
+    if not isinstance(node, dict) or key not in node:
+        return default
+    check_type(f"{source or 'pipeline'}: [{'.'.join(tables)}] {key}", node[key], hint)
+    return Path(node[key]) if hint in (Path, Path | None) and node[key] is not None else node[key]
+
+
+def need(value: Any, what: str, path: str) -> Any:
+    """Refuse a missing required setting, saying where it may come from."""
+    if value is None:
+        raise ConfigError(f"missing {what}: give it as a flag or as {path} in the pipeline file")
+    return value
 
 
 def check_type(where: str, value: Any, hint: Any) -> None:

@@ -20,7 +20,7 @@ from .models.checkpoints import load_torch_file
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "results.json", "curves.png", "summary.csv",
              "model_best.pt", "args.yaml", "tb")
 #: Settings a resume may change: where and how fast it runs, not what it trains.
-RESUMABLE_CHANGES = frozenset({"workers", "threads", "device", "compile", "checkpoint_every", "log_every",
+RESUMABLE_CHANGES = frozenset({"workers", "threads", "device", "compile", "checkpoint_every", "log_every", "prefetch",
                                "resume", "max_steps", "force", "out", "log"})
 
 

@@ -274,17 +274,17 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
             acc = pending.setdefault(unit, {"groups": [], "new_views": item.new_views,
                                             "teachers": {n: [] for n in needs[unit]}})
             acc["groups"].append((item.keys, item.labels, item.records))  # not the bytes
-            outs: dict[str, list[tuple[np.ndarray, ...]]] = {n: [] for n in needs[unit]}
+            on_device: list[tuple[int, Teacher, tuple[torch.Tensor, ...]]] = []
             epoch_views = render_encoded(item.images, item.records, item.rows, job.recipe,
                                          info.device, item.names)  # decoded once for all epochs
             for j, views in enumerate(epoch_views):
-                for t in teachers:
-                    if t.name in outs:
-                        *top, finite = _top_k(t, views, job, info.device)
-                        if not finite.all():
-                            raise NonFiniteError(_non_finite(t, item, store.block_epochs(item.block)[j],
-                                                             finite))
-                        outs[t.name].append(tuple(top))
+                on_device += [(j, t, _top_k(t, views, job, info.device)) for t in teachers if t.name in needs[unit]]
+            # the group's every epoch and teacher queued: one wait for all of their results
+            outs: dict[str, list[tuple[np.ndarray, ...]]] = {n: [] for n in needs[unit]}
+            for (j, t, _), (*top, finite) in zip(on_device, _to_host([r for *_, r in on_device], info.device)):
+                if not finite.all():
+                    raise NonFiniteError(_non_finite(t, item, store.block_epochs(item.block)[j], finite))
+                outs[t.name].append(tuple(top))
             for name, per_epoch in outs.items():
                 acc["teachers"][name].append(per_epoch)
             n = item.records.shape[0] * item.records.shape[1]  # epochs x rows
@@ -303,10 +303,10 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
 
 
 def _top_k(teacher: Teacher, views: torch.Tensor, job: CacheJob,
-           device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+           device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k log-probabilities (float32, logit - lse), their indices, the log-sum-exp and
     whether each view's logits were all finite, of one group-epoch of views, in teacher
-    batches; reduced on the device, one copy to the host at the end."""
+    batches; on the device (``_to_host`` brings a group's back at once)."""
     logprobs, indices, lse, finite = [], [], [], []
     for i in range(0, len(views), job.batch_size):
         full = teacher_logits(teacher, views[i:i + job.batch_size], job.recipe.mean, job.recipe.std,
@@ -317,7 +317,18 @@ def _top_k(teacher: Teacher, views: torch.Tensor, job: CacheJob,
         indices.append(top.indices)
         lse.append(total)
         finite.append(torch.isfinite(full).all(dim=1))
-    return tuple(torch.cat(x).cpu().numpy() for x in (logprobs, indices, lse, finite))  # type: ignore[return-value]
+    return tuple(torch.cat(x) for x in (logprobs, indices, lse, finite))  # type: ignore[return-value]
+
+
+def _to_host(results: list[tuple[torch.Tensor, ...]], device: torch.device) -> list[tuple[np.ndarray, ...]]:
+    """Device tensors as NumPy arrays, with one wait: copies into pinned buffers are queued
+    behind the work that makes them, then the host waits once."""
+    if device.type != "cuda":
+        return [tuple(t.numpy() for t in r) for r in results]
+    host = [tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in r)
+            for r in results]
+    torch.cuda.current_stream(device).synchronize()
+    return [tuple(t.numpy() for t in r) for r in host]
 
 
 def _non_finite(teacher: Teacher, item: GroupViews, epoch: int, finite: np.ndarray) -> str:

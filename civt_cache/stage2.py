@@ -16,17 +16,17 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .cache_store import CacheStore
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, \
     shutdown
-from .errors import CacheMismatchError, CheckpointError, ConfigError, CorruptUnitError, NonFiniteError
-from .fsutil import sha256_file
+from .errors import CheckpointError, ConfigError, NonFiniteError
 from .manifest import load_manifest
 from .models.teachers import build_teacher, parse_teacher_spec, teacher_logits
 from .pipeline import MAX_BATCH, MAX_EPOCHS, MAX_WORKERS, require
+from .prefetch import prefetched
 from .progress import Progress
 from .recipe import Recipe
 from .runs import RunLock, check_resumable, load_checkpoint, start_fresh
+from .loader import open_student_cache
 from .loss_window import LossWindow
 from .soft_targets import LossWeights, coadvise_loss
 from .student_data import EpochSource, StudentBatches, batch_inputs, batch_loader, rank_shards, \
@@ -74,6 +74,7 @@ class StudentJob:
     compile: bool = False
     checkpoint_every: int = 0  # steps; 0: at epoch ends only
     log_every: int = 20  # steps between reads of the loss from the device (progress, NaN check)
+    prefetch: bool = True  # build the next batch while the current one trains
     model_ema: bool = False  # keep an exponential moving average of the weights (timm's ModelEmaV3)
     model_ema_decay: float = 0.9998
     log: str = ""  # "tensorboard": also log every epoch's metrics to RUN/tb
@@ -122,66 +123,6 @@ def train_student(job: StudentJob) -> dict[str, Any]:
         shutdown(info)
 
 
-def _check_cache(job: StudentJob, names: tuple[str, ...], manifest, log) -> CacheStore:
-    """Refuse a cache that does not fit the data, recipe, teachers or epochs asked for."""
-    if job.cache is None:
-        raise ConfigError(f"--teachers {job.teachers} needs --cache CACHE (or --online with --teacher specs)")
-    store = CacheStore.open(job.cache)
-    s = store.spec
-    if s.manifest_fingerprint != manifest.fingerprint():
-        raise CacheMismatchError(f"{job.cache}: built for data {s.manifest_name!r}, not {job.manifest} "
-                                 "(manifest fingerprints differ)")
-    if s.recipe != job.recipe:
-        a, b = s.recipe.to_json(), job.recipe.to_json()
-        raise CacheMismatchError(f"{job.cache}: view recipe differs from the one asked for: "
-                                 + ", ".join(f"{k}: cache {a[k]!r}, asked {b[k]!r}" for k in a if a[k] != b[k]))
-    if job.view_seed is not None and job.view_seed != s.seed:
-        raise CacheMismatchError(f"{job.cache}: views cached with seed {s.seed}, --view-seed "
-                                 f"{job.view_seed} asked (the cache's views are replayed as cached)")
-    if job.epochs > s.epochs and not job.cycle_cache:
-        raise CacheMismatchError(
-            f"{job.cache}: holds {s.epochs} epoch(s) of views, training asks for {job.epochs}. "
-            f"The paper draws fresh views every epoch: grow the cache to {job.epochs} epochs "
-            f"(cache-teachers --epochs {job.epochs} computes only the new ones), or replay the "
-            "cached ones with --cycle-cache")
-    stored = store.teachers()
-    for name in names:
-        if name not in stored:
-            raise CacheMismatchError(f"{job.cache}: no teacher {name!r} in the cache (has {sorted(stored)})")
-    for spec in job.teacher:
-        name, arch, ckpt = parse_teacher_spec(spec)
-        if name in stored and (stored[name]["arch"] != arch or stored[name]["checkpoint_sha256"] != sha256_file(ckpt)):
-            raise CacheMismatchError(f"{job.cache}: teacher {name!r} was cached from "
-                                     f"{stored[name]['arch']} sha256 {stored[name]['checkpoint_sha256'][:12]}, "
-                                     f"not {arch}:{ckpt}")
-    needed = sorted({e % s.epochs for e in range(job.epochs)})
-    incomplete = set()
-    for shard, block in store.units():
-        epochs = store.block_epochs(block)
-        if not any(e in needed for e in epochs):
-            continue
-        rec = store.unit_record(shard, block)
-        if rec is None or not rec.get("views") or any(n not in rec["teachers"] for n in names):
-            incomplete.update(e for e in epochs if e in needed)
-            continue
-        gone = store.missing_chunks(shard, block, ["views", *names])
-        if gone:  # a committed unit lost a file: zarr would read fill values, never train on them
-            component, why = next(iter(gone.items()))
-            raise CorruptUnitError(f"{job.cache}: unit (shard {shard}, block {block}) {component}: {why}",
-                                   "Rerun `civt-cache cache-teachers` with the cache's settings to "
-                                   "recompute it (`civt-cache inspect` lists what is damaged)")
-    for why in store.unreadable.values():
-        log(why)
-    if incomplete:
-        raise CacheMismatchError(f"{job.cache}: cached epochs {sorted(incomplete)} are not complete for "
-                                 f"teachers {list(names)}; run `civt-cache cache-teachers` with the same "
-                                 "settings to finish them (or `civt-cache inspect` to see what is missing)")
-    if job.epochs > s.epochs:
-        log(f"--cycle-cache: training for {job.epochs} epochs on a cache of {s.epochs}: epoch e "
-            f"replays cached epoch e mod {s.epochs}")
-    return store
-
-
 def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
     log = (lambda msg: tqdm.write(f"train-student: {msg}")) if info.is_main else (lambda msg: None)
     device = info.device
@@ -196,7 +137,10 @@ def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
             raise ConfigError(f"--online needs --teacher {missing[0]}=ARCH:CKPT for {list(missing)}")
         live = {n: build_teacher(specs[n], device) for n in names}
     elif names:
-        store = _check_cache(job, names, manifest, log)
+        if job.cache is None:
+            raise ConfigError(f"--teachers {job.teachers} needs --cache CACHE (or --online with --teacher specs)")
+        store = open_student_cache(job.cache, manifest, job.manifest, job.recipe, names, job.epochs,
+                                   job.view_seed, job.cycle_cache, job.teacher, log)
     num_classes = manifest.num_classes
     view_seed = store.spec.seed if store else (job.seed if job.view_seed is None else job.view_seed)
     ckpt_path = job.out / "checkpoint.pt"
@@ -292,10 +236,13 @@ def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
         ddp_model.train()
         bar = Progress(steps[epoch], f"epoch {epoch + 1}/{job.epochs}", "steps", info.is_main, skip)
         tick = time.perf_counter()
-        for step, batch in zip(range(skip, steps[epoch]), loader):
-            # decoded and augmented on the device
-            x, ce_target, targets = batch_inputs(batch, job.recipe, num_classes, job.label_smoothing,
-                                                 device, job.renormalize)
+        def inputs(item: tuple[int, Any]) -> tuple[int, Any, torch.Tensor, torch.Tensor, dict]:
+            step, batch = item  # decoded and augmented on the device
+            return (step, batch, *batch_inputs(batch, job.recipe, num_classes, job.label_smoothing,
+                                               device, job.renormalize))
+
+        for step, batch, x, ce_target, targets in prefetched(zip(range(skip, steps[epoch]), loader),
+                                                             inputs, device, job.prefetch):
             if live:
                 targets = {n: teacher_logits(t, x, job.recipe.mean, job.recipe.std, device)
                            for n, t in live.items()}
@@ -305,11 +252,7 @@ def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
                 ema.update(model, step=global_step)
             schedule.step_update(global_step)
             if window.add(loss, parts, x.shape[0], (global_step, epoch, step, batch.rows[:batch.size])):
-                now = time.perf_counter()
-                sums["seconds"] += now - tick
-                tick = now
-                bar.update(0, loss=f"{window.last:.3f}",
-                           img_s=f"{sums['n'] * info.world_size / max(sums['seconds'], 1e-9):.0f}")
+                tick = _show(bar, window, sums, tick, info.world_size)
             bar.update(1)
             if job.checkpoint_every and global_step % job.checkpoint_every == 0 and step + 1 < steps[epoch]:
                 checkpoint(epoch, step + 1)
@@ -319,7 +262,7 @@ def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
                 checkpoint(epoch, step + 1)  # stopped mid-epoch: resumable, no epoch metrics
                 return {"stopped_at": {"epoch": epoch, "step": step + 1}, "global_step": global_step}
         window.read()
-        sums["seconds"] += time.perf_counter() - tick
+        _show(bar, window, sums, tick, info.world_size)
         bar.close()
         totals = all_reduce_sum(info, [sums["loss"], sums["ce"], sums["conv"], sums["inv"], sums["n"]])
         metrics = evaluate(ddp_model, val_manifest, job.recipe, info, _student_heads,
@@ -356,6 +299,16 @@ def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
     if info.is_main:
         write_results(job.out, results)
     return results
+
+
+def _show(bar: Progress, window: LossWindow, sums: dict[str, float], tick: float, world_size: int) -> float:
+    """After a read of the loss: count the time since ``tick`` and show the loss and rate."""
+    now = time.perf_counter()
+    sums["seconds"] += now - tick
+    if window.last is not None:
+        bar.update(0, loss=f"{window.last:.3f}",
+                   img_s=f"{sums['n'] * world_size / max(sums['seconds'], 1e-9):.0f}")
+    return now
 
 
 def _bad_batch(value: float, where: tuple[int, int, int, list[int]], manifest: Any) -> str:

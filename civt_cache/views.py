@@ -167,7 +167,9 @@ def pair_rows(seed: int, epoch: int, shard: int, rows: Sequence[int]) -> dict[in
 
 def sample_shard_records(recipe: Recipe, seed: int, epoch: int, shard: int, rows: Sequence[int],
                          sizes: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Records [len(rows), NUM_FIELDS] for one shard and epoch, partners assigned."""
+    """Records [len(rows), NUM_FIELDS] for one shard and epoch, partners assigned. ``rows`` are
+    every row of the shard in order (partners pair up inside groups of its positions), ``sizes``
+    their images' (width, height)."""
     recs = np.stack([sample_record(recipe, seed, epoch, r, w, h) for r, (w, h) in zip(rows, sizes)])
     partners = pair_rows(seed, epoch, shard, rows)
     mixed = recs[:, MIX_MODE] != MIX_NONE

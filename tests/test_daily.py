@@ -2,6 +2,7 @@
 thread choice, the version, flags through make."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -11,7 +12,7 @@ import torch
 
 from civt_cache.distributed import choose_threads
 
-from .conftest import ROOT, cache_args, run_cli, student_args
+from .conftest import ROOT, cache_args, refused, run_cli, student_args
 
 LINE = r"{}: [\d,]+/[\d,]+ {} \(\d+%\), [\d,.]+ {}/s, ETA \d+:\d\d"
 
@@ -87,3 +88,48 @@ def test_run_records_are_written_and_readable(world, tmp_path) -> None:
     events.Reload()
     (scalar,) = events.Scalars("val_top1")
     assert scalar.step == 0 and abs(scalar.value - float(rows[0]["val_top1"])) < 1e-4
+
+
+def test_every_command_reads_a_pipeline(world, tmp_path) -> None:
+    """make-shards, train-teacher, eval, inspect and verify take their settings from a pipeline
+    file (their own table, or the ones they share); flags override; a missing one is named."""
+    root = world["root"]
+    p = tmp_path / "p.toml"
+    p.write_text(f"""
+[recipe]
+img_size = 32
+crop_scale = [0.35, 1.0]
+[data]
+src = "digits"
+name = "dg"
+shards = "{tmp_path / 'shards'}"
+shard_size = 512
+manifest = "{tmp_path / 'dg.json'}"
+[cache]
+out = "{world['ref']}"
+[student]
+manifest = "{world['manifest']}"
+val_manifest = "{world['manifest']}"
+model = "civt_micro"
+out = "{tmp_path / 'run'}"
+[teachers.conv]
+arch = "resnet10t"
+checkpoint = "{root / 'conv.pth'}"
+[teachers.fresh]
+arch = "resnet10t"
+checkpoint = "{tmp_path / 'fresh.pth'}"
+epochs = 1
+""")
+    out = run_cli("make-shards", "--pipeline", str(p)).stdout
+    assert "dg-train" in out and (tmp_path / "dg-train.json").exists() and (tmp_path / "dg-val.json").exists()
+    assert len(list((tmp_path / "shards").glob("dg-train-*.tar"))) == 3  # 1,438 images, 512 a shard
+    assert "units" in run_cli("inspect", "--pipeline", str(p)).stdout
+    assert run_cli("verify", "--full", "--pipeline", str(p)).returncode == 0
+    metrics = json.loads(run_cli("eval", "--pipeline", str(p), "--name", "conv", "--json",
+                                 "--device", "cpu").stdout)
+    assert set(metrics) >= {"val_top1", "val_top5"}
+    run_cli("train-teacher", "--pipeline", str(p), "--name", "fresh", "--workers", "0", "--batch-size", "64")
+    assert (tmp_path / "fresh.pth").exists()
+    missing = run_cli("eval", "--pipeline", str(p), "--device", "cpu", check=False)  # no model_best.pt yet
+    assert missing.returncode != 0
+    refused(run_cli("eval", "--pipeline", str(p), "--name", "nope", check=False), "no [teachers.nope] table")

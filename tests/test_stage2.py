@@ -10,6 +10,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -21,6 +22,7 @@ from civt_cache.soft_targets import LossWeights, coadvise_loss, kd_term, pseudo_
 from civt_cache.stage1 import CacheJob, cache_teachers
 from civt_cache.stage2 import StudentJob, train_student
 from civt_cache.student_data import EpochSource, StudentBatches, rank_shards, steps_per_epoch
+from civt_cache import views as V
 from civt_cache.views import mixed_targets
 
 from .conftest import run_cli, student_items
@@ -277,3 +279,50 @@ def test_benchmarks_measure_every_mode_side_by_side(digits, full_cache) -> None:
     v = measure_views(samples=6, img_size=48, batch=4, device="cpu", repeats=1)
     assert set(v["rates"]) == {"PIL path, 1 CPU core", "engine, 1 CPU core"}
     assert "x the PIL path per core" in format_views(v)
+
+
+def test_cached_batches_for_ones_own_loop(digits, full_cache) -> None:
+    """The public loader yields train-student's very batches (views, label targets, teacher
+    targets) on the device; the public engine steps rebuild its views from the shard's bytes."""
+    import civt_cache
+    from civt_cache.shards import read_shard
+    from civt_cache.student_data import batch_inputs
+
+    cache, _ = full_cache
+    m = load_manifest(digits["val"])
+    loader = civt_cache.CachedBatches(digits["val"], cache, 32, epoch=1, seed=3, workers=0, device="cpu")
+    assert loader.recipe == RECIPE and len(loader) == steps_per_epoch(m, 3, 1, 1, 32)
+    got = list(loader)
+    assert len(got) == len(loader)
+    source = EpochSource(1, 0, cache, 1, ("conv", "inv"))
+    data = StudentBatches(m, RECIPE, 3, rank_shards(m, 3, 1, 0, 1), source, 32)
+    first = next(iter(data))
+    x, y, t = batch_inputs(first, RECIPE, 10, 0.1, torch.device("cpu"))
+    assert torch.equal(got[0][0], x) and torch.equal(got[0][1], y)
+    assert t.keys() == got[0][2].keys() == {"conv", "inv"}
+    assert all(torch.equal(t[n], got[0][2][n]) for n in t)
+    # the engine's public steps: the shard's records, decode, render
+    shard = m.locate(first.rows[0])[0]
+    samples = read_shard(m, shard)
+    start = first.rows[0] - m.locate(first.rows[0])[1]
+    rows = list(range(start, start + len(samples)))
+    images = [s.image for s in samples]
+    recs = civt_cache.sample_records(RECIPE, 0, 1, shard, rows, [V.image_size(b) for b in images])
+    mine = [i for i, r in enumerate(rows) if r in first.rows]
+    assert np.array_equal(recs[mine], first.records[[first.rows.index(rows[i]) for i in mine]])
+    outs = [i for i in mine if first.rows.index(rows[i]) < first.size]
+    views = civt_cache.render_views(civt_cache.decode_images(images, torch.device("cpu")), recs, rows, RECIPE, outs)
+    assert torch.equal(views, x[[first.rows.index(rows[i]) for i in outs]])
+
+
+def test_prefetch_and_loss_reads_cannot_change_a_result(digits, full_cache, tmp_path) -> None:
+    """Building the next batch ahead and reading the loss every step or every 20 give the very
+    same weights and losses."""
+    cache, _ = full_cache
+    runs = {}
+    for name, kw in (("ahead", dict(prefetch=True, log_every=20)), ("series", dict(prefetch=False, log_every=1))):
+        train_student(student_job(digits, cache, tmp_path / name, epochs=1, **kw))
+        runs[name] = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"], _metrics(tmp_path / name))
+    (a, rows_a), (b, rows_b) = runs["ahead"], runs["series"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert rows_a[0]["train_loss"] == rows_b[0]["train_loss"]

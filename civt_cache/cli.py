@@ -436,10 +436,13 @@ def main() -> None:
     import sys
 
     from .errors import one_line_error
+    from .fsutil import refuse_url
 
     if "--help" in sys.argv[1:]:
         _show_job_defaults()
     try:
+        for arg in sys.argv[1:]:  # every path-like argument, before typer makes a Path of it
+            refuse_url(arg.split("=", 1)[-1] if arg.startswith("--") else arg, "argument")
         app(standalone_mode=True)
     except Exception as e:  # pragma: no cover - exercised through subprocess tests
         line = one_line_error(e)

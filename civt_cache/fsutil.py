@@ -10,12 +10,28 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .errors import ConfigError
+
 _CHUNK = 1 << 20
+#: A URL's scheme (``s3://``, ``gs://``, ``https://``, WebDataset's ``pipe:``), checked on the
+#: text as given (``pathlib`` would collapse ``s3://b/k`` into the folder ``s3:/b/k``); a
+#: teacher's ``ARCH:/abs/file.pth`` is not one.
+_URL = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.-]*://|pipe:)")
+
+
+def refuse_url(text: str, where: str) -> None:
+    """Refuse a URL where this version needs a filesystem path, in one line: a URL taken as a
+    path would silently become a local folder named ``s3:``."""
+    if _URL.match(text):
+        raise ConfigError(f"{where}: {text!r} is a URL; this version of civt-cache reads and writes "
+                          "shards, manifests and caches on local or shared filesystems only (stage "
+                          "object-storage data to one, e.g. with `aws s3 sync`)")
 
 
 def _process_umask() -> int:

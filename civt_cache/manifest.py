@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ManifestError
-from .fsutil import atomic_write_json, canonical_sha256
+from .fsutil import atomic_write_json, canonical_sha256, refuse_url
 
 ROW_ALIGN = 64
 MANIFEST_VERSION = 1
@@ -201,6 +201,7 @@ def _shard_entry(path: Path, i: int, entry: Any) -> ShardInfo:
         raise ManifestError(f"{path}: shard {i} has no {e.args[0]!r}") from None
     if not isinstance(name, str) or not name:
         raise ManifestError(f"{path}: shard {i} path {name!r} is not a file name")
+    refuse_url(name, f"{path}: shard {i}")
     if not isinstance(digest, str) or len(digest) != 64:
         raise ManifestError(f"{path}: shard {i} ({name}) sha256 {digest!r} is not a hex digest")
     return ShardInfo(name, _count(path, f"shard {i} ({name}) num_samples", n, MAX_SHARD_SAMPLES),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ConfigError
+from .fsutil import refuse_url
 from .recipe import Recipe
 
 T = TypeVar("T")
@@ -32,11 +33,26 @@ def load_pipeline(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
     try:
-        return tomllib.loads(Path(path).read_text())
+        cfg = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: pipeline file not found") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML ({e})") from None
+    _refuse_urls(cfg, str(path), ())
+    return cfg
+
+
+def _refuse_urls(node: Any, source: str, keys: tuple[str, ...]) -> None:
+    """Refuse a URL anywhere in a pipeline, naming its table and key."""
+    if isinstance(node, str):
+        where = f"[{'.'.join(keys[:-1])}] {keys[-1]}" if len(keys) > 1 else ".".join(keys)
+        refuse_url(node, f"{source}: {where}")
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            _refuse_urls(value, source, (*keys, key))
+    elif isinstance(node, list):
+        for value in node:
+            _refuse_urls(value, source, keys)
 
 
 def build_config(cls: type[T], pipeline: dict[str, Any], section: str, flags: dict[str, Any],

@@ -394,3 +394,22 @@ def test_out_of_memory_is_said_as_such() -> None:
     for error in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), MemoryError()):
         line = one_line_error(error)
         assert line is not None and line.startswith("out of memory") and "--batch-size" in line
+
+
+def test_a_url_is_refused_never_made_a_local_folder(world, tmp_path) -> None:
+    """Object-storage URLs (and WebDataset's pipe:) where this version needs a path: one line
+    naming the URL, exit 2, and no folder called 's3:' (pathlib would collapse s3://b/k)."""
+    for url, args in (("s3://bucket/shards", ["make-shards", "digits", "s3://bucket/shards", "--name", "dg"]),
+                      ("pipe:curl", ["scan-shards", "pipe:curl -s https://h/x-{000..009}.tar", "--name", "x"]),
+                      ("gs://bucket/cache", [*cache_args(world["root"], tmp_path / "c"), "--out=gs://bucket/cache"])):
+        refused(run_cli(*args, cwd=tmp_path, check=False), "is a URL", url)
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text('[cache]\nout = "https://host/cache"\n')
+    refused(run_cli("inspect", "--pipeline", str(pipeline), cwd=tmp_path, check=False),
+            "p.toml: [cache] out", "https://host/cache", "is a URL")
+    raw = json.loads(world["manifest"].read_text())
+    raw["shards"][0]["path"] = "s3://bucket/" + raw["shards"][0]["path"]
+    (tmp_path / "m.json").write_text(json.dumps(raw))
+    with pytest.raises(Exception, match="m.json: shard 0: 's3://bucket/.*' is a URL"):
+        load_manifest(tmp_path / "m.json")
+    assert not any(p.name.endswith(":") for p in tmp_path.rglob("*"))

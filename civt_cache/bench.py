@@ -1,10 +1,6 @@
-"""``civt-cache bench views|cache|student|imagenet``: throughput ratios measured side by side in
-one run.
+"""``civt-cache bench cache|student|imagenet``: throughput ratios measured side by side in one
+run (``bench views`` is ``bench_views.py``, ``bench threads`` ``bench_threads.py``).
 
-views:    the view engine's views/s (decode included) against the PIL path it replaced (PIL
-          decode + timm's PIL RandAugment ops, one row at a time as stage two called it), per
-          CPU core (one thread each), on co-advise's recipe (every view mixed); and the engine
-          on the GPU when there is one.
 cache:    views/s of the full stage one (read shards, decode, build views, teachers, write
           zarr) against the teachers' forward pass alone on pre-built views of the first unit,
           plus the cache's bytes per view.
@@ -127,12 +123,12 @@ def measure_cache(job: CacheJob, out: Path | None = None) -> dict[str, Any]:
     batches = [views[i:i + job.batch_size] for i in range(0, len(views), job.batch_size)]
     for t in teachers:  # warm-up: allocator, cuDNN algorithm choice
         teacher_logits(t, batches[0], job.recipe.mean, job.recipe.std, device)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for chunk in batches:
         for t in teachers:
             teacher_logits(t, chunk, job.recipe.mean, job.recipe.std, device).topk(job.topk, dim=1)
-    _sync(device)
+    sync(device)
     alone = len(views) / (time.perf_counter() - t0)
     return {"device": str(device), "data": manifest.name, "views": summary["views"],
             "teachers": len(teachers), "topk": job.topk, "img_size": job.recipe.img_size,
@@ -142,7 +138,7 @@ def measure_cache(job: CacheJob, out: Path | None = None) -> dict[str, Any]:
             "peak_rss": mem.rss, "peak_shm": mem.shm}
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -221,13 +217,13 @@ def _timed_steps(step, batches: list, steps: int, device: torch.device) -> float
     it = iter(batches)
     for _ in range(2):
         step(*next(it)).item()
-    _sync(device)
+    sync(device)
     t0, n = time.perf_counter(), 0
     for _ in range(steps):
         x, *rest = next(it)
         step(x, *rest).item()
         n += x.shape[0]
-    _sync(device)
+    sync(device)
     return n / (time.perf_counter() - t0)
 
 
@@ -367,112 +363,3 @@ def bench_imagenet(samples: int, device: str = "auto", workers: int = 2, teacher
             f"{manifest.num_classes} classes, {avg_kb:.0f} KB each (made in {made:.0f}s); teachers "
             + " + ".join(PAPER_TEACHERS.values()) + " (random weights)")
     return "\n".join([head, format_cache(cache), format_student(stu)])
-
-
-def _pil_reference():
-    """The PIL path (``tests/pil_reference.py`` of a source checkout): what the engine replaced
-    and is measured against. Installed packages do not ship the tests."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "tests" / "pil_reference.py"
-    if not path.exists():
-        raise ConfigError(f"bench views compares with the PIL path in {path}; run it from a source checkout")
-    spec = importlib.util.spec_from_file_location("civt_pil_reference", path)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-def measure_views(samples: int, img_size: int = 224, batch: int = 64, device: str = "auto",
-                  repeats: int = 3) -> dict[str, Any]:
-    """Views/s of the PIL path and of the engine on one CPU thread, and of the engine on the
-    GPU (if any), on the same ImageNet-shaped JPEGs and records; best of ``repeats``."""
-    import numpy as np
-
-    from .synthetic import photo_like_jpeg
-    from .view_engine import worker_image
-    from .views import PARTNER, image_size, sample_shard_records
-
-    ref = _pil_reference()
-    recipe = Recipe(img_size=img_size)
-    rng = np.random.default_rng(0)
-    jpegs = [photo_like_jpeg(rng) for _ in range(samples)]
-    recs = sample_shard_records(recipe, 0, 0, 0, list(range(samples)), [image_size(j) for j in jpegs])
-
-    def pil_path() -> None:
-        images = {r: ref.decode_rgb(j) for r, j in enumerate(jpegs)}
-        records = dict(enumerate(recs))
-        for r in range(samples):
-            ref.apply_records(images, records, [r], recipe)
-
-    order: list[int] = []  # stage two's order: each partner right after its row
-    for r in range(samples):
-        order += [p for p in (r, int(recs[r, PARTNER])) if p not in order]
-
-    def engine(dev: torch.device) -> Any:
-        def run() -> None:
-            for i in range(0, samples, batch):
-                part = order[i:i + batch]
-                rows = sorted(set(part) | {int(recs[p, PARTNER]) for p in part})  # partners travel along
-                next(render_encoded([worker_image(jpegs[r], str(r)) for r in rows], [recs[rows]], rows,
-                                    recipe, dev, outputs=[rows.index(p) for p in part]))
-            _sync(dev)
-        return run
-
-    def best(fn) -> float:
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return samples / min(times)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        rates = {"PIL path, 1 CPU core": best(pil_path),
-                 "engine, 1 CPU core": best(engine(torch.device("cpu")))}
-    finally:
-        torch.set_num_threads(threads)
-    gpu = pick_device(device)
-    if gpu.type == "cuda":
-        engine(gpu)()  # warm-up: nvJPEG handles, kernels
-        rates[f"engine, {torch.cuda.get_device_name(gpu)}"] = best(engine(gpu))
-    return {"samples": samples, "img_size": img_size, "batch": batch, "rates": rates,
-            "counts": _count_engine(jpegs, recipe)}
-
-
-def _count_engine(jpegs: list[bytes], recipe: Recipe, batches: tuple[int, ...] = (256, 512)) -> dict[int, Any]:
-    """Launches, host-to-device transfers and device reads of one engine batch (decode
-    included) of each size, counted on the CPU running a GPU's op stream (``op_counts``).
-    Sizes are whole pair groups, so every partner is in the batch."""
-    from .op_counts import count_ops
-    from .view_engine import gpu_op_stream, worker_image
-    from .views import image_size, sample_shard_records
-
-    counts = {}
-    for n in batches:
-        rows = list(range(n))
-        batch = [jpegs[r % len(jpegs)] for r in rows]
-        recs = sample_shard_records(recipe, 1, 0, 0, rows, [image_size(j) for j in batch])
-        items = [worker_image(j, str(r)) for r, j in zip(rows, batch)]
-        with gpu_op_stream():
-            counts[n] = count_ops(lambda: next(render_encoded(items, [recs], rows, recipe, torch.device("cpu"))))
-    return counts
-
-
-def format_views(r: dict[str, Any]) -> str:
-    pil = r["rates"]["PIL path, 1 CPU core"]
-    lines = [f"bench views ({r['samples']} ImageNet-shaped JPEGs, co-advise recipe, every view mixed, "
-             f"{r['img_size']}px, engine batches of {r['batch']}; decode included)"]
-    lines += [f"  {k:34s} {v:9.1f} views/s  ({v / pil:.2f}x the PIL path per core)"
-              for k, v in r["rates"].items()]
-    lines.append("  per batch, as a GPU runs it (counted on the CPU): kernel launches, host-to-device "
-                 "transfers, device reads")
-    lines += [f"  {n:5d} views: {c.launches:6d} launches {c.transfers:3d} transfers {c.reads:3d} reads"
-              for n, c in r["counts"].items()]
-    return "\n".join(lines)
-
-
-def bench_views(samples: int, img_size: int = 224, batch: int = 64, device: str = "auto") -> str:
-    return format_views(measure_views(samples, img_size, batch, device))

@@ -26,27 +26,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, TransposeCodec
 
+from .cache_spec import FP16_LOWEST, SCHEMA_VERSION, VIEWS_VERSION, CacheSpec, key_hash
 from .errors import CacheMismatchError, CorruptUnitError
-from .fsutil import FILE_MODE, atomic_write_json, canonical_sha256, file_lock
-from .manifest import DataManifest
-from .recipe import Recipe
-from .views import NUM_FIELDS, VIEWS_VERSION
+from .fsutil import FILE_MODE, atomic_write_json, create_beside, file_lock
+from .views import NUM_FIELDS
 
-SCHEMA_VERSION = 3  # 2: crc32c on every chunk, fill values no real entry can have; 3: log-probs
-# Teachers' top-k are stored as log-probabilities, logit - lse <= 0, so no finite logit overflows
-# float16 (a logit of 1e5 would be +inf); a log-probability below float16's lowest is clamped
-# there, where exp() is 0 in any float type anyway.
-FP16_LOWEST = float(np.finfo(np.float16).min)
 # Every chunk ends in a CRC32C of its compressed bytes (zarr's own v3 codec), so a flipped bit on
 # disk fails the read instead of decoding into wrong numbers.
 _VALUES = [BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle), Crc32cCodec()]
@@ -54,38 +46,6 @@ _BITS = [BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle), Cr
 _RAW = [Crc32cCodec()]
 VIEW_ARRAYS = ("views/params", "views/keys", "views/labels")
 TEACHER_ARRAYS = ("logprobs", "indices", "lse")
-
-
-def key_hash(key: str) -> int:
-    """64-bit hash of a sample key, stored per row so readers can assert alignment."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-
-
-def check_alignment(cache: Path, manifest: DataManifest, shard: int, samples: Sequence[Any],
-                    hashes: np.ndarray, labels: np.ndarray) -> None:
-    """Refuse a shard whose samples are not the cached ones: every key hash and label must
-    equal what the cache stored for that row, or no target of it can be trusted."""
-    path = manifest.shard_path(shard)
-    for pos, s in enumerate(samples):
-        if key_hash(s.key) != int(hashes[pos]):
-            raise CacheMismatchError(f"{path}: sample {pos} has key {s.key!r}, the cache {cache} "
-                                     "holds another sample in that row; the shard changed after caching")
-        if s.label != int(labels[pos]):
-            raise CacheMismatchError(f"{path}: sample {s.key!r} has label {s.label}, the cache "
-                                     f"{cache} was built with label {int(labels[pos])}; the shard "
-                                     "changed after caching")
-
-
-def stored_versions(root: Path) -> tuple[int, int] | None:
-    """(schema, views version) a cache directory was made with (None: no cache there), to tell
-    a cache this civt-cache cannot read from one it can."""
-    try:
-        attrs = json.loads((Path(root) / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, ValueError):
-        return None
-    if attrs.get("kind") != "civt-cache":
-        return None
-    return attrs.get("schema_version", 1), attrs.get("views_version", 1)
 
 
 def committed_components(record: dict[str, Any]) -> list[str]:
@@ -98,105 +58,6 @@ def _checksum(*arrays: np.ndarray) -> str:
     for a in arrays:
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:32]
-
-
-@dataclass(frozen=True)
-class CacheSpec:
-    """What a cache is built for; two specs must agree for a cache to be reused."""
-
-    manifest_name: str
-    manifest_fingerprint: str
-    num_shards: int
-    row_stride: int
-    recipe: Recipe
-    seed: int
-    epochs: int
-    epochs_per_unit: int
-    topk: int
-    num_classes: int
-    manifest_path: str = field(default="", compare=False)  # where to find the data again (verify)
-
-    @classmethod
-    def for_manifest(cls, manifest: DataManifest, recipe: Recipe, seed: int, epochs: int,
-                     epochs_per_unit: int, topk: int) -> "CacheSpec":
-        if epochs < 1 or epochs_per_unit < 1:
-            raise CacheMismatchError(f"epochs ({epochs}) and epochs_per_unit ({epochs_per_unit}) must be >= 1")
-        if not 1 <= topk <= manifest.num_classes:
-            raise CacheMismatchError(f"topk {topk} must be between 1 and the {manifest.num_classes} classes")
-        return cls(manifest.name, manifest.fingerprint(), len(manifest.shards), manifest.row_stride,
-                   recipe, seed, epochs, min(epochs_per_unit, epochs), topk, manifest.num_classes,
-                   str(manifest.location or ""))
-
-    @property
-    def num_rows(self) -> int:
-        return self.num_shards * self.row_stride
-
-    @property
-    def num_blocks(self) -> int:
-        return -(-self.epochs // self.epochs_per_unit)
-
-    @property
-    def index_dtype(self) -> str:
-        return "int16" if self.num_classes <= 32767 else "int32"
-
-    def attrs(self) -> dict[str, Any]:
-        return {"schema_version": SCHEMA_VERSION, "kind": "civt-cache", "views_version": VIEWS_VERSION,
-                "manifest": {"name": self.manifest_name, "fingerprint": self.manifest_fingerprint,
-                             "num_shards": self.num_shards, "row_stride": self.row_stride,
-                             "path": self.manifest_path},
-                "recipe": self.recipe.to_json(),
-                "recipe_fingerprint": canonical_sha256({"recipe": self.recipe.to_json(),
-                                                        "views_version": VIEWS_VERSION}),
-                "seed": self.seed, "epochs": self.epochs, "epochs_per_unit": self.epochs_per_unit,
-                "topk": self.topk, "num_classes": self.num_classes}
-
-    @classmethod
-    def from_attrs(cls, attrs: dict[str, Any]) -> "CacheSpec":
-        m = attrs["manifest"]
-        return cls(m["name"], m["fingerprint"], m["num_shards"], m["row_stride"],
-                   Recipe.from_json(attrs["recipe"]), attrs["seed"], attrs["epochs"],
-                   attrs["epochs_per_unit"], attrs["topk"], attrs["num_classes"], m.get("path", ""))
-
-    def grows_to(self, asked: "CacheSpec") -> bool:
-        """Whether ``asked`` is this cache with more epochs (and nothing else changed): such a
-        cache is grown in place. Its epochs per unit stay as stored (the chunk shape), which
-        differs from the asked one only where a short cache clamped it to its epochs."""
-        b_ok = min(asked.epochs_per_unit, self.epochs) == self.epochs_per_unit
-        same = replace(asked, epochs=self.epochs, epochs_per_unit=self.epochs_per_unit)
-        return asked.epochs > self.epochs and b_ok and not self.differences(same)
-
-    def differences(self, other: "CacheSpec") -> list[str]:
-        """Human-readable list of what differs between a stored spec (self) and a request."""
-        out = []
-        if self.manifest_fingerprint != other.manifest_fingerprint:
-            out.append(f"data manifest: cache built for {self.manifest_name!r} "
-                       f"({self.manifest_fingerprint[:12]}), asked for {other.manifest_name!r} "
-                       f"({other.manifest_fingerprint[:12]})")
-        if self.recipe != other.recipe:
-            a, b = self.recipe.to_json(), other.recipe.to_json()
-            diff = ", ".join(f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k])
-            out.append(f"view recipe differs ({diff})")
-        for name in ("seed", "epochs", "epochs_per_unit", "topk", "num_classes", "row_stride"):
-            if getattr(self, name) != getattr(other, name):
-                out.append(f"{name}: cache has {getattr(self, name)}, asked {getattr(other, name)}")
-        return out
-
-
-def _create_beside(final: Path, build) -> bool:
-    """Build a directory tree at a temp path beside ``final`` and rename it into place.
-    Returns False if another process created ``final`` first (its version is kept)."""
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, final)
-            return True
-        except OSError:
-            if final.exists():
-                return False
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class CacheStore:
@@ -234,7 +95,7 @@ class CacheStore:
         root = Path(root)
         if not root.exists():
             root.parent.mkdir(parents=True, exist_ok=True)
-            _create_beside(root, lambda tmp: cls._build(tmp, spec))
+            create_beside(root, lambda tmp: cls._build(tmp, spec))
         store = cls.open(root, mode="r+")
         if store.spec.grows_to(spec):
             store = store.grow(spec.epochs)
@@ -301,7 +162,7 @@ class CacheStore:
         name = identity["name"]
         final = self.root / "teachers" / name
         if not final.exists():
-            _create_beside(final, lambda tmp: self._build_teacher(tmp, identity))
+            create_beside(final, lambda tmp: self._build_teacher(tmp, identity))
         stored = self.teachers()[name]
         for key in ("arch", "checkpoint_sha256", "num_classes"):
             if stored.get(key) != identity.get(key):

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache_store import FP16_LOWEST, CacheStore, check_alignment, committed_components
+from .cache_spec import FP16_LOWEST, check_alignment
+from .cache_store import CacheStore, committed_components
 from .distributed import pick_device
 from .errors import CacheMismatchError, CorruptUnitError
 from .manifest import load_manifest

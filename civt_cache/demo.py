@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache_store import SCHEMA_VERSION, stored_versions
+from .cache_spec import SCHEMA_VERSION, stored_versions
 from .digits import digits_items
 from .fsutil import sha256_file
 from .manifest import default_manifest_path, load_manifest

@@ -11,7 +11,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -109,3 +111,20 @@ def sha256_bytes(data: bytes | memoryview) -> str:
 def canonical_sha256(obj: Any) -> str:
     """Fingerprint of a JSON-serialisable object, independent of key order and whitespace."""
     return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
+
+
+def create_beside(final: Path, build: Callable[[Path], None]) -> bool:
+    """Build a directory tree at a temp path beside ``final`` and rename it into place.
+    Returns False if another process created ``final`` first (its version is kept)."""
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+            return True
+        except OSError:
+            if final.exists():
+                return False
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

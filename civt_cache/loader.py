@@ -14,12 +14,13 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .cache_spec import recipe_changes
 from .cache_store import CacheStore
 from .distributed import pick_device
-from .errors import CacheMismatchError, CorruptUnitError
+from .errors import CacheMismatchError, ConfigError, CorruptUnitError
 from .fsutil import sha256_file
 from .manifest import DataManifest, load_manifest
-from .models.teachers import parse_teacher_spec
+from .models.teachers import Teacher, build_teacher, parse_teacher_spec, teacher_logits
 from .recipe import Recipe
 from .student_data import EpochSource, StudentBatches, batch_inputs, batch_loader, rank_shards, \
     steps_per_epoch
@@ -39,9 +40,8 @@ def open_student_cache(cache: Path, manifest: DataManifest, manifest_path: Path 
         raise CacheMismatchError(f"{cache}: built for data {s.manifest_name!r}, not {manifest_path} "
                                  "(manifest fingerprints differ)")
     if s.recipe != recipe:
-        a, b = s.recipe.to_json(), recipe.to_json()
-        raise CacheMismatchError(f"{cache}: view recipe differs from the one asked for: "
-                                 + ", ".join(f"{k}: cache {a[k]!r}, asked {b[k]!r}" for k in a if a[k] != b[k]))
+        raise CacheMismatchError(f"{cache}: view recipe differs from the one asked for "
+                                 f"(cache -> asked: {recipe_changes(s.recipe, recipe)})")
     if view_seed is not None and view_seed != s.seed:
         raise CacheMismatchError(f"{cache}: views cached with seed {s.seed}, --view-seed "
                                  f"{view_seed} asked (the cache's views are replayed as cached)")
@@ -87,6 +87,50 @@ def open_student_cache(cache: Path, manifest: DataManifest, manifest_path: Path 
         log(f"--cycle-cache: training for {epochs} epochs on a cache of {s.epochs}: epoch e "
             f"replays cached epoch e mod {s.epochs}")
     return store
+
+
+class TargetSource:
+    """Where a batch's teacher targets come from: the cache (read with the batch's bytes, after
+    ``open_student_cache``'s checks) or the teachers themselves, run live on the batch's views
+    (``online``); and the seed of the views (a cache's own, else ``view_seed``)."""
+
+    def __init__(self, names: Sequence[str], online: bool, teacher_specs: Sequence[str], cache: Path | None,
+                 manifest: DataManifest, manifest_path: Path | str, recipe: Recipe, epochs: int,
+                 cycle_cache: bool, view_seed: int, view_seed_asked: bool, device: torch.device,
+                 log: Callable[[str], None]) -> None:
+        self.names = tuple(names)
+        self.live: dict[str, Teacher] = {}
+        self.store: CacheStore | None = None
+        if self.names and online:
+            specs = {parse_teacher_spec(s)[0]: s for s in teacher_specs}
+            missing = [n for n in self.names if n not in specs]
+            if missing:
+                raise ConfigError(f"--online needs --teacher {missing[0]}=ARCH:CKPT for {list(missing)}")
+            self.live = {n: build_teacher(specs[n], device) for n in self.names}
+        elif self.names:
+            if cache is None:
+                raise ConfigError(f"--teachers {'/'.join(self.names)} needs --cache CACHE (or --online "
+                                  "with --teacher specs)")
+            self.store = open_student_cache(cache, manifest, manifest_path, recipe, self.names, epochs,
+                                            view_seed if view_seed_asked else None, cycle_cache,
+                                            teacher_specs, log)
+        self.view_seed = self.store.spec.seed if self.store else view_seed
+
+    def cache_epoch(self, epoch: int) -> int | None:
+        """The cached epoch training epoch ``epoch`` replays (None without a cache)."""
+        return epoch % self.store.spec.epochs if self.store else None
+
+    def source(self, epoch: int) -> EpochSource:
+        if self.store is None:
+            return EpochSource(epoch, self.view_seed, None, epoch, ())
+        return EpochSource(epoch, self.view_seed, self.store.root, epoch % self.store.spec.epochs, self.names)
+
+    def targets(self, x: torch.Tensor, cached: dict[str, torch.Tensor], recipe: Recipe,
+                device: torch.device) -> dict[str, torch.Tensor]:
+        """The step's teacher targets: the cached ones, or the live teachers' on ``x``."""
+        if not self.live:
+            return cached
+        return {n: teacher_logits(t, x, recipe.mean, recipe.std, device) for n, t in self.live.items()}
 
 
 class CachedBatches:

@@ -27,7 +27,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from .cache_store import CacheSpec, CacheStore, check_alignment, committed_components
+from .cache_spec import CacheSpec, check_alignment
+from .cache_store import CacheStore, committed_components
 from .distributed import DistInfo, barrier, init_distributed, shutdown
 from .errors import CacheMismatchError, NonFiniteError
 from .manifest import DataManifest, load_manifest

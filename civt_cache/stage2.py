@@ -20,18 +20,18 @@ from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, 
     shutdown
 from .errors import CheckpointError, ConfigError, NonFiniteError
 from .manifest import load_manifest
-from .models.teachers import build_teacher, parse_teacher_spec, teacher_logits
+from .models.teachers import parse_teacher_spec
 from .pipeline import MAX_BATCH, MAX_EPOCHS, MAX_WORKERS, require
 from .prefetch import prefetched
 from .progress import Progress
 from .recipe import Recipe
 from .runs import RunLock, check_resumable, load_checkpoint, start_fresh
-from .loader import open_student_cache
+from .loader import TargetSource
 from .loss_window import LossWindow
 from .soft_targets import LossWeights, coadvise_loss
-from .student_data import EpochSource, StudentBatches, batch_inputs, batch_loader, rank_shards, \
+from .student_data import StudentBatches, batch_inputs, batch_loader, rank_shards, \
     steps_per_epoch, worker_skips
-from .training import (append_metrics, evaluate, log_scalars, optimizer_and_schedule, plot_curves,
+from .training import (append_metrics, civt_heads, evaluate, log_scalars, optimizer_and_schedule, plot_curves,
                        save_checkpoint, save_if_best, tensorboard_writer, write_args, write_results,
                        write_summary)
 
@@ -125,24 +125,11 @@ def train_student(job: StudentJob) -> dict[str, Any]:
 
 def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
     log = (lambda msg: tqdm.write(f"train-student: {msg}")) if info.is_main else (lambda msg: None)
-    device = info.device
-    manifest, val_manifest = load_manifest(job.manifest), load_manifest(job.val_manifest)
-    names = TEACHER_SETS[job.teachers]
-    live: dict[str, Any] = {}
-    store = None
-    if names and job.online:
-        specs = {parse_teacher_spec(s)[0]: s for s in job.teacher}
-        missing = [n for n in names if n not in specs]
-        if missing:
-            raise ConfigError(f"--online needs --teacher {missing[0]}=ARCH:CKPT for {list(missing)}")
-        live = {n: build_teacher(specs[n], device) for n in names}
-    elif names:
-        if job.cache is None:
-            raise ConfigError(f"--teachers {job.teachers} needs --cache CACHE (or --online with --teacher specs)")
-        store = open_student_cache(job.cache, manifest, job.manifest, job.recipe, names, job.epochs,
-                                   job.view_seed, job.cycle_cache, job.teacher, log)
-    num_classes = manifest.num_classes
-    view_seed = store.spec.seed if store else (job.seed if job.view_seed is None else job.view_seed)
+    manifest = load_manifest(job.manifest)
+    teachers = TargetSource(TEACHER_SETS[job.teachers], job.online, job.teacher, job.cache, manifest,
+                            job.manifest, job.recipe, job.epochs, job.cycle_cache,
+                            job.seed if job.view_seed is None else job.view_seed, job.view_seed is not None,
+                            info.device, log)
     ckpt_path = job.out / "checkpoint.pt"
     if info.is_main:  # rank 0 owns the folder: one run writes it at a time
         lock.acquire()
@@ -159,146 +146,186 @@ def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
             log(f"--resume: no checkpoint at {ckpt_path}; starting fresh")
         start_fresh(job.out, job.force or job.resume, remove=info.is_main)
     barrier(info)
-
-    torch.manual_seed(job.seed + info.rank)  # per-rank drop path (DDP broadcasts rank 0's weights)
-    model = timm.create_model(job.model, num_classes=num_classes, img_size=job.recipe.img_size,
-                              drop_path_rate=job.drop_path).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    global_batch = job.batch_size * info.world_size
-    lr = job.lr if job.lr is not None else 5e-4 * global_batch / 512
-    steps = [steps_per_epoch(manifest, job.seed, e, info.world_size, job.batch_size) for e in range(job.epochs)]
-    if steps[0] == 0:
-        raise ConfigError(f"batch size {job.batch_size} x {info.world_size} rank(s) exceeds a rank's "
-                          f"share of {manifest.num_samples} samples: no whole step per epoch")
-    warmup = int(job.warmup_epochs * steps[0])
-    optimizer, schedule = optimizer_and_schedule(model, "adamw", lr, job.weight_decay, sum(steps),
-                                                 warmup, job.min_lr)
-    if info.is_main:  # temp files of checkpoint writes a kill interrupted
-        for orphan in job.out.glob(f".{ckpt_path.name}.*.tmp"):
-            orphan.unlink(missing_ok=True)
-    start_epoch, start_step, global_step = 0, 0, 0
-    sums = {"loss": 0.0, "ce": 0.0, "conv": 0.0, "inv": 0.0, "n": 0.0, "seconds": 0.0}
-    window = LossWindow(job.log_every, sums, lambda value, where: _bad_batch(value, where, manifest))
-    ema = ModelEmaV3(model, decay=job.model_ema_decay) if job.model_ema else None
-    board = tensorboard_writer(job.out) if job.log == "tensorboard" and info.is_main else None
-    if info.is_main:
-        write_args(job.out, job_record(job))
+    run = _Run(job, info, manifest, teachers, log)
     if state is not None:
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.module.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
-        mine = state["ranks"][info.rank]
-        sums.update(mine["sums"])
-        torch.set_rng_state(mine["rng_cpu"])
-        if device.type == "cuda" and mine["rng_cuda"] is not None:
-            torch.cuda.set_rng_state(mine["rng_cuda"], device)
-        log(f"resumed from {ckpt_path} at epoch {start_epoch} step {start_step}")
-    ddp_model = DistributedDataParallel(model) if info.distributed else model
-    if job.compile:
-        ddp_model = torch.compile(ddp_model)
-    weights = LossWeights(job.w_ce, job.w_conv, job.w_inv, job.temperature)
+        run.resume(state)
+    try:
+        return run.fit()
+    finally:
+        run.close()
 
-    def checkpoint(epoch: int, step: int) -> None:
-        window.read()  # a non-finite loss stops the run before anything is written
-        ranks = all_gather_objects(info, {  # each rank's RNG (drop path) and running loss sums
-            "rng_cpu": torch.get_rng_state(), "sums": dict(sums),
-            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
+
+class _Run:
+    """One rank's train-student run, in the shape of timm's train.py: built (model, optimizer,
+    schedule, loss window, EMA, logs), resumed if asked, then epochs of steps, each ended by
+    evaluation, the run records and a checkpoint."""
+
+    def __init__(self, job: StudentJob, info: DistInfo, manifest: Any, teachers: TargetSource, log: Any) -> None:
+        self.job, self.info, self.manifest, self.teachers, self.log = job, info, manifest, teachers, log
+        self.val_manifest = load_manifest(job.val_manifest)
+        self.device = device = info.device
+        self.ckpt_path = job.out / "checkpoint.pt"
+        torch.manual_seed(job.seed + info.rank)  # per-rank drop path (DDP broadcasts rank 0's weights)
+        self.model = timm.create_model(job.model, num_classes=manifest.num_classes, img_size=job.recipe.img_size,
+                                       drop_path_rate=job.drop_path).to(device)
+        if device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        lr = job.lr if job.lr is not None else 5e-4 * job.batch_size * info.world_size / 512
+        self.steps = [steps_per_epoch(manifest, job.seed, e, info.world_size, job.batch_size)
+                      for e in range(job.epochs)]
+        if self.steps[0] == 0:
+            raise ConfigError(f"batch size {job.batch_size} x {info.world_size} rank(s) exceeds a rank's "
+                              f"share of {manifest.num_samples} samples: no whole step per epoch")
+        self.optimizer, self.schedule = optimizer_and_schedule(
+            self.model, "adamw", lr, job.weight_decay, sum(self.steps), int(job.warmup_epochs * self.steps[0]),
+            job.min_lr)
+        if info.is_main:  # temp files of checkpoint writes a kill interrupted
+            for orphan in job.out.glob(f".{self.ckpt_path.name}.*.tmp"):
+                orphan.unlink(missing_ok=True)
+        self.start_epoch, self.start_step, self.global_step = 0, 0, 0
+        self.sums = {"loss": 0.0, "ce": 0.0, "conv": 0.0, "inv": 0.0, "n": 0.0, "seconds": 0.0}
+        self.window = LossWindow(job.log_every, self.sums, lambda value, where: _bad_batch(value, where, manifest))
+        self.ema = ModelEmaV3(self.model, decay=job.model_ema_decay) if job.model_ema else None
+        self.board = tensorboard_writer(job.out) if job.log == "tensorboard" and info.is_main else None
         if info.is_main:
-            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-                raise NonFiniteError(f"{ckpt_path}: not written: the weights hold NaN or infinity "
-                                     f"at epoch {epoch + 1} step {step}; the last checkpoint is kept")
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "schedule": schedule.state_dict(), "epoch": epoch, "step": step,
-                                        "global_step": global_step, "ranks": ranks,
-                                        "world_size": info.world_size, "job": job_record(job),
-                                        "ema": ema.module.state_dict() if ema is not None else None})
-        barrier(info)
+            write_args(job.out, job_record(job))
+        self.ddp_model = DistributedDataParallel(self.model) if info.distributed else self.model
+        if job.compile:
+            self.ddp_model = torch.compile(self.ddp_model)
+        self.weights = LossWeights(job.w_ce, job.w_conv, job.w_inv, job.temperature)
+        self.rows: list[dict[str, Any]] = []
 
-    rows: list[dict[str, Any]] = []
-    for epoch in range(start_epoch, job.epochs):
-        cache_epoch = epoch % store.spec.epochs if store else epoch
-        source = EpochSource(epoch, view_seed, store.root if store else None, cache_epoch,
-                             names if store else ())
-        skip = start_step if epoch == start_epoch else 0
-        dataset = StudentBatches(manifest, job.recipe, job.seed,
-                                 rank_shards(manifest, job.seed, epoch, info.rank, info.world_size),
-                                 source, job.batch_size, worker_skips(skip, job.batch_size, job.workers),
+    def resume(self, state: dict[str, Any]) -> None:
+        """Weights, optimizer, schedule, position, and this rank's RNG and loss sums."""
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.start_epoch, self.start_step, self.global_step = state["epoch"], state["step"], state["global_step"]
+        mine = state["ranks"][self.info.rank]
+        self.sums.update(mine["sums"])
+        torch.set_rng_state(mine["rng_cpu"])
+        if self.device.type == "cuda" and mine["rng_cuda"] is not None:
+            torch.cuda.set_rng_state(mine["rng_cuda"], self.device)
+        self.log(f"resumed from {self.ckpt_path} at epoch {self.start_epoch} step {self.start_step}")
+
+    def fit(self) -> dict[str, Any]:
+        job = self.job
+        for epoch in range(self.start_epoch, job.epochs):
+            if self.train_epoch(epoch, self.start_step if epoch == self.start_epoch else 0):
+                return {"stopped_at": self.stopped_at, "global_step": self.global_step}
+            self.end_epoch(epoch)
+            if job.max_steps and self.global_step >= job.max_steps:
+                break
+        rows = self.rows
+        results = {"model": job.model, "teachers": job.teachers, "online": bool(self.teachers.live),
+                   "epochs": job.epochs, **({k: v for k, v in rows[-1].items() if k.startswith("val_")} if rows else {}),
+                   "img_per_s": rows[-1]["img_per_s"] if rows else None,
+                   "train_seconds": sum(r["train_seconds"] for r in rows)}
+        if self.info.is_main:
+            write_results(job.out, results)
+        return results
+
+    def train_epoch(self, epoch: int, skip: int) -> bool:
+        """Steps ``skip`` .. the epoch's end; True when ``--max-steps`` stopped it mid-epoch (then
+        checkpointed, resumable)."""
+        job, info, device, sums, window = self.job, self.info, self.device, self.sums, self.window
+        steps = self.steps[epoch]
+        dataset = StudentBatches(self.manifest, job.recipe, job.seed,
+                                 rank_shards(self.manifest, job.seed, epoch, info.rank, info.world_size),
+                                 self.teachers.source(epoch), job.batch_size,
+                                 worker_skips(skip, job.batch_size, job.workers),
                                  views_in_workers=device.type == "cpu")
         # its own generator: creating the iterator must not draw from the global RNG, whose
         # state (drop-path masks) a resumed run restores mid-epoch
         loader = batch_loader(dataset, job.workers, torch.Generator().manual_seed(job.seed + epoch))
         if skip == 0:
             sums.update(dict.fromkeys(sums, 0.0))
-        ddp_model.train()
-        bar = Progress(steps[epoch], f"epoch {epoch + 1}/{job.epochs}", "steps", info.is_main, skip)
+        self.ddp_model.train()
+        bar = Progress(steps, f"epoch {epoch + 1}/{job.epochs}", "steps", info.is_main, skip)
         tick = time.perf_counter()
+
         def inputs(item: tuple[int, Any]) -> tuple[int, Any, torch.Tensor, torch.Tensor, dict]:
             step, batch = item  # decoded and augmented on the device
-            return (step, batch, *batch_inputs(batch, job.recipe, num_classes, job.label_smoothing,
-                                               device, job.renormalize))
+            return (step, batch, *batch_inputs(batch, job.recipe, self.manifest.num_classes,
+                                               job.label_smoothing, device, job.renormalize))
 
-        for step, batch, x, ce_target, targets in prefetched(zip(range(skip, steps[epoch]), loader),
-                                                             inputs, device, job.prefetch):
-            if live:
-                targets = {n: teacher_logits(t, x, job.recipe.mean, job.recipe.std, device)
-                           for n, t in live.items()}
-            loss, parts = train_step(ddp_model, optimizer, x, ce_target, targets, weights, job.clip_grad)
-            global_step += 1
-            if ema is not None:
-                ema.update(model, step=global_step)
-            schedule.step_update(global_step)
-            if window.add(loss, parts, x.shape[0], (global_step, epoch, step, batch.rows[:batch.size])):
+        for step, batch, x, ce_target, cached in prefetched(zip(range(skip, steps), loader), inputs,
+                                                            device, job.prefetch):
+            targets = self.teachers.targets(x, cached, job.recipe, device)
+            loss, parts = train_step(self.ddp_model, self.optimizer, x, ce_target, targets, self.weights,
+                                     job.clip_grad)
+            self.global_step += 1
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.global_step)
+            self.schedule.step_update(self.global_step)
+            if window.add(loss, parts, x.shape[0], (self.global_step, epoch, step, batch.rows[:batch.size])):
                 tick = _show(bar, window, sums, tick, info.world_size)
             bar.update(1)
-            if job.checkpoint_every and global_step % job.checkpoint_every == 0 and step + 1 < steps[epoch]:
-                checkpoint(epoch, step + 1)
-            if job.max_steps and global_step >= job.max_steps and step + 1 < steps[epoch]:
+            if job.checkpoint_every and self.global_step % job.checkpoint_every == 0 and step + 1 < steps:
+                self.checkpoint(epoch, step + 1)
+            if job.max_steps and self.global_step >= job.max_steps and step + 1 < steps:
                 bar.close()
-                window.read()
-                checkpoint(epoch, step + 1)  # stopped mid-epoch: resumable, no epoch metrics
-                return {"stopped_at": {"epoch": epoch, "step": step + 1}, "global_step": global_step}
+                self.checkpoint(epoch, step + 1)  # stopped mid-epoch: resumable, no epoch metrics
+                self.stopped_at = {"epoch": epoch, "step": step + 1}
+                return True
         window.read()
         _show(bar, window, sums, tick, info.world_size)
         bar.close()
+        return False
+
+    def end_epoch(self, epoch: int) -> None:
+        """Evaluate, write the epoch's records (rank 0), checkpoint at the next epoch's start."""
+        job, info, sums = self.job, self.info, self.sums
         totals = all_reduce_sum(info, [sums["loss"], sums["ce"], sums["conv"], sums["inv"], sums["n"]])
-        metrics = evaluate(ddp_model, val_manifest, job.recipe, info, _student_heads,
+        metrics = evaluate(self.ddp_model, self.val_manifest, job.recipe, info, civt_heads,
                            job.batch_size, job.workers)
-        if ema is not None:
+        if self.ema is not None:
             metrics.update({f"ema_{k}": v for k, v in evaluate(
-                ema.module, val_manifest, job.recipe, info, _student_heads, job.batch_size,
+                self.ema.module, self.val_manifest, job.recipe, info, civt_heads, job.batch_size,
                 job.workers).items()})
-        row = {"epoch": epoch, "cache_epoch": cache_epoch if store else None,
-               "train_loss": totals[0] / max(totals[4], 1), "loss_ce": totals[1] / max(totals[4], 1),
-               "loss_conv": totals[2] / max(totals[4], 1), "loss_inv": totals[3] / max(totals[4], 1),
-               "lr": optimizer.param_groups[0]["lr"], "steps": steps[epoch],
-               "img_per_s": sums["n"] * info.world_size / max(sums["seconds"], 1e-9),
+        n = max(totals[4], 1)
+        row = {"epoch": epoch, "cache_epoch": self.teachers.cache_epoch(epoch),
+               "train_loss": totals[0] / n, "loss_ce": totals[1] / n, "loss_conv": totals[2] / n,
+               "loss_inv": totals[3] / n, "lr": self.optimizer.param_groups[0]["lr"],
+               "steps": self.steps[epoch], "img_per_s": sums["n"] * info.world_size / max(sums["seconds"], 1e-9),
                "train_seconds": sums["seconds"], **metrics}
         if info.is_main:
-            rows = append_metrics(job.out, row)
-            write_summary(job.out, rows)
-            if board is not None:
-                log_scalars(board, row)
-            save_if_best(job.out, rows, lambda: {"model": model.state_dict(), "arch": job.model,
-                                                 "img_size": job.recipe.img_size})
-            plot_curves(rows, job.out / "curves.png", f"{job.model} teachers={job.teachers}"
-                        + (" online" if live else ""))
-            log(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, val top-1 {row['val_top1']:.2f}% "
-                f"(cls {row['val_top1_cls']:.1f} conv {row['val_top1_conv']:.1f} inv {row['val_top1_inv']:.1f}), "
-                f"{row['img_per_s']:.0f} img/s")
-        checkpoint(epoch + 1, 0)
-        if job.max_steps and global_step >= job.max_steps:
-            break
-    results = {"model": job.model, "teachers": job.teachers, "online": bool(live),
-               "epochs": job.epochs, **({k: v for k, v in rows[-1].items() if k.startswith("val_")} if rows else {}),
-               "img_per_s": rows[-1]["img_per_s"] if rows else None,
-               "train_seconds": sum(r["train_seconds"] for r in rows)}
-    if info.is_main:
-        write_results(job.out, results)
-    return results
+            self.rows = append_metrics(job.out, row)
+            write_summary(job.out, self.rows)
+            if self.board is not None:
+                log_scalars(self.board, row)
+            save_if_best(job.out, self.rows, lambda: {"model": self.model.state_dict(), "arch": job.model,
+                                                      "img_size": job.recipe.img_size})
+            plot_curves(self.rows, job.out / "curves.png", f"{job.model} teachers={job.teachers}"
+                        + (" online" if self.teachers.live else ""))
+            self.log(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, val top-1 {row['val_top1']:.2f}% "
+                     f"(cls {row['val_top1_cls']:.1f} conv {row['val_top1_conv']:.1f} inv {row['val_top1_inv']:.1f}), "
+                     f"{row['img_per_s']:.0f} img/s")
+        self.checkpoint(epoch + 1, 0)
+
+    def checkpoint(self, epoch: int, step: int) -> None:
+        """Every rank's RNG and loss sums gathered, written by rank 0 if the weights are finite."""
+        self.window.read()  # a non-finite loss stops the run before anything is written
+        info = self.info
+        ranks = all_gather_objects(info, {  # each rank's RNG (drop path) and running loss sums
+            "rng_cpu": torch.get_rng_state(), "sums": dict(self.sums),
+            "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None})
+        if info.is_main:
+            if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+                raise NonFiniteError(f"{self.ckpt_path}: not written: the weights hold NaN or infinity "
+                                     f"at epoch {epoch + 1} step {step}; the last checkpoint is kept")
+            save_checkpoint(self.ckpt_path, {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(), "epoch": epoch, "step": step,
+                "global_step": self.global_step, "ranks": ranks, "world_size": info.world_size,
+                "job": job_record(self.job), "ema": self.ema.module.state_dict() if self.ema is not None else None})
+        barrier(info)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
 
 def _show(bar: Progress, window: LossWindow, sums: dict[str, float], tick: float, world_size: int) -> float:
@@ -347,15 +374,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
     optimizer.step()
     return loss, parts
-
-
-def _student_heads(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Named outputs evaluated for CivT: the mean (the model's prediction) and each head."""
-    m = model.module if isinstance(model, DistributedDataParallel) else model
-    m = getattr(m, "_orig_mod", m)
-    cls_head, conv_head, inv_head = m.forward_heads(x)
-    return {"": (cls_head + conv_head + inv_head) / 3, "_cls": cls_head, "_conv": conv_head,
-            "_inv": inv_head}
 
 
 def job_record(job: StudentJob) -> dict[str, Any]:

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .cache_store import CacheStore, check_alignment
+from .cache_spec import check_alignment
+from .cache_store import CacheStore
 from .errors import CacheMismatchError
 from .manifest import DataManifest
 from .recipe import Recipe

@@ -17,12 +17,11 @@ from .errors import ConfigError
 from .fsutil import sha256_file
 from .manifest import load_manifest
 from .progress import Progress
-from .models.teachers import build_teacher
 from .recipe import Recipe
 from .soft_targets import soft_ce
 from .student_data import EpochSource, StudentBatches, batch_inputs, batch_loader, rank_shards, \
     steps_per_epoch
-from .training import evaluate, optimizer_and_schedule, save_checkpoint
+from .training import evaluate, optimizer_and_schedule, plain_logits, save_checkpoint
 
 
 @dataclass
@@ -61,10 +60,6 @@ def train_teacher(job: TeacherJob) -> dict[str, Any]:
         shutdown(info)
 
 
-def _logits(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"": model(x)}
-
-
 def _train(job: TeacherJob, info: DistInfo) -> dict[str, Any]:
     if info.distributed:
         raise ConfigError("train-teacher runs in one process; use torchrun for the two stages")
@@ -101,23 +96,10 @@ def _train(job: TeacherJob, info: DistInfo) -> dict[str, Any]:
             schedule.step_update(step)
             bar.update(1, loss=f"{loss.item():.3f}", epoch=epoch + 1)
     bar.close()
-    metrics = evaluate(model, val, recipe, info, _logits, job.batch_size, job.workers)
+    metrics = evaluate(model, val, recipe, info, plain_logits, job.batch_size, job.workers)
     state = {"state_dict": model.state_dict(), "arch": job.arch, "num_classes": manifest.num_classes,
              "img_size": job.img_size, "mean": list(recipe.mean), "std": list(recipe.std),
              "val_top1": metrics["val_top1"], "val_top5": metrics["val_top5"],
              "train_seconds": time.perf_counter() - start}
     save_checkpoint(job.out, state)
     return {**{k: v for k, v in state.items() if k != "state_dict"}, "sha256": sha256_file(job.out)}
-
-
-def evaluate_checkpoint(manifest_path: Path, arch: str, checkpoint: Path, img_size: int | None,
-                        device: str = "auto", batch_size: int = 128) -> dict[str, float]:
-    """Top-1/top-5 of a checkpoint on a manifest (for CivT: each head and their mean)."""
-    from .stage2 import _student_heads
-
-    info = init_distributed(device)
-    teacher = build_teacher(f"{arch}:{checkpoint}", info.device)
-    size = img_size or teacher.img_size or teacher.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-    recipe = Recipe(img_size=int(size), mean=teacher.mean, std=teacher.std)
-    heads = _student_heads if hasattr(teacher.model, "forward_heads") else _logits
-    return evaluate(teacher.model, load_manifest(manifest_path), recipe, info, heads, batch_size, 0)

@@ -7,13 +7,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from .distributed import DistInfo, all_reduce_sum
+from .distributed import DistInfo, all_reduce_sum, init_distributed
 from .fsutil import atomic_write_json, atomic_write_with
-from .manifest import DataManifest
+from .manifest import DataManifest, load_manifest
+from .models.teachers import build_teacher
 from .progress import Progress
 from .recipe import Recipe
 from .student_data import ValBatches, batch_loader, val_views
@@ -74,6 +76,31 @@ def evaluate(model: nn.Module, manifest: DataManifest, recipe: Recipe, info: Dis
         out[f"val_top1{name}"] = 100.0 * total[1 + 2 * i] / max(total[0], 1)
         out[f"val_top5{name}"] = 100.0 * total[2 + 2 * i] / max(total[0], 1)
     return out
+
+
+def civt_heads(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Named outputs evaluated for CivT: the mean (the model's prediction) and each head."""
+    m = model.module if isinstance(model, DistributedDataParallel) else model
+    m = getattr(m, "_orig_mod", m)
+    cls_head, conv_head, inv_head = m.forward_heads(x)
+    return {"": (cls_head + conv_head + inv_head) / 3, "_cls": cls_head, "_conv": conv_head,
+            "_inv": inv_head}
+
+
+def plain_logits(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The one named output of a plain classifier."""
+    return {"": model(x)}
+
+
+def evaluate_checkpoint(manifest_path: Path, arch: str, checkpoint: Path, img_size: int | None,
+                        device: str = "auto", batch_size: int = 128) -> dict[str, float]:
+    """Top-1/top-5 of a checkpoint on a manifest (for CivT: each head and their mean)."""
+    info = init_distributed(device)
+    teacher = build_teacher(f"{arch}:{checkpoint}", info.device)
+    size = img_size or teacher.img_size or teacher.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    recipe = Recipe(img_size=int(size), mean=teacher.mean, std=teacher.std)
+    heads = civt_heads if hasattr(teacher.model, "forward_heads") else plain_logits
+    return evaluate(teacher.model, load_manifest(manifest_path), recipe, info, heads, batch_size, 0)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -267,7 +267,8 @@ def test_one_cache_serves_students_of_any_seed(digits, full_cache, tmp_path) -> 
 def test_benchmarks_measure_every_mode_side_by_side(digits, full_cache) -> None:
     """bench student/views run every mode of their comparison in one call (rates, not timings,
     are what they print; nothing here asserts a speed)."""
-    from civt_cache.bench import format_student, format_views, measure_student, measure_views
+    from civt_cache.bench import format_student, measure_student
+    from civt_cache.bench_views import format_views, measure_views
 
     cache, specs = full_cache
     r = measure_student(student_job(digits, cache, Path("unused"), batch_size=16), specs, steps=2)
@@ -276,7 +277,7 @@ def test_benchmarks_measure_every_mode_side_by_side(digits, full_cache) -> None:
                                "timm create_loader (plain)"}
     assert all(v > 0 for v in r["rates"].values())
     assert "x the limit" in format_student(r)
-    v = measure_views(samples=6, img_size=48, batch=4, device="cpu", repeats=1)
+    v = measure_views(samples=6, img_size=48, batch=4, device="cpu", repeats=1, count_batches=(8,))
     assert set(v["rates"]) == {"PIL path, 1 CPU core", "engine, 1 CPU core"}
     assert "x the PIL path per core" in format_views(v)
 

@@ -20,7 +20,7 @@ from civt_cache.view_engine import decode_images, eval_views, render_views, work
 from civt_cache.view_ops import erase_noise
 from civt_cache import views as V
 
-from .pil_reference import apply_records, decode_rgb, eval_view, render_base
+from civt_cache.pil_reference import apply_records, decode_rgb, eval_view, render_base
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 RECIPE = Recipe(img_size=224)
@@ -224,7 +224,8 @@ def test_a_cache_of_another_views_version_is_refused(tmp_path: Path) -> None:
     would be replayed as other pixels, so it is refused with the reason."""
     import json
 
-    from civt_cache.cache_store import CacheSpec, CacheStore
+    from civt_cache.cache_spec import CacheSpec
+    from civt_cache.cache_store import CacheStore
     from civt_cache.errors import CacheMismatchError
 
     m = write_imagenet_like(tmp_path / "d", 4)

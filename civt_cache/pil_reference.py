@@ -1,7 +1,7 @@
 """The PIL/timm reference of what a record renders: a view built one image at a time with
-Pillow and timm's RandAugment ops, as civt-cache did before the batched view engine. It lives in
-the tests only, as the yardstick every engine op is held against (and as the "PIL path" of
-``bench views``' comparison, which imports it from here when the tests are present)."""
+Pillow and timm's RandAugment ops, as civt-cache did before the batched view engine: the
+yardstick the tests hold every engine op against, and the "PIL path" ``bench views`` times.
+Nothing else uses it."""
 from __future__ import annotations
 
 import io
@@ -15,9 +15,9 @@ from PIL import Image
 from timm.data import auto_augment as taa
 from torchvision.transforms import InterpolationMode
 
-from civt_cache.recipe import RA_MAX_OPS, Recipe
-from civt_cache.view_ops import erase_noise
-from civt_cache.views import CROP, ERASE, ERASE_SEED, FLIP, LAM, LAM_ONE, MAG_SCALE, MIX_BOX, \
+from .recipe import RA_MAX_OPS, Recipe
+from .view_ops import erase_noise
+from .views import CROP, ERASE, ERASE_SEED, FLIP, LAM, LAM_ONE, MAG_SCALE, MIX_BOX, \
     MIX_CUTMIX, MIX_MIXUP, MIX_MODE, MIX_NONE, PARTNER, RA, RA_OPS
 
 

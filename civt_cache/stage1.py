@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -233,23 +233,29 @@ def cache_teachers(job: CacheJob) -> dict[str, Any]:
         shutdown(info)
 
 
-def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
-    manifest = load_manifest(job.manifest)
+def _open(job: CacheJob, manifest: Any, info: DistInfo) -> tuple[CacheStore, list[Teacher]]:
+    """The teachers (built before any file is made), and the cache made, opened or grown to
+    more epochs, with their entries."""
     spec = CacheSpec.for_manifest(manifest, job.recipe, job.seed, job.epochs, job.epochs_per_unit,
                                   job.topk)
-    teachers = [build_teacher(t, info.device) for t in job.teachers]  # before any file is made
+    teachers = [build_teacher(t, info.device) for t in job.teachers]
     if len({t.name for t in teachers}) != len(teachers):
         raise CacheMismatchError("two teachers share a name; name them NAME=ARCH:CKPT")
-    store = CacheStore.create_or_open(job.out, spec)  # or grows it to more epochs
-    spec = store.spec
+    store = CacheStore.create_or_open(job.out, spec)
     for t in teachers:
         store.ensure_teacher(t.identity())
         if job.compile:
             t.model = torch.compile(t.model)
-    if info.device.type == "cuda":
-        for t in teachers:
+        if info.device.type == "cuda":
             t.model = t.model.to(memory_format=torch.channels_last)
     barrier(info)
+    return store, teachers
+
+
+def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
+    manifest = load_manifest(job.manifest)
+    store, teachers = _open(job, manifest, info)
+    spec = store.spec
     plan = plan_units(store, [t.name for t in teachers], info, job.claim, job.repair)
     for note in plan.notes:
         tqdm.write(f"cache-teachers: {note}", file=sys.stderr)
@@ -269,31 +275,46 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
     start, done = time.perf_counter(), 0
     bar = Progress(n_views, f"cache-teachers (rank 0 of {info.world_size})" if info.distributed
                    else "cache-teachers", "views", enabled=info.is_main)
+
+    def settle(item: GroupViews, results: list[tuple[int, Teacher]], wait: Callable[[], list]) -> int:
+        """A group's top-k, once on the host: checked finite, added to its unit, which is handed
+        to the writer when this was its last group."""
+        unit = (item.shard, item.block)
+        outs: dict[str, list[tuple[np.ndarray, ...]]] = {n: [] for n in needs[unit]}
+        for (j, t), (*top, finite) in zip(results, wait()):
+            if not finite.all():
+                raise NonFiniteError(_non_finite(t, item, store.block_epochs(item.block)[j], finite))
+            outs[t.name].append(tuple(top))
+        for name, per_epoch in outs.items():
+            pending[unit]["teachers"][name].append(per_epoch)
+        if item.group == item.num_groups - 1:
+            writer.put((item.shard, item.block, _unit_arrays(pending.pop(unit)), store.unit_record(*unit)))
+        n = item.records.shape[0] * item.records.shape[1]  # epochs x rows
+        bar.update(n)
+        return n
+
+    in_flight = None  # the previous group, its results still on their way to the host
     try:
         for item in loader:
             unit = (item.shard, item.block)
             acc = pending.setdefault(unit, {"groups": [], "new_views": item.new_views,
                                             "teachers": {n: [] for n in needs[unit]}})
             acc["groups"].append((item.keys, item.labels, item.records))  # not the bytes
-            on_device: list[tuple[int, Teacher, tuple[torch.Tensor, ...]]] = []
+            results, tops = [], []
             epoch_views = render_encoded(item.images, item.records, item.rows, job.recipe,
                                          info.device, item.names)  # decoded once for all epochs
             for j, views in enumerate(epoch_views):
-                on_device += [(j, t, _top_k(t, views, job, info.device)) for t in teachers if t.name in needs[unit]]
-            # the group's every epoch and teacher queued: one wait for all of their results
-            outs: dict[str, list[tuple[np.ndarray, ...]]] = {n: [] for n in needs[unit]}
-            for (j, t, _), (*top, finite) in zip(on_device, _to_host([r for *_, r in on_device], info.device)):
-                if not finite.all():
-                    raise NonFiniteError(_non_finite(t, item, store.block_epochs(item.block)[j], finite))
-                outs[t.name].append(tuple(top))
-            for name, per_epoch in outs.items():
-                acc["teachers"][name].append(per_epoch)
-            n = item.records.shape[0] * item.records.shape[1]  # epochs x rows
-            done += n
-            bar.update(n)
-            if item.group == item.num_groups - 1:
-                writer.put((item.shard, item.block, _unit_arrays(pending.pop(unit)),
-                            store.unit_record(*unit)))
+                for t in teachers:
+                    if t.name in needs[unit]:
+                        results.append((j, t))
+                        tops.append(_top_k(t, views, job, info.device))
+            # this group is queued on the device: only now wait for the previous one's results,
+            # so the device runs this group's views and teachers while the host takes those
+            if in_flight is not None:
+                done += settle(*in_flight)
+            in_flight = (item, results, _to_host(tops, info.device))
+        if in_flight is not None:
+            done += settle(*in_flight)
     finally:
         bar.close()
         writer.finish()
@@ -321,15 +342,21 @@ def _top_k(teacher: Teacher, views: torch.Tensor, job: CacheJob,
     return tuple(torch.cat(x) for x in (logprobs, indices, lse, finite))  # type: ignore[return-value]
 
 
-def _to_host(results: list[tuple[torch.Tensor, ...]], device: torch.device) -> list[tuple[np.ndarray, ...]]:
-    """Device tensors as NumPy arrays, with one wait: copies into pinned buffers are queued
-    behind the work that makes them, then the host waits once."""
+def _to_host(results: list[tuple[torch.Tensor, ...]], device: torch.device) -> Callable[[], list[tuple[np.ndarray, ...]]]:
+    """Start bringing device tensors to the host; the returned function waits for them (only
+    them: the copies go to pinned buffers behind the work that makes them, and an event marks
+    their end) and gives NumPy arrays."""
     if device.type != "cuda":
-        return [tuple(t.numpy() for t in r) for r in results]
+        return lambda: [tuple(t.numpy() for t in r) for r in results]
     host = [tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in r)
             for r in results]
-    torch.cuda.current_stream(device).synchronize()
-    return [tuple(t.numpy() for t in r) for r in host]
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(device))
+
+    def wait() -> list[tuple[np.ndarray, ...]]:
+        copied.synchronize()
+        return [tuple(t.numpy() for t in r) for r in host]
+    return wait
 
 
 def _non_finite(teacher: Teacher, item: GroupViews, epoch: int, finite: np.ndarray) -> str:

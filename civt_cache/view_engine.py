@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -66,7 +67,7 @@ def decode_images(items: Sequence[EncodedImage], device: torch.device,
     out: list[torch.Tensor | None] = [None] * len(items)
     jpeg = [i for i, x in enumerate(items) if isinstance(x, (bytes, bytearray))]
     if jpeg:
-        data = [torch.frombuffer(bytearray(items[i]), dtype=torch.uint8) for i in jpeg]
+        data = [_bytes_tensor(items[i]) for i in jpeg]
         try:
             decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
         except (RuntimeError, MemoryError) as e:
@@ -80,6 +81,14 @@ def decode_images(items: Sequence[EncodedImage], device: torch.device,
         if out[i] is None:
             out[i] = x.to(device, non_blocking=True)
     return out  # type: ignore[return-value]
+
+
+def _bytes_tensor(data: bytes | bytearray) -> torch.Tensor:
+    """The encoded bytes as a uint8 tensor without a copy (the decoder only reads them; torch
+    warns about a read-only buffer, which is why the warning is silenced here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(data, dtype=torch.uint8)
 
 
 def _decode_one(data: torch.Tensor, item: EncodedImage, device: torch.device, name: str) -> torch.Tensor:

@@ -399,17 +399,23 @@ def test_out_of_memory_is_said_as_such() -> None:
 def test_a_url_is_refused_never_made_a_local_folder(world, tmp_path) -> None:
     """Object-storage URLs (and WebDataset's pipe:) where this version needs a path: one line
     naming the URL, exit 2, and no folder called 's3:' (pathlib would collapse s3://b/k)."""
-    for url, args in (("s3://bucket/shards", ["make-shards", "digits", "s3://bucket/shards", "--name", "dg"]),
-                      ("pipe:curl", ["scan-shards", "pipe:curl -s https://h/x-{000..009}.tar", "--name", "x"]),
-                      ("gs://bucket/cache", [*cache_args(world["root"], tmp_path / "c"), "--out=gs://bucket/cache"])):
-        refused(run_cli(*args, cwd=tmp_path, check=False), "is a URL", url)
+    from civt_cache.errors import ConfigError
+    from civt_cache.fsutil import refuse_url
+    from civt_cache.pipeline import load_pipeline
+
+    refused(run_cli("make-shards", "digits", "s3://bucket/shards", "--name", "dg", cwd=tmp_path, check=False),
+            "argument: 's3://bucket/shards' is a URL")
+    for url in ("pipe:curl -s https://h/x-{000..009}.tar", "gs://bucket/cache", "https://h/m.json"):
+        with pytest.raises(ConfigError, match="is a URL"):
+            refuse_url(url, "argument")
+    refuse_url("regnety_006:/abs/teacher.pth", "argument")  # a teacher ARCH:FILE is no URL
     pipeline = tmp_path / "p.toml"
     pipeline.write_text('[cache]\nout = "https://host/cache"\n')
-    refused(run_cli("inspect", "--pipeline", str(pipeline), cwd=tmp_path, check=False),
-            "p.toml: [cache] out", "https://host/cache", "is a URL")
+    with pytest.raises(ConfigError, match=r"p.toml: \[cache\] out: 'https://host/cache' is a URL"):
+        load_pipeline(pipeline)
     raw = json.loads(world["manifest"].read_text())
     raw["shards"][0]["path"] = "s3://bucket/" + raw["shards"][0]["path"]
     (tmp_path / "m.json").write_text(json.dumps(raw))
-    with pytest.raises(Exception, match="m.json: shard 0: 's3://bucket/.*' is a URL"):
+    with pytest.raises(ConfigError, match="m.json: shard 0: 's3://bucket/.*' is a URL"):
         load_manifest(tmp_path / "m.json")
     assert not any(p.name.endswith(":") for p in tmp_path.rglob("*"))

@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# The test suite in two tiers: `make test` (about 13 minutes on 2 cores) and the slow tier (the
-# soak, kill and whole-cache fault tests, about 10 more); CI runs both.
+# The test suite in two tiers: `make test` (about 15 minutes on 2 cores) and the slow tier (the
+# soak, kill and whole-cache fault tests, about 11 more); CI runs both.
 test: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 

@@ -32,10 +32,20 @@ def open_student_cache(cache: Path, manifest: DataManifest, manifest_path: Path 
                        names: Sequence[str], epochs: int, view_seed: int | None = None,
                        cycle_cache: bool = False, teacher_specs: Sequence[str] = (),
                        log: Callable[[str], None] = print) -> CacheStore:
-    """Open ``cache`` for training ``epochs`` epochs on ``manifest`` with teachers ``names``;
-    refuse a cache that does not fit the data, recipe, teachers or epochs asked for."""
+    """Open ``cache`` for training ``epochs`` epochs on ``manifest`` with teachers ``names``
+    (``check_student_cache``)."""
     store = CacheStore.open(cache)
-    s = store.spec
+    check_student_cache(store, manifest, manifest_path, recipe, names, epochs, view_seed, cycle_cache,
+                        teacher_specs, log)
+    return store
+
+
+def check_student_cache(store: CacheStore, manifest: DataManifest, manifest_path: Path | str,
+                        recipe: Recipe, names: Sequence[str], epochs: int, view_seed: int | None = None,
+                        cycle_cache: bool = False, teacher_specs: Sequence[str] = (),
+                        log: Callable[[str], None] = print) -> None:
+    """Refuse a cache that does not fit the data, recipe, teachers or epochs asked for."""
+    cache, s = store.root, store.spec
     if s.manifest_fingerprint != manifest.fingerprint():
         raise CacheMismatchError(f"{cache}: built for data {s.manifest_name!r}, not {manifest_path} "
                                  "(manifest fingerprints differ)")
@@ -86,7 +96,12 @@ def open_student_cache(cache: Path, manifest: DataManifest, manifest_path: Path 
     if epochs > s.epochs:
         log(f"--cycle-cache: training for {epochs} epochs on a cache of {s.epochs}: epoch e "
             f"replays cached epoch e mod {s.epochs}")
-    return store
+
+
+def cached_epoch_source(store: CacheStore, epoch: int, names: Sequence[str]) -> EpochSource:
+    """Training epoch ``epoch`` read from ``store``: its records, seed and teachers' targets of
+    cached epoch ``epoch mod E``."""
+    return EpochSource(epoch, store.spec.seed, store.root, epoch % store.spec.epochs, tuple(names))
 
 
 class TargetSource:
@@ -116,14 +131,14 @@ class TargetSource:
                                             teacher_specs, log)
         self.view_seed = self.store.spec.seed if self.store else view_seed
 
-    def cache_epoch(self, epoch: int) -> int | None:
-        """The cached epoch training epoch ``epoch`` replays (None without a cache)."""
-        return epoch % self.store.spec.epochs if self.store else None
-
     def source(self, epoch: int) -> EpochSource:
         if self.store is None:
             return EpochSource(epoch, self.view_seed, None, epoch, ())
-        return EpochSource(epoch, self.view_seed, self.store.root, epoch % self.store.spec.epochs, self.names)
+        return cached_epoch_source(self.store, epoch, self.names)
+
+    def cache_epoch(self, epoch: int) -> int | None:
+        """The cached epoch training epoch ``epoch`` replays (None without a cache)."""
+        return self.source(epoch).cache_epoch if self.store else None
 
     def targets(self, x: torch.Tensor, cached: dict[str, torch.Tensor], recipe: Recipe,
                 device: torch.device) -> dict[str, torch.Tensor]:
@@ -146,11 +161,11 @@ class CachedBatches:
                  device: str | torch.device = "auto", teachers: Sequence[str] | None = None,
                  label_smoothing: float = 0.1, renormalize: bool = False) -> None:
         self.manifest = load_manifest(manifest)
-        probe = CacheStore.open(cache)
-        self.recipe = probe.spec.recipe
-        self.teachers = tuple(teachers) if teachers is not None else tuple(sorted(probe.teachers()))
-        self.store = open_student_cache(Path(cache), self.manifest, manifest, self.recipe, self.teachers,
-                                        epoch + 1, cycle_cache=True, log=lambda msg: None)
+        self.store = CacheStore.open(cache)
+        self.recipe = self.store.spec.recipe
+        self.teachers = tuple(teachers) if teachers is not None else tuple(sorted(self.store.teachers()))
+        check_student_cache(self.store, self.manifest, manifest, self.recipe, self.teachers, epoch + 1,
+                            cycle_cache=True, log=lambda msg: None)
         self.batch_size, self.epoch, self.seed = batch_size, epoch, seed
         self.rank, self.world_size, self.workers = rank, world_size, workers
         self.device = device if isinstance(device, torch.device) else pick_device(device)
@@ -160,8 +175,7 @@ class CachedBatches:
         return steps_per_epoch(self.manifest, self.seed, self.epoch, self.world_size, self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        source = EpochSource(self.epoch, self.store.spec.seed, self.store.root,
-                             self.epoch % self.store.spec.epochs, self.teachers)
+        source = cached_epoch_source(self.store, self.epoch, self.teachers)
         shards = rank_shards(self.manifest, self.seed, self.epoch, self.rank, self.world_size)
         data = StudentBatches(self.manifest, self.recipe, self.seed, shards, source, self.batch_size,
                               views_in_workers=self.device.type == "cpu")

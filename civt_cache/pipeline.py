@@ -107,7 +107,7 @@ def setting(pipeline: dict[str, Any], path: str, flag: Any, hint: Any, source: P
     if not isinstance(node, dict) or key not in node:
         return default
     check_type(f"{source or 'pipeline'}: [{'.'.join(tables)}] {key}", node[key], hint)
-    return Path(node[key]) if hint in (Path, Path | None) and node[key] is not None else node[key]
+    return Path(node[key]) if hint is Path else node[key]
 
 
 def need(value: Any, what: str, path: str) -> Any:

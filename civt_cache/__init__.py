@@ -10,14 +10,15 @@ cache, on the device), and the view engine's steps: ``sample_records`` (a shard'
 """
 from __future__ import annotations
 
+from civt_cache.data.manifest import DataManifest, ShardInfo, load_manifest
+from civt_cache.data.shards import Sample, iter_shard_file, read_shard
+from civt_cache.errors import CacheMismatchError, CivtError, ConfigError, ManifestError, ShardError
+from civt_cache.loader.cached import CachedBatches
+from civt_cache.views.engine import decode_images, render_views
+from civt_cache.views.recipe import Recipe
+from civt_cache.views.records import sample_shard_records as sample_records
+
 from . import models  # noqa: F401  (registers rednet* and civt_* with timm)
-from .errors import CacheMismatchError, CivtError, ConfigError, ManifestError, ShardError
-from .loader import CachedBatches
-from .manifest import DataManifest, ShardInfo, load_manifest
-from .recipe import Recipe
-from .shards import Sample, iter_shard_file, read_shard
-from .view_engine import decode_images, render_views
-from .views import sample_shard_records as sample_records
 
 __version__ = "0.1.0"
 

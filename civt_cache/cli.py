@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from .cli_bench import bench_app
-from .manifest import default_manifest_path
+from civt_cache.bench.cli import bench_app
+from civt_cache.data.manifest import default_manifest_path
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,  # help texts show [defaults] literally
@@ -36,9 +36,9 @@ def make_shards_cmd(
     workers: Optional[int] = typer.Option(None, help="Encoding processes [0: min(8, cores)]."),
 ) -> None:
     """Write WebDataset shards (KEY.jpg + KEY.cls) and their data manifest."""
-    from .errors import ConfigError
-    from .pipeline import load_pipeline, need, setting
-    from .shard_writer import image_folder_items, write_shards
+    from civt_cache.config import load_pipeline, need, setting
+    from civt_cache.data.writer import image_folder_items, write_shards
+    from civt_cache.errors import ConfigError
 
     cfg = load_pipeline(pipeline)
     unknown = set(cfg.get("data", {})) - DATA_KEYS
@@ -53,7 +53,7 @@ def make_shards_cmd(
     skip_bad = setting(cfg, "data.skip_bad", skip_bad, bool, pipeline, False)
     workers = setting(cfg, "data.workers", workers, int, pipeline, 0)
     if src == "digits":
-        from .digits import digits_items
+        from civt_cache.data.digits import digits_items
 
         for split, (classes, items) in digits_items().items():
             split_name = f"{name}-{split}"
@@ -79,7 +79,7 @@ def scan_shards_cmd(
     classes: Optional[Path] = typer.Option(None, help="Text file of class names, one per line."),
 ) -> None:
     """Write a data manifest for WebDataset shards made elsewhere, checking every sample."""
-    from .shard_writer import ShardOrderWarning, scan_shards
+    from civt_cache.data.writer import ShardOrderWarning, scan_shards
 
     names = classes.read_text().split("\n") if classes else None
     names = [n for n in names if n.strip()] if names else None
@@ -114,8 +114,8 @@ def cache_teachers_cmd(
     repair: Optional[bool] = typer.Option(None, "--repair/--no-repair", help="First check every committed unit's checksums and recompute the damaged ones."),
 ) -> None:
     """Stage one: run the teachers once over the augmented views; store top-k + view records."""
-    from .pipeline import build_config, load_pipeline
-    from .stage1 import CacheJob, cache_teachers
+    from civt_cache.config import build_config, load_pipeline
+    from civt_cache.stages.cache_teachers import CacheJob, cache_teachers
 
     cfg = load_pipeline(pipeline)
     job = build_config(CacheJob, cfg, "cache", dict(
@@ -128,7 +128,7 @@ def cache_teachers_cmd(
 
 
 def _cache_dir(cache: Optional[Path], pipeline: Optional[Path]) -> Path:
-    from .pipeline import load_pipeline, need, setting
+    from civt_cache.config import load_pipeline, need, setting
 
     return need(setting(load_pipeline(pipeline), "cache.out", cache, Path, pipeline), "CACHE", "[cache] out")
 
@@ -137,7 +137,7 @@ def _cache_dir(cache: Optional[Path], pipeline: Optional[Path]) -> Path:
 def inspect_cmd(cache: Optional[Path] = typer.Argument(None, help="Cache directory [[cache] out]."),
                 pipeline: Optional[Path] = PIPELINE_OPT) -> None:
     """Teachers, epochs, completed units, bytes per view, teacher agreement, what is missing."""
-    from .cache_tools import inspect_cache
+    from civt_cache.stages.verify import inspect_cache
 
     typer.echo(inspect_cache(_cache_dir(cache, pipeline)))
 
@@ -155,7 +155,7 @@ def verify_cmd(
 ) -> None:
     """Rebuild random views from their records, rerun the teachers, compare with the cache
     (or, with --full, check every committed unit for damage)."""
-    from .cache_tools import verify_cache, verify_full
+    from civt_cache.stages.verify import verify_cache, verify_full
 
     cache = _cache_dir(cache, pipeline)
     report, ok = verify_full(cache) if full else verify_cache(cache, manifest, teacher, samples, seed, device)
@@ -199,8 +199,8 @@ def train_student_cmd(
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps in all."),
 ) -> None:
     """Stage two: train a CivT student from images plus the cached soft targets."""
-    from .pipeline import build_config, load_pipeline
-    from .stage2 import StudentJob, train_student
+    from civt_cache.config import build_config, load_pipeline
+    from civt_cache.stages.train_student import StudentJob, train_student
 
     cfg = load_pipeline(pipeline)
     job = build_config(StudentJob, cfg, "student", dict(
@@ -233,8 +233,8 @@ def train_teacher_cmd(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda [auto]."),
 ) -> None:
     """Train a teacher and write a checkpoint (+ its sha256)."""
-    from .pipeline import build_config, load_pipeline
-    from .train_teacher import TeacherJob, train_teacher
+    from civt_cache.config import build_config, load_pipeline
+    from civt_cache.stages.train_teacher import TeacherJob, train_teacher
 
     cfg, section, table = load_pipeline(pipeline), "train-teacher", {}
     if name is not None:
@@ -256,7 +256,7 @@ def train_teacher_cmd(
 
 def need_table(cfg: dict, group: str, name: str, pipeline: Optional[Path]) -> dict:
     """The pipeline's [GROUP.NAME] table, or a refusal naming the ones it has."""
-    from .errors import ConfigError
+    from civt_cache.errors import ConfigError
 
     tables = cfg.get(group, {})
     if name not in tables:
@@ -279,8 +279,8 @@ def eval_cmd(
     """Top-1/top-5 of a checkpoint (for CivT: each head and their mean)."""
     import json
 
-    from .pipeline import load_pipeline, need, setting
-    from .training import evaluate_checkpoint
+    from civt_cache.config import load_pipeline, need, setting
+    from civt_cache.train.evaluate import evaluate_checkpoint
 
     cfg = load_pipeline(pipeline)
     if name is not None:
@@ -322,15 +322,15 @@ def _defaults_in_help(command: object, job: type) -> None:
 
 def _print_version(value: bool) -> None:
     if value:
-        from . import __version__
+        from civt_cache import __version__
 
         typer.echo(f"civt-cache {__version__}")
         raise typer.Exit()
 
 
 def _show_job_defaults() -> None:
-    from .stage1 import CacheJob
-    from .stage2 import StudentJob
+    from civt_cache.stages.cache_teachers import CacheJob
+    from civt_cache.stages.train_student import StudentJob
 
     _defaults_in_help(cache_teachers_cmd, CacheJob)
     _defaults_in_help(train_student_cmd, StudentJob)
@@ -350,8 +350,8 @@ def _options(
 ) -> None:
     """Options of every command. The limits travel as environment variables, so loader
     workers and torchrun ranks started by this process keep them."""
-    from .imageio import MAX_PIXELS_ENV
-    from .view_engine import BUDGET_ENV
+    from civt_cache.data.imageio import MAX_PIXELS_ENV
+    from civt_cache.views.engine import BUDGET_ENV
 
     if debug:
         os.environ["CIVT_DEBUG"] = "1"
@@ -366,8 +366,8 @@ def main() -> None:
     problem, exit code 2; ``--debug`` / ``CIVT_DEBUG=1`` keep the traceback."""
     import sys
 
-    from .errors import one_line_error
-    from .fsutil import refuse_url
+    from civt_cache.errors import one_line_error
+    from civt_cache.fsutil import refuse_url
 
     if "--help" in sys.argv[1:]:
         _show_job_defaults()

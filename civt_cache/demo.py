@@ -21,17 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache_spec import SCHEMA_VERSION, stored_versions
-from .digits import digits_items
-from .fsutil import sha256_file
-from .manifest import default_manifest_path, load_manifest
-from .models.teachers import parse_teacher_spec
-from .pipeline import build_config, load_pipeline
-from .shard_writer import write_shards
-from .stage1 import CacheJob, cache_teachers
-from .stage2 import StudentJob, job_record, train_student
-from .train_teacher import TeacherJob, train_teacher
-from .views import VIEWS_VERSION
+from civt_cache.cache.spec import SCHEMA_VERSION, stored_versions
+from civt_cache.config import build_config, load_pipeline
+from civt_cache.data.digits import digits_items
+from civt_cache.data.manifest import default_manifest_path, load_manifest
+from civt_cache.data.writer import write_shards
+from civt_cache.fsutil import sha256_file
+from civt_cache.models.teachers import parse_teacher_spec
+from civt_cache.stages.cache_teachers import CacheJob, cache_teachers
+from civt_cache.stages.train_student import StudentJob, job_record, train_student
+from civt_cache.stages.train_teacher import TeacherJob, train_teacher
+from civt_cache.views.records import VIEWS_VERSION
 
 RUNS = [("none", False), ("conv", False), ("inv", False), ("both", False), ("both", True)]
 LAST_EPOCHS = 3

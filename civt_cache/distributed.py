@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
+from civt_cache.errors import ConfigError
 
 
 @dataclass(frozen=True)

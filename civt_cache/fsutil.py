@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import ConfigError
+from civt_cache.errors import ConfigError
 
 _CHUNK = 1 << 20
 #: A URL's scheme (``s3://``, ``gs://``, ``https://``, WebDataset's ``pipe:``), checked on the

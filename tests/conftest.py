@@ -52,8 +52,8 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = True,
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory) -> dict[str, Path]:
     """The built-in digits data set as shards of 256 plus train/val manifests."""
-    from civt_cache.digits import digits_items
-    from civt_cache.shard_writer import write_shards
+    from civt_cache.data.digits import digits_items
+    from civt_cache.data.writer import write_shards
 
     root = tmp_path_factory.mktemp("digits")
     out = {}
@@ -68,7 +68,7 @@ def digits(tmp_path_factory) -> dict[str, Path]:
 def student_items(dataset, recipe) -> list[dict]:
     """Flatten a StudentBatches data set into per-sample dicts (row, view, label, partner_label,
     lam, t_<teacher>) in the order the batches hold them, views built on the CPU engine."""
-    from civt_cache.student_data import batch_views
+    from civt_cache.loader.batches import batch_views
 
     items = []
     for batch in dataset:

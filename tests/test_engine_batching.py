@@ -11,14 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from civt_cache.op_counts import count_ops
-from civt_cache.recipe import Recipe
-from civt_cache.resample import resample
-from civt_cache.transfer import to_device
-from civt_cache.view_engine import decode_images, eval_views, gpu_op_stream, render_encoded, \
-    worker_image
-from civt_cache.view_ops import erase, erase_noise, erase_params
-from civt_cache import views as V
+from civt_cache.bench.op_counts import count_ops
+from civt_cache.views import records as V
+from civt_cache.views.engine import decode_images, eval_views, gpu_op_stream, render_encoded, worker_image
+from civt_cache.views.ops import erase, erase_noise, erase_params
+from civt_cache.views.recipe import Recipe
+from civt_cache.views.resample import resample
+from civt_cache.views.transfer import to_device
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

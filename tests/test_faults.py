@@ -20,9 +20,10 @@ import pytest
 import torch
 import zarr
 
-from civt_cache.cache_store import CacheStore
+from civt_cache.cache.store import CacheStore
 
 from .conftest import ROOT, cache_args, refused, run_cli, student_args
+
 
 def arrays(root: Path) -> dict[str, np.ndarray]:
     g = zarr.open_group(str(root), mode="r")

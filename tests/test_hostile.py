@@ -22,10 +22,10 @@ import zarr
 from PIL import Image
 
 from civt_cache import load_manifest
+from civt_cache.data.manifest import DataManifest, ShardInfo
+from civt_cache.data.shards import iter_shard_file
 from civt_cache.fsutil import sha256_file
-from civt_cache.manifest import DataManifest, ShardInfo
-from civt_cache.shards import iter_shard_file
-from civt_cache.view_engine import worker_image
+from civt_cache.views.engine import worker_image
 
 from .conftest import TINY, cache_args, refused, run_cli, student_args
 
@@ -399,9 +399,9 @@ def test_out_of_memory_is_said_as_such() -> None:
 def test_a_url_is_refused_never_made_a_local_folder(world, tmp_path) -> None:
     """Object-storage URLs (and WebDataset's pipe:) where this version needs a path: one line
     naming the URL, exit 2, and no folder called 's3:' (pathlib would collapse s3://b/k)."""
+    from civt_cache.config import load_pipeline
     from civt_cache.errors import ConfigError
     from civt_cache.fsutil import refuse_url
-    from civt_cache.pipeline import load_pipeline
 
     refused(run_cli("make-shards", "digits", "s3://bucket/shards", "--name", "dg", cwd=tmp_path, check=False),
             "argument: 's3://bucket/shards' is a URL")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from civt_cache.pipeline import build_config, load_pipeline
-from civt_cache.recipe import Recipe
-from civt_cache.stage1 import CacheJob
-from civt_cache.stage2 import StudentJob
+from civt_cache.config import build_config, load_pipeline
+from civt_cache.stages.cache_teachers import CacheJob
+from civt_cache.stages.train_student import StudentJob
+from civt_cache.views.recipe import Recipe
 
 PIPELINES = sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.toml"))
 

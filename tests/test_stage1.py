@@ -18,13 +18,13 @@ import torch
 import zarr
 
 from civt_cache import CacheMismatchError, ManifestError, load_manifest
-from civt_cache.cache_store import CacheStore
-from civt_cache.cache_tools import inspect_cache, verify_cache
-from civt_cache.recipe import Recipe
-from civt_cache.stage1 import CacheJob, UnitViews, cache_teachers
-from civt_cache.student_data import EpochSource, StudentBatches
-from civt_cache.view_engine import decode_images, render_views
-from civt_cache.views import PAIR_GROUP, PARTNER, pair_rows, sample_record, sample_shard_records
+from civt_cache.cache.store import CacheStore
+from civt_cache.loader.batches import EpochSource, StudentBatches
+from civt_cache.stages.cache_teachers import CacheJob, UnitViews, cache_teachers
+from civt_cache.stages.verify import inspect_cache, verify_cache
+from civt_cache.views.engine import decode_images, render_views
+from civt_cache.views.recipe import Recipe
+from civt_cache.views.records import PAIR_GROUP, PARTNER, pair_rows, sample_record, sample_shard_records
 
 from .conftest import run_cli, student_items
 
@@ -113,7 +113,7 @@ def test_stage_two_rebuilds_the_same_view_tensors(reference, digits) -> None:
 
 def test_views_built_in_cpu_workers_are_the_same(reference, digits) -> None:
     """CPU training lets the loader workers run the engine: same views as the main process's."""
-    from civt_cache.student_data import batch_loader, batch_views
+    from civt_cache.loader.batches import batch_loader, batch_views
 
     m = load_manifest(digits["val"])
     source = EpochSource(1, 0, reference, 1, ("conv",))

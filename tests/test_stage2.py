@@ -16,14 +16,15 @@ import timm
 import torch
 
 from civt_cache import CacheMismatchError, load_manifest
+from civt_cache.loader.batches import EpochSource, StudentBatches, rank_shards, steps_per_epoch
+from civt_cache.loader.soft_targets import pseudo_logits
 from civt_cache.models.teachers import build_teacher, teacher_logits
-from civt_cache.recipe import Recipe
-from civt_cache.soft_targets import LossWeights, coadvise_loss, kd_term, pseudo_logits
-from civt_cache.stage1 import CacheJob, cache_teachers
-from civt_cache.stage2 import StudentJob, train_student
-from civt_cache.student_data import EpochSource, StudentBatches, rank_shards, steps_per_epoch
-from civt_cache import views as V
-from civt_cache.views import mixed_targets
+from civt_cache.stages.cache_teachers import CacheJob, cache_teachers
+from civt_cache.stages.train_student import StudentJob, train_student
+from civt_cache.train.losses import LossWeights, coadvise_loss, kd_term
+from civt_cache.views import records as V
+from civt_cache.views.recipe import Recipe
+from civt_cache.views.records import mixed_targets
 
 from .conftest import run_cli, student_items
 
@@ -93,7 +94,7 @@ def test_schedule_is_the_official_cosine_over_all_steps() -> None:
     """co-advise's script (Swin's build_scheduler on timm 0.3's CosineLRScheduler) runs the
     cosine over every step, warmup included; the paper's run: 8 x 128, 300 epochs of 1,251
     steps, 20 warmup epochs, lr 5e-4 x 1024 / 512, min 1e-5, warmup from 1e-6."""
-    from civt_cache.training import optimizer_and_schedule
+    from civt_cache.train.optim import optimizer_and_schedule
 
     per_epoch, base, low, start = 1251, 1e-3, 1e-5, 1e-6
     total, warmup = 300 * per_epoch, 20 * per_epoch
@@ -267,8 +268,8 @@ def test_one_cache_serves_students_of_any_seed(digits, full_cache, tmp_path) -> 
 def test_benchmarks_measure_every_mode_side_by_side(digits, full_cache) -> None:
     """bench student/views run every mode of their comparison in one call (rates, not timings,
     are what they print; nothing here asserts a speed)."""
-    from civt_cache.bench import format_student, measure_student
-    from civt_cache.bench_views import format_views, measure_views
+    from civt_cache.bench.student import format_student, measure_student
+    from civt_cache.bench.views import format_views, measure_views
 
     cache, specs = full_cache
     r = measure_student(student_job(digits, cache, Path("unused"), batch_size=16), specs, steps=2)
@@ -286,8 +287,8 @@ def test_cached_batches_for_ones_own_loop(digits, full_cache) -> None:
     """The public loader yields train-student's very batches (views, label targets, teacher
     targets) on the device; the public engine steps rebuild its views from the shard's bytes."""
     import civt_cache
-    from civt_cache.shards import read_shard
-    from civt_cache.student_data import batch_inputs
+    from civt_cache.data.shards import read_shard
+    from civt_cache.loader.batches import batch_inputs
 
     cache, _ = full_cache
     m = load_manifest(digits["val"])

@@ -69,7 +69,7 @@ def test_checkpoint_loads_with_the_source_logits(arch: str, fmt: str, tmp_path: 
 
 @pytest.mark.slow
 def test_train_teacher_output_loads(digits, tmp_path: Path) -> None:
-    from civt_cache.train_teacher import TeacherJob, train_teacher
+    from civt_cache.stages.train_teacher import TeacherJob, train_teacher
 
     res = train_teacher(TeacherJob(digits["train"], digits["val"], "resnet10t", tmp_path / "t.pth",
                                    epochs=3, img_size=32, batch_size=64, workers=0))

@@ -11,16 +11,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from civt_cache.bench import PeakMemory
+from civt_cache.bench.pil_reference import apply_records, decode_rgb, eval_view, render_base
+from civt_cache.bench.probes import PeakMemory
+from civt_cache.data.synthetic import photo_like_jpeg, write_imagenet_like
 from civt_cache.errors import BadImageError
-from civt_cache.recipe import Recipe
-from civt_cache.stage1 import UnitViews
-from civt_cache.synthetic import photo_like_jpeg, write_imagenet_like
-from civt_cache.view_engine import decode_images, eval_views, render_views, worker_image
-from civt_cache.view_ops import erase_noise
-from civt_cache import views as V
-
-from civt_cache.pil_reference import apply_records, decode_rgb, eval_view, render_base
+from civt_cache.stages.cache_teachers import UnitViews
+from civt_cache.views import records as V
+from civt_cache.views.engine import decode_images, eval_views, render_views, worker_image
+from civt_cache.views.ops import erase_noise
+from civt_cache.views.recipe import Recipe
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 RECIPE = Recipe(img_size=224)
@@ -224,8 +223,8 @@ def test_a_cache_of_another_views_version_is_refused(tmp_path: Path) -> None:
     would be replayed as other pixels, so it is refused with the reason."""
     import json
 
-    from civt_cache.cache_spec import CacheSpec
-    from civt_cache.cache_store import CacheStore
+    from civt_cache.cache.spec import CacheSpec
+    from civt_cache.cache.store import CacheStore
     from civt_cache.errors import CacheMismatchError
 
     m = write_imagenet_like(tmp_path / "d", 4)

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
+from civt_cache.errors import CheckpointError, ConfigError
 
 _WRAPPERS = ("state_dict", "model", "model_state", "model_ema", "state_dict_ema")
 _OPTIONAL_BUFFERS = ("num_batches_tracked",)  # older checkpoints (mmcls, torch < 0.4.1) lack them

@@ -20,8 +20,8 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .involution import Impl
-from .rednet import rednet_stem
+from civt_cache.models.involution import Impl
+from civt_cache.models.rednet import rednet_stem
 
 STEM_STRIDE = 2
 

@@ -14,8 +14,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from .checkpoints import match_layout
-from .involution import ConvNormAct, Impl, Involution
+from civt_cache.models.checkpoints import match_layout
+from civt_cache.models.involution import ConvNormAct, Impl, Involution
 
 DEPTHS: dict[int, tuple[int, int, int, int]] = {
     26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}

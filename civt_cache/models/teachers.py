@@ -12,11 +12,10 @@ import timm
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..fsutil import sha256_file
-from ..recipe import IMAGENET_MEAN, IMAGENET_STD
-from .checkpoints import classifier_name, load_checkpoint_file, match_layout
-
+from civt_cache.errors import ConfigError
+from civt_cache.fsutil import sha256_file
+from civt_cache.models.checkpoints import classifier_name, load_checkpoint_file, match_layout
+from civt_cache.views.recipe import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass

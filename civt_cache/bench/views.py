@@ -1,0 +1,104 @@
+"""``bench views``: the view engine against the PIL path it replaced, per CPU core (and on the
+GPU when there is one), and what one batch costs a GPU in launches, transfers and device reads,
+counted on the CPU (``op_counts``)."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from civt_cache.bench.op_counts import count_ops
+from civt_cache.bench.probes import sync
+from civt_cache.data.synthetic import photo_like_jpeg
+from civt_cache.distributed import pick_device
+from civt_cache.views.engine import gpu_op_stream, render_encoded, worker_image
+from civt_cache.views.recipe import Recipe
+from civt_cache.views.records import PARTNER, image_size, sample_shard_records
+
+
+def measure_views(samples: int, img_size: int = 224, batch: int = 64, device: str = "auto",
+                  repeats: int = 3, count_batches: tuple[int, ...] = (256, 512)) -> dict[str, Any]:
+    """Views/s of the PIL path and of the engine on one CPU thread, and of the engine on the
+    GPU (if any), on the same ImageNet-shaped JPEGs and records; best of ``repeats``."""
+    from civt_cache.bench import pil_reference as ref
+
+    recipe = Recipe(img_size=img_size)
+    rng = np.random.default_rng(0)
+    jpegs = [photo_like_jpeg(rng) for _ in range(samples)]
+    recs = sample_shard_records(recipe, 0, 0, 0, list(range(samples)), [image_size(j) for j in jpegs])
+
+    def pil_path() -> None:
+        images = {r: ref.decode_rgb(j) for r, j in enumerate(jpegs)}
+        records = dict(enumerate(recs))
+        for r in range(samples):
+            ref.apply_records(images, records, [r], recipe)
+
+    order: list[int] = []  # stage two's order: each partner right after its row
+    for r in range(samples):
+        order += [p for p in (r, int(recs[r, PARTNER])) if p not in order]
+
+    def engine(dev: torch.device) -> Any:
+        def run() -> None:
+            for i in range(0, samples, batch):
+                part = order[i:i + batch]
+                rows = sorted(set(part) | {int(recs[p, PARTNER]) for p in part})  # partners travel along
+                next(render_encoded([worker_image(jpegs[r], str(r)) for r in rows], [recs[rows]], rows,
+                                    recipe, dev, outputs=[rows.index(p) for p in part]))
+            sync(dev)
+        return run
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return samples / min(times)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rates = {"PIL path, 1 CPU core": best(pil_path),
+                 "engine, 1 CPU core": best(engine(torch.device("cpu")))}
+    finally:
+        torch.set_num_threads(threads)
+    gpu = pick_device(device)
+    if gpu.type == "cuda":
+        engine(gpu)()  # warm-up: nvJPEG handles, kernels
+        rates[f"engine, {torch.cuda.get_device_name(gpu)}"] = best(engine(gpu))
+    return {"samples": samples, "img_size": img_size, "batch": batch, "rates": rates,
+            "counts": _count_engine(jpegs, recipe, count_batches)}
+
+
+def _count_engine(jpegs: list[bytes], recipe: Recipe, batches: tuple[int, ...] = (256, 512)) -> dict[int, Any]:
+    """Launches, host-to-device transfers and device reads of one engine batch (decode
+    included) of each size, counted on the CPU running a GPU's op stream (``op_counts``).
+    Sizes are whole pair groups, so every partner is in the batch."""
+    counts = {}
+    for n in batches:
+        rows = list(range(n))
+        batch = [jpegs[r % len(jpegs)] for r in rows]
+        recs = sample_shard_records(recipe, 1, 0, 0, rows, [image_size(j) for j in batch])
+        items = [worker_image(j, str(r)) for r, j in zip(rows, batch)]
+        with gpu_op_stream():
+            counts[n] = count_ops(lambda: next(render_encoded(items, [recs], rows, recipe, torch.device("cpu"))))
+    return counts
+
+
+def format_views(r: dict[str, Any]) -> str:
+    pil = r["rates"]["PIL path, 1 CPU core"]
+    lines = [f"bench views ({r['samples']} ImageNet-shaped JPEGs, co-advise recipe, every view mixed, "
+             f"{r['img_size']}px, engine batches of {r['batch']}; decode included)"]
+    lines += [f"  {k:34s} {v:9.1f} views/s  ({v / pil:.2f}x the PIL path per core)"
+              for k, v in r["rates"].items()]
+    lines.append("  per batch, as a GPU runs it (counted on the CPU): kernel launches, host-to-device "
+                 "transfers, device reads")
+    lines += [f"  {n:5d} views: {c.launches:6d} launches {c.transfers:3d} transfers {c.reads:3d} reads"
+              for n, c in r["counts"].items()]
+    return "\n".join(lines)
+
+
+def bench_views(samples: int, img_size: int = 224, batch: int = 64, device: str = "auto") -> str:
+    return format_views(measure_views(samples, img_size, batch, device))

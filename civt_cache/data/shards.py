@@ -1,0 +1,144 @@
+"""Reading WebDataset shards: one shard's samples as (key, image bytes, label) in stored order.
+
+Shards are plain tar files in the WebDataset convention: members ``KEY.EXT`` grouped by key,
+one image member (jpg/jpeg/png/webp) and one ``cls`` member (the integer label) per sample.
+The reader is deliberately strict, because a silently short shard would shift every row after
+it: a truncated tar, a sample without image or label, or a bad label raises ``ShardError``
+naming the shard and the key.
+"""
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from civt_cache.data.manifest import MAX_CLASSES, DataManifest
+from civt_cache.errors import ManifestError, ShardError
+from civt_cache.fsutil import sha256_bytes
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+LABEL_EXT = "cls"
+_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+_TAR_END = 1024  # two zero blocks end every complete tar archive
+
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One stored sample: its WebDataset key, the encoded image, and the integer label."""
+
+    key: str
+    image: bytes
+    label: int
+
+
+def sample_name(shard_path: Path | str, sample: Sample) -> str:
+    """How errors name one sample: its shard file and key."""
+    return f"{shard_path}: sample {sample.key!r}"
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """WebDataset's rule: key = path up to the first dot of the basename; ext = the rest."""
+    m = _KEY_RE.match(name)
+    return (m.group(1), m.group(2).lower()) if m else None
+
+
+def _finish_sample(shard: str, key: str, parts: dict[str, bytes], num_classes: int) -> Sample:
+    image_ext = next((e for e in IMAGE_EXTS if e in parts), None)
+    if image_ext is None:
+        raise ShardError(f"{shard}: sample {key!r} has no image member "
+                         f"(one of {', '.join(IMAGE_EXTS)}); has {sorted(parts)}")
+    if LABEL_EXT not in parts:
+        raise ShardError(f"{shard}: sample {key!r} has no '{LABEL_EXT}' label member")
+    text = parts[LABEL_EXT].decode("utf-8", "replace").strip()
+    try:
+        label = int(text)
+    except ValueError:
+        raise ShardError(f"{shard}: sample {key!r} has a non-integer label {text[:20]!r}") from None
+    if not 0 <= label < num_classes:
+        raise ShardError(f"{shard}: sample {key!r} has label {label}, outside the "
+                         f"{num_classes:,} classes (0..{num_classes - 1})")
+    return Sample(key, parts[image_ext], label)
+
+
+def iter_tar_samples(fileobj: BinaryIO, shard: str, num_classes: int = MAX_CLASSES) -> Iterator[Sample]:
+    """Yield the samples of an open tar stream in stored order (see the module docstring);
+    a label outside ``0..num_classes - 1`` is refused naming the shard and key."""
+    key: str | None = None
+    parts: dict[str, bytes] = {}
+    seen: set[str] = set()
+    size = fileobj.seek(0, io.SEEK_END)
+    fileobj.seek(0)
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r:") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                split = split_member_name(member.name)
+                if split is None:
+                    continue
+                mkey, ext = split
+                if mkey != key:
+                    if key is not None:
+                        yield _finish_sample(shard, key, parts, num_classes)
+                    if mkey in seen:
+                        raise ShardError(f"{shard}: key {mkey!r} appears twice (members not grouped)")
+                    seen.add(mkey)
+                    key, parts = mkey, {}
+                if ext in parts or (ext in IMAGE_EXTS and any(e in parts for e in IMAGE_EXTS)):
+                    raise ShardError(f"{shard}: sample {mkey!r} has a second image or '{ext}' member "
+                                     f"({member.name!r}); which one is the sample is ambiguous")
+                if member.offset_data + member.size > size:  # never read past the file's end
+                    raise ShardError(f"{shard}: member {member.name!r} declares {member.size:,} "
+                                     f"bytes, more than the file holds after it (truncated or "
+                                     "corrupt tar)")
+                data = tf.extractfile(member)
+                assert data is not None
+                parts[ext] = data.read()
+                if len(parts[ext]) != member.size:
+                    raise ShardError(f"{shard}: member {member.name!r} is truncated")
+            end = tf.offset
+    except tarfile.TarError as e:
+        raise ShardError(f"{shard}: truncated or corrupt tar ({e})") from None
+    if key is not None:
+        yield _finish_sample(shard, key, parts, num_classes)
+    # tarfile stops silently when a file ends exactly between members; a complete archive
+    # always ends in two zero blocks, so their absence means the shard was cut short.
+    fileobj.seek(end)
+    tail = fileobj.read(_TAR_END)
+    if len(tail) < _TAR_END or tail.count(0) != _TAR_END:
+        raise ShardError(f"{shard}: truncated tar (no end-of-archive marker after offset {end})")
+
+
+def iter_shard_file(path: str | Path, num_classes: int = MAX_CLASSES) -> Iterator[Sample]:
+    """Stream the samples of a shard file without loading it whole."""
+    with open(path, "rb") as f:
+        yield from iter_tar_samples(f, str(path), num_classes)
+
+
+def read_shard(manifest: DataManifest, shard: int, verify: bool = True) -> list[Sample]:
+    """Load one shard of a manifest into memory, checking size and sha256 on the same read.
+
+    Stage one and stage two call this once per unit of work, so the checksum costs no extra I/O.
+    """
+    path = manifest.check_shard_file(shard)
+    info = manifest.shards[shard]
+    try:
+        with open(path, "rb") as f:
+            data = f.read(info.bytes + 1)  # never past the listed size (+1 to see growth)
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read shard ({e.strerror or e})") from None
+    if len(data) != info.bytes:
+        raise ManifestError(f"{path}: read {len(data)} bytes, manifest lists {info.bytes}; the "
+                            "shard changed while it was read")
+    if verify:
+        if sha256_bytes(data) != info.sha256:
+            raise ManifestError(f"{path}: sha256 differs from manifest {manifest.location}; "
+                                "the shard changed since the manifest was written")
+    samples = list(iter_tar_samples(io.BytesIO(data), str(path), manifest.num_classes))
+    if len(samples) != info.num_samples:
+        raise ManifestError(f"{path}: holds {len(samples)} samples, manifest says {info.num_samples}")
+    return samples

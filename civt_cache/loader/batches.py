@@ -1,0 +1,267 @@
+"""Stage two's data: per shard, one read of the shard and one read of its (shard, epoch) cache
+block, then in-memory lookups. Loader workers hand over whole batches of encoded image bytes,
+records and cached top-k (no pixels: ``StudentBatch``); ``batch_views`` builds the views on the
+training device with the view engine. (Training on the CPU, the workers run the engine
+themselves, in parallel with the step.)
+
+Order: shards per epoch in a permutation keyed by (seed, epoch), dealt to ranks round-robin;
+inside a shard, samples in a keyed permutation with each mixing partner right after its row. A
+batch carries the base images of its rows and of any partner outside it (the pairs cut by its
+two ends, and an odd one out's partner), so a pair is never split: every mixed view finds its
+partner's base view in its own batch. Every rank runs ``steps_per_epoch`` steps (the smallest rank's share,
+whole batches; the rest is dropped), so DDP ranks never wait on each other. Without a cache the
+records are sampled on the fly from the same (seed, epoch, row) keys, so online teachers see
+exactly the views a cache would hold.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from civt_cache.cache.spec import check_alignment
+from civt_cache.cache.store import CacheStore
+from civt_cache.data.manifest import DataManifest
+from civt_cache.data.shards import read_shard, sample_name
+from civt_cache.errors import CacheMismatchError
+from civt_cache.loader.soft_targets import pseudo_logits
+from civt_cache.views.engine import EncodedImage, decoded_in_budget, eval_views, render_encoded, worker_image
+from civt_cache.views.recipe import Recipe
+from civt_cache.views.records import LAM, LAM_ONE, PARTNER, _rng, image_size, mixed_targets, sample_shard_records
+from civt_cache.views.transfer import to_device
+
+_STREAM_SHARDS, _STREAM_ORDER = 0x5348, 0x4F52
+
+
+def shard_order(seed: int, epoch: int, num_shards: int) -> list[int]:
+    return _rng(seed, epoch, _STREAM_SHARDS).permutation(num_shards).tolist()
+
+
+def rank_shards(manifest: DataManifest, seed: int, epoch: int, rank: int, world: int) -> list[int]:
+    """This rank's shards for an epoch, in order."""
+    return shard_order(seed, epoch, len(manifest.shards))[rank::world]
+
+
+def steps_per_epoch(manifest: DataManifest, seed: int, epoch: int, world: int, batch_size: int) -> int:
+    """Steps every rank runs this epoch: the smallest rank share, in whole batches."""
+    order = shard_order(seed, epoch, len(manifest.shards))
+    shares = [sum(manifest.shards[s].num_samples for s in order[r::world]) for r in range(world)]
+    return min(shares) // batch_size
+
+
+@dataclass
+class EpochSource:
+    """Where one epoch's records and teacher targets come from."""
+
+    epoch: int                  # training epoch (orders the data)
+    view_seed: int = 0          # seed of records sampled on the fly (a cache holds its own)
+    cache: Path | None = None   # None: sample records on the fly
+    cache_epoch: int = 0        # cached epoch replayed (cycles when training outlasts the cache)
+    teachers: tuple[str, ...] = ()
+
+
+@dataclass
+class StudentBatch:
+    """One training batch as a worker hands it over: bytes, records and targets, no pixels.
+    ``rows``/``images``/``records`` list every base view the batch needs: its ``size`` output
+    rows first, then partners from outside the batch."""
+
+    rows: list[int]
+    images: list[EncodedImage]
+    names: list[str]
+    records: np.ndarray                 # [len(rows), NUM_FIELDS]
+    labels: np.ndarray                  # [size]
+    partner_labels: np.ndarray
+    lam: np.ndarray                     # float32
+    teachers: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # top-k logprobs, indices, lse
+    views: torch.Tensor | None = None   # built in the worker (CPU training only), else None
+
+    @property
+    def size(self) -> int:
+        return len(self.labels)
+
+
+def batch_views(batch: StudentBatch, recipe: Recipe, device: torch.device) -> torch.Tensor:
+    """The batch's finished views [size, 3, S, S] on ``device``, from its bytes and records."""
+    return next(render_encoded(batch.images, [batch.records], batch.rows, recipe, device, batch.names,
+                               outputs=range(batch.size)))
+
+
+def batch_inputs(batch: StudentBatch, recipe: Recipe, num_classes: int, smoothing: float,
+                 device: torch.device, renormalize: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """What a training step consumes, on ``device``: the views (channels_last on GPU), timm's
+    mixed, smoothed label targets and each cached teacher's dense target logits. The batch's
+    numbers travel in one transfer."""
+    x = batch.views.to(device) if batch.views is not None else batch_views(batch, recipe, device)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    arrays = {"labels": batch.labels, "partners": batch.partner_labels, "lam": batch.lam}
+    for name, (logprobs, indices, _) in batch.teachers.items():
+        arrays.update({f"{name}.logprobs": logprobs, f"{name}.indices": indices})
+    p = to_device(arrays, device)
+    target = mixed_targets(p["labels"], p["partners"], p.as_sent("lam"), num_classes, smoothing)
+    return x, target, {name: pseudo_logits(p.as_sent(f"{name}.logprobs"), p[f"{name}.indices"],
+                                           num_classes, renormalize) for name in batch.teachers}
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def batch_loader(dataset: IterableDataset, workers: int,
+                 generator: torch.Generator | None = None) -> DataLoader:
+    """A DataLoader over a data set whose items are already batches (``StudentBatches``,
+    ``ValBatches``): no collation, so numpy arrays travel pickled, not as shared-memory
+    tensors."""
+    return DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=workers,
+                      generator=generator)
+
+
+class StudentBatches(IterableDataset):
+    """Yields ``StudentBatch`` items of ``batch_size`` samples. DataLoader workers split this
+    rank's shards; a worker's batches run on across its shards (an incomplete last one is
+    dropped). ``seed`` orders the samples; the views come from ``source`` (the cache's records,
+    or its ``view_seed``).
+
+    ``views_in_workers``: when training runs on the CPU, the CPU that consumes the views is
+    the workers' as much as the main process's, so workers build them (the same engine) in
+    parallel with the training step, as timm's loader does; on a GPU they stay bytes."""
+
+    def __init__(self, manifest: DataManifest, recipe: Recipe, seed: int, shards: list[int],
+                 source: EpochSource, batch_size: int, skip_samples: list[int] | None = None,
+                 views_in_workers: bool = False) -> None:
+        self.manifest, self.recipe, self.seed = manifest, recipe, seed
+        self.shards, self.source, self.batch_size = shards, source, batch_size
+        self.skip_samples = skip_samples  # per DataLoader worker, for resuming mid-epoch
+        self.views_in_workers = views_in_workers
+
+    def __iter__(self) -> Iterator[StudentBatch]:
+        in_worker = self.views_in_workers and get_worker_info() is not None
+        pending: list[dict[str, Any]] = []
+        for sample in self._samples():
+            pending.append(sample)
+            if len(pending) == self.batch_size:
+                batch = _make_batch(pending)
+                if in_worker:
+                    batch.views = batch_views(batch, self.recipe, torch.device("cpu"))
+                    batch.images = []
+                yield batch
+                pending = []
+
+    def _samples(self) -> Iterator[dict[str, Any]]:
+        """This worker's samples in order, each with its own and its partner's bytes/record."""
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        skip = self.skip_samples[wid] if self.skip_samples else 0
+        store = CacheStore.open(self.source.cache) if self.source.cache else None
+        for shard in self.shards[wid::nw]:
+            samples = read_shard(self.manifest, shard)  # sha256 on the same read
+            path = self.manifest.shard_path(shard)
+            base = self.manifest.shard_base(shard)
+            rows = list(range(base, base + len(samples)))
+            teacher_out: dict[str, tuple[np.ndarray, ...]] = {}
+            if store is not None:
+                block = self.source.cache_epoch // store.spec.epochs_per_unit
+                record = store.unit_record(shard, block)
+                if record is None:
+                    raise CacheMismatchError(f"{self.source.cache}: unit (shard {shard}, block {block}) "
+                                             "is not committed; run cache-teachers to finish it")
+                recs, hashes, cached_labels, teacher_out = store.read_epoch(
+                    shard, self.source.cache_epoch, record, list(self.source.teachers))
+                check_alignment(self.source.cache, self.manifest, shard, samples, hashes, cached_labels)
+            else:
+                sizes = [image_size(s.image, sample_name(path, s)) for s in samples]
+                recs = sample_shard_records(self.recipe, self.source.view_seed, self.source.epoch,
+                                            shard, rows, sizes)
+            images: dict[int, tuple[EncodedImage, str]] = {}
+
+            def image(pos: int) -> tuple[EncodedImage, str]:
+                if pos not in images:
+                    name = sample_name(path, samples[pos])
+                    images[pos] = (worker_image(samples[pos].image, name), name)
+                return images[pos]
+
+            for pos in self._order(shard, recs, base):
+                if skip > 0:
+                    skip -= 1
+                    continue
+                ppos = int(recs[pos, PARTNER]) - base
+                yield {"row": base + pos, "image": image(pos), "record": recs[pos],
+                       "label": samples[pos].label, "partner_row": base + ppos,
+                       "partner_image": image(ppos), "partner_record": recs[ppos],
+                       "partner_label": samples[ppos].label,
+                       "teachers": {n: tuple(a[pos] for a in arrays) for n, arrays in teacher_out.items()}}
+
+    def _order(self, shard: int, recs: np.ndarray, base: int) -> list[int]:
+        """Keyed permutation of positions with each partner placed right after its row."""
+        perm = _rng(self.seed, self.source.epoch, shard, _STREAM_ORDER).permutation(len(recs))
+        seen, order = set(), []
+        for pos in perm.tolist():
+            for p in (pos, int(recs[pos, PARTNER]) - base):
+                if p not in seen:
+                    seen.add(p)
+                    order.append(p)
+        return order
+
+
+def _make_batch(samples: list[dict[str, Any]]) -> StudentBatch:
+    rows = [s["row"] for s in samples]
+    images = [s["image"] for s in samples]
+    records = [s["record"] for s in samples]
+    inside = set(rows)
+    for s in samples:  # a partner cut off by the batch's end travels along
+        if s["partner_row"] not in inside:
+            inside.add(s["partner_row"])
+            rows.append(s["partner_row"])
+            images.append(s["partner_image"])
+            records.append(s["partner_record"])
+    names = list(samples[0]["teachers"])
+    return StudentBatch(
+        rows, [im for im, _ in images], [n for _, n in images], np.stack(records),
+        np.array([s["label"] for s in samples], np.int64),
+        np.array([s["partner_label"] for s in samples], np.int64),
+        np.array([float(s["record"][LAM]) / LAM_ONE for s in samples], np.float32),
+        {n: tuple(np.stack([s["teachers"][n][i] for s in samples]) for i in range(3)) for n in names})
+
+
+class ValBatches(IterableDataset):
+    """Validation batches (encoded images, labels) of a manifest's shards, split over workers;
+    ``batch_views``' counterpart ``eval_views`` resizes and centre-crops them on the device."""
+
+    def __init__(self, manifest: DataManifest, shards: list[int], batch_size: int) -> None:
+        self.manifest, self.shards, self.batch_size = manifest, shards, batch_size
+
+    def __iter__(self) -> Iterator[tuple[list[EncodedImage], list[str], np.ndarray]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        images, names, labels = [], [], []
+        for shard in self.shards[wid::nw]:
+            path = self.manifest.shard_path(shard)
+            for s in read_shard(self.manifest, shard):
+                names.append(sample_name(path, s))
+                images.append(worker_image(s.image, names[-1]))
+                labels.append(s.label)
+                if len(labels) == self.batch_size:
+                    yield images, names, np.array(labels, np.int64)
+                    images, names, labels = [], [], []
+        if labels:
+            yield images, names, np.array(labels, np.int64)
+
+
+def val_views(images: list[EncodedImage], names: list[str], recipe: Recipe,
+              device: torch.device) -> torch.Tensor:
+    """Validation views of a ``ValBatches`` item, built on ``device``."""
+    return torch.cat([eval_views(decoded, recipe)
+                      for _, decoded in decoded_in_budget(images, device, names)])
+
+
+def worker_skips(skip_batches: int, batch_size: int, workers: int) -> list[int]:
+    """Samples each DataLoader worker must skip so that the first ``skip_batches`` batches of
+    an epoch are not produced again (the DataLoader takes batches from workers round-robin)."""
+    w = max(workers, 1)
+    return [batch_size * max(0, -(-(skip_batches - i) // w)) for i in range(w)]

@@ -1,0 +1,29 @@
+"""Teacher soft targets from the cache's top-k, and the co-advise loss.
+
+The cache stores the top-k log-probabilities l_i = z_i - L (logit minus the log-sum-exp of all
+logits), so the top-k probabilities at T = 1 are exact: p_i = exp(l_i), and the remaining mass
+r = 1 - sum p_i is known. The other C - k classes get equal shares of r (the default), which is
+the same as giving each of them the pseudo-logit log(r / (C - k)); softmax is blind to the shift
+by L, so at any temperature T the target is softmax(pseudo-logits / T) of these. With
+``renormalize`` the remaining classes get nothing and the top-k probabilities are rescaled to 1.
+With k = C the target is exactly the teacher's softmax (up to the fp16 storage).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def pseudo_logits(topk_logprobs: torch.Tensor, topk_idx: torch.Tensor, num_classes: int,
+                  renormalize: bool = False) -> torch.Tensor:
+    """Dense [B, C] logits whose softmax is the teacher target described in the module doc."""
+    b, k = topk_logprobs.shape
+    if k == num_classes or renormalize:
+        fill = torch.full((b, 1), -math.inf, device=topk_logprobs.device)
+    else:
+        mass = torch.exp(topk_logprobs).sum(1, keepdim=True)
+        rest = (1.0 - mass).clamp_min(1e-12)
+        fill = torch.log(rest / (num_classes - k))
+    out = fill.expand(b, num_classes).clone()
+    return out.scatter_(1, topk_idx, topk_logprobs)

@@ -1,0 +1,113 @@
+"""``train-teacher`` and ``eval``: train a conv or involution teacher on shards with a standard
+recipe (random-resized crops and flips, label smoothing, AdamW or SGD, warmup + cosine), and
+evaluate any checkpoint. The checkpoint records arch, classes, image size and normalisation,
+so ``ARCH:CHECKPOINT`` is all a cache needs."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+from civt_cache.data.manifest import load_manifest
+from civt_cache.distributed import DistInfo, init_distributed, shutdown
+from civt_cache.errors import ConfigError
+from civt_cache.fsutil import sha256_file
+from civt_cache.loader.batches import (
+    EpochSource,
+    StudentBatches,
+    batch_inputs,
+    batch_loader,
+    rank_shards,
+    steps_per_epoch,
+)
+from civt_cache.progress import Progress
+from civt_cache.train.evaluate import evaluate, plain_logits
+from civt_cache.train.losses import soft_ce
+from civt_cache.train.optim import optimizer_and_schedule
+from civt_cache.train.records import save_checkpoint
+from civt_cache.views.recipe import Recipe
+
+
+@dataclass
+class TeacherJob:
+    manifest: Path
+    val_manifest: Path
+    arch: str
+    out: Path
+    epochs: int = 30
+    img_size: int = 224
+    seed: int = 0
+    batch_size: int = 128
+    opt: str = "adamw"
+    lr: float | None = None  # adamw: 1e-3 x batch/256; sgd: 0.1 x batch/256 (RedNet recipe)
+    weight_decay: float | None = None  # adamw 0.05, sgd 1e-4
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    crop_scale_min: float = 0.35
+    workers: int = 2
+    device: str = "auto"
+    threads: int = 0  # intra-op threads; 0: OMP_NUM_THREADS if set, else cores less workers
+
+
+def teacher_recipe(job: TeacherJob) -> Recipe:
+    """Crops and flips only: the standard supervised recipe, scaled to small data by a larger
+    minimum crop."""
+    return Recipe(img_size=job.img_size, crop_scale=(job.crop_scale_min, 1.0), randaugment="",
+                  erase_prob=0.0, mix_prob=0.0)
+
+
+def train_teacher(job: TeacherJob) -> dict[str, Any]:
+    info = init_distributed(job.device, job.threads, job.workers)
+    try:
+        return _train(job, info)
+    finally:
+        shutdown(info)
+
+
+def _train(job: TeacherJob, info: DistInfo) -> dict[str, Any]:
+    if info.distributed:
+        raise ConfigError("train-teacher runs in one process; use torchrun for the two stages")
+    manifest, val = load_manifest(job.manifest), load_manifest(job.val_manifest)
+    recipe = teacher_recipe(job)
+    torch.manual_seed(job.seed)
+    try:
+        model = timm.create_model(job.arch, num_classes=manifest.num_classes).to(info.device)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown architecture {job.arch!r} ({e})") from None
+    sgd = job.opt.lower() == "sgd"
+    lr = job.lr if job.lr is not None else (0.1 if sgd else 1e-3) * job.batch_size / 256
+    wd = job.weight_decay if job.weight_decay is not None else (1e-4 if sgd else 0.05)
+    steps = [steps_per_epoch(manifest, job.seed, e, 1, job.batch_size) for e in range(job.epochs)]
+    if steps[0] == 0:
+        raise ConfigError(f"batch size {job.batch_size} exceeds the {manifest.num_samples} samples")
+    optimizer, schedule = optimizer_and_schedule(model, job.opt, lr, wd, sum(steps),
+                                                 int(job.warmup_epochs * steps[0]), lr * 1e-3)
+    step, start = 0, time.perf_counter()
+    bar = Progress(sum(steps), f"train-teacher {job.arch}", "steps")
+    for epoch in range(job.epochs):
+        loader = batch_loader(StudentBatches(manifest, recipe, job.seed, rank_shards(manifest, job.seed, epoch, 0, 1),
+                                             EpochSource(epoch, job.seed), job.batch_size,
+                                             views_in_workers=info.device.type == "cpu"), job.workers)
+        model.train()
+        for _, batch in zip(range(steps[epoch]), loader):
+            x, target, _ = batch_inputs(batch, recipe, manifest.num_classes, job.label_smoothing, info.device)
+            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=info.device.type == "cuda"):
+                loss = soft_ce(model(x), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            schedule.step_update(step)
+            bar.update(1, loss=f"{loss.item():.3f}", epoch=epoch + 1)
+    bar.close()
+    metrics = evaluate(model, val, recipe, info, plain_logits, job.batch_size, job.workers)
+    state = {"state_dict": model.state_dict(), "arch": job.arch, "num_classes": manifest.num_classes,
+             "img_size": job.img_size, "mean": list(recipe.mean), "std": list(recipe.std),
+             "val_top1": metrics["val_top1"], "val_top5": metrics["val_top5"],
+             "train_seconds": time.perf_counter() - start}
+    save_checkpoint(job.out, state)
+    return {**{k: v for k, v in state.items() if k != "state_dict"}, "sha256": sha256_file(job.out)}

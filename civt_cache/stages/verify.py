@@ -1,0 +1,238 @@
+"""``inspect`` and ``verify``: read a cache and say what it holds and whether it is right."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from civt_cache.cache.spec import FP16_LOWEST, check_alignment
+from civt_cache.cache.store import CacheStore, committed_components
+from civt_cache.data.manifest import load_manifest
+from civt_cache.data.shards import read_shard, sample_name
+from civt_cache.distributed import pick_device
+from civt_cache.errors import CacheMismatchError, CorruptUnitError
+from civt_cache.models.teachers import build_teacher, parse_teacher_spec, teacher_logits
+from civt_cache.views.engine import render_encoded, worker_image
+from civt_cache.views.records import LAM, LAM_ONE, MIX_MODE, MIX_NONE, PARTNER, image_size, sample_shard_records
+
+INSPECT_MAX_UNITS = 64
+
+
+def inspect_cache(root: Path) -> str:
+    """A human-readable report on a cache (see the ``inspect`` command)."""
+    store = CacheStore.open(root)
+    s = store.spec
+    teachers = store.teachers()
+    lines = [f"cache {root}", f"  data: {s.manifest_name} ({s.num_shards} shards, fingerprint "
+             f"{s.manifest_fingerprint[:12]})",
+             f"  views: {s.epochs} epochs x {s.num_shards} shards, {s.epochs_per_unit} epoch(s)/unit, "
+             f"img {s.recipe.img_size}px, seed {s.seed}, top-{s.topk} of {s.num_classes} classes"]
+    for name, ident in teachers.items():
+        lines.append(f"  teacher {name}: {ident['arch']} (checkpoint sha256 {ident['checkpoint_sha256'][:12]})")
+    done: Counter = Counter()
+    missing: dict[str, list[str]] = {n: [] for n in ["views", *teachers]}
+    views_committed = 0
+    committed_units, damaged = [], []
+    for shard, block in store.units():
+        rec = store.unit_record(shard, block)
+        if rec is not None:
+            damaged += [f"unit (shard {shard}, block {block}) {c}: {why}" for c, why
+                        in store.missing_chunks(shard, block, committed_components(rec)).items()]
+        for comp in missing:
+            has = rec is not None and (rec.get("views") if comp == "views" else comp in rec["teachers"])
+            if has:
+                done[comp] += 1
+            else:
+                missing[comp].append(f"s{shard}b{block}")
+        if rec and rec.get("views"):
+            views_committed += rec["num_samples"] * len(rec["epochs"])
+            committed_units.append((shard, block, rec))
+    total = len(store.units())
+    lines.append(f"  units: {total} in all; views committed in {done['views']}; "
+                 + ", ".join(f"{n} in {done[n]}" for n in teachers))
+    for comp, miss in missing.items():
+        if miss:
+            lines.append(f"  missing {comp}: {len(miss)} unit(s), e.g. {', '.join(miss[:6])}"
+                         " (rerun cache-teachers to fill them)")
+    for why in store.unreadable.values():
+        lines.append(f"  DAMAGED: {why} (rerun cache-teachers to redo it)")
+    for why in damaged[:8]:
+        lines.append(f"  DAMAGED: {why} (rerun cache-teachers to redo it)")
+    if len(damaged) > 8:
+        lines.append(f"  DAMAGED: ... {len(damaged) - 8} more")
+    lines.append(f"  chunk contents not checked here: `civt-cache verify {root} --full` checks every "
+                 "committed unit's checksums")
+    sizes = store.disk_bytes()
+    all_bytes = sum(sizes.values())
+    lines.append(f"  bytes on disk: {all_bytes:,} ("
+                 + ", ".join(f"{k} {v:,}" for k, v in sizes.items()) + ")")
+    if views_committed:
+        lines.append(f"  bytes per view: {all_bytes / views_committed:.1f} "
+                     f"(records {sizes['views'] / views_committed:.1f}"
+                     + "".join(f", {n} {sizes['teachers/' + n] / views_committed:.1f}" for n in teachers)
+                     + ")")
+    lines += _agreement(store, committed_units[:INSPECT_MAX_UNITS], list(teachers))
+    if len(committed_units) > INSPECT_MAX_UNITS:
+        lines.append(f"  (agreement over the first {INSPECT_MAX_UNITS} committed units)")
+    return "\n".join(lines)
+
+
+def _agreement(store: CacheStore, units: list, teachers: list[str]) -> list[str]:
+    """Top-1 agreement of each teacher with the dominant label and with each other teacher."""
+    top1: dict[str, list[np.ndarray]] = {t: [] for t in teachers}
+    labels, keep = [], []
+    skipped = []
+    for shard, block, rec in units:
+        n = rec["num_samples"]
+        try:
+            recs, _, own = store.read_unit_views(shard, block, rec)
+            tops = {t: store.read_unit_teacher(t, shard, block, rec)[1][..., 0] if t in rec["teachers"]
+                    else np.full((len(rec["epochs"]), n), -1) for t in teachers}
+        except CorruptUnitError as e:
+            skipped.append(e.where)
+            continue
+        for j in range(len(rec["epochs"])):
+            r = recs[j]
+            # the row's own label is the view's dominant label unless its partner outweighs it
+            keep.append((r[:, MIX_MODE] == MIX_NONE) | (r[:, LAM] >= LAM_ONE // 2))
+            labels.append(own)
+            for t in teachers:
+                top1[t].append(tops[t][j])
+    out = [f"  DAMAGED: {why} (run verify --full, then cache-teachers --repair)" for why in skipped]
+    if not labels:
+        return out + ["  agreement: no committed units yet"]
+    y, k = np.concatenate(labels), np.concatenate(keep)
+    for t in teachers:
+        p = np.concatenate(top1[t])
+        valid = k & (p >= 0)
+        if valid.any():
+            out.append(f"  {t} top-1 = label (dominant label of the view): "
+                       f"{100 * (p[valid] == y[valid]).mean():.1f}% of {int(valid.sum())} views")
+    for i, a in enumerate(teachers):
+        for b in teachers[i + 1:]:
+            pa, pb = np.concatenate(top1[a]), np.concatenate(top1[b])
+            both = (pa >= 0) & (pb >= 0)
+            if both.any():
+                out.append(f"  {a} vs {b} top-1 agreement: {100 * (pa[both] == pb[both]).mean():.1f}%")
+    return out
+
+
+def cached_teacher_specs(root: Path, stored: dict[str, dict], overrides: list[str]) -> list[str]:
+    """``NAME=ARCH:CKPT`` of every cached teacher: from the path the cache recorded, or from
+    ``overrides`` (``--teacher``) for files that moved. The file's sha256 is checked later."""
+    given = {parse_teacher_spec(spec)[0]: spec for spec in overrides}
+    unknown = sorted(set(given) - set(stored))
+    if unknown:
+        raise CacheMismatchError(f"{root}: no teacher {unknown[0]!r} in the cache (has {sorted(stored)})")
+    specs = []
+    for name, ident in stored.items():
+        if name in given:
+            specs.append(given[name])
+            continue
+        path = ident.get("checkpoint", "")
+        if not path or not Path(path).is_file():
+            raise CacheMismatchError(f"{root}: teacher {name!r} was cached from {path or 'a file it did not record'}, "
+                                     f"which is not there now; give --teacher {name}={ident['arch']}:NEW_PATH")
+        specs.append(f"{name}={ident['arch']}:{path}")
+    return specs
+
+
+def verify_cache(root: Path, manifest_path: Path | None, teacher_specs: list[str], samples: int,
+                 seed: int, device_pref: str = "auto") -> tuple[str, bool]:
+    """Rebuild ``samples`` random committed views through the same view function, check their
+    records regenerate identically, rerun every cached teacher and compare with the stored top-k.
+    The data manifest and checkpoints are found where the cache recorded them unless given."""
+    store = CacheStore.open(root)
+    if manifest_path is None:
+        manifest_path = Path(store.spec.manifest_path)
+        if not store.spec.manifest_path or not manifest_path.is_file():
+            raise CacheMismatchError(f"{root}: its data manifest {store.spec.manifest_path or '(not recorded)'} "
+                                     "is not there now; give --manifest PATH")
+    manifest = load_manifest(manifest_path)
+    if manifest.fingerprint() != store.spec.manifest_fingerprint:
+        raise CacheMismatchError(f"{root}: built for data {store.spec.manifest_name!r}, not "
+                                 f"{manifest_path} (fingerprints differ)")
+    device = pick_device(device_pref)
+    stored_teachers = store.teachers()
+    teachers = [build_teacher(t, device) for t in cached_teacher_specs(root, stored_teachers, teacher_specs)]
+    for t in teachers:
+        ident = stored_teachers[t.name]
+        if ident["checkpoint_sha256"] != t.sha256:
+            raise CacheMismatchError(f"{root}: teacher {t.name!r} ({t.checkpoint}) is not the one "
+                                     f"cached: sha256 {t.sha256[:12]}, cached {ident['checkpoint_sha256'][:12]}")
+    committed = [(s, b, r) for s, b in store.units() if (r := store.unit_record(s, b)) and r.get("views")]
+    if not committed:
+        return f"{root}: no committed units to verify", False
+    rng = np.random.default_rng(seed)
+    picks: dict[int, list[tuple[int, int]]] = {}
+    for _ in range(samples):
+        shard, block, rec = committed[rng.integers(len(committed))]
+        picks.setdefault(shard, []).append((int(rng.choice(rec["epochs"])),
+                                            int(rng.integers(rec["num_samples"])), rec))
+    recipe, spec = store.spec.recipe, store.spec
+    worst, mismatched, total_k, record_errors, checked = 0.0, 0, 0, 0, 0
+    budget_ok = True
+    atol, rtol, max_mismatch = (0.02, 2**-9, 0.02) if device.type == "cpu" else (0.25, 0.03, 0.1)
+    for shard, items in sorted(picks.items()):
+        samples_ = read_shard(manifest, shard)
+        rows = [manifest.row_of(shard, i) for i in range(len(samples_))]
+        path = manifest.shard_path(shard)
+        sizes = [image_size(s.image, sample_name(path, s)) for s in samples_]
+        epochs = {}
+        for epoch, pos, record in items:
+            if epoch not in epochs:  # each (shard, epoch): one checked read, one re-sampling
+                recs, hashes, labels, outs = store.read_epoch(shard, epoch, record,
+                                                              [t.name for t in teachers])
+                check_alignment(root, manifest, shard, samples_, hashes, labels)
+                fresh = sample_shard_records(recipe, spec.seed, epoch, shard, rows, sizes)
+                epochs[epoch] = recs, outs, fresh
+            recs, outs, fresh = epochs[epoch]
+            record_errors += int(not np.array_equal(fresh[pos], recs[pos]))
+            pair = [pos, int(recs[pos, PARTNER]) - rows[0]]
+            names = [sample_name(path, samples_[p]) for p in pair]
+            view = next(render_encoded([worker_image(samples_[p].image, n) for p, n in zip(pair, names)],
+                                       [recs[pair]], [rows[p] for p in pair], recipe, device, names,
+                                       outputs=[0]))
+            for t in teachers:
+                full = teacher_logits(t, view, recipe.mean, recipe.std, device)[0].cpu()
+                logprobs, idx, lse = (torch.from_numpy(np.asarray(a[pos])) for a in outs[t.name])
+                fresh_lse = torch.logsumexp(full, 0)
+                diff = ((full[idx] - fresh_lse).clamp_min(FP16_LOWEST) - logprobs).abs()  # as stored
+                worst = max(worst, float(diff.nan_to_num(math.inf).max()))
+                budget_ok &= bool((diff <= atol + rtol * logprobs.abs()).all())
+                worst = max(worst, abs(float(fresh_lse) - float(lse)))
+                budget_ok &= bool(torch.isfinite(full).all() and torch.isfinite(lse))
+                fresh_idx = set(full.topk(spec.topk).indices.tolist())
+                mismatched += len(fresh_idx - set(idx.tolist()))
+                total_k += spec.topk
+            checked += 1
+    rate = mismatched / max(total_k, 1)
+    ok = budget_ok and rate <= max_mismatch and record_errors == 0
+    report = (f"verified {checked} views x {len(teachers)} teacher(s) on {device}: largest "
+              f"log-probability difference {worst:.4g} (tolerance {atol} + {rtol:.3g}*|value|), top-{spec.topk} "
+              f"index mismatch {100 * rate:.2f}% (tolerance {100 * max_mismatch:.0f}%), "
+              f"records regenerated differently: {record_errors} -> {'OK' if ok else 'FAILED'}")
+    return report, ok
+
+
+def verify_full(root: Path) -> tuple[str, bool]:
+    """Check every committed unit's chunks (present, CRC32C, progress-record checksums)
+    without running any teacher; list the damaged ones and how to redo them."""
+    store = CacheStore.open(root)
+    bad, checked = [], 0
+    for shard, block in store.units():
+        rec = store.unit_record(shard, block)
+        if rec is None:
+            continue
+        checked += 1
+        bad += [f"  unit (shard {shard}, block {block}) {c}: {why}"
+                for c, why in store.check_unit(shard, block, rec).items()]
+    bad += [f"  {why}" for why in store.unreadable.values()]
+    if not bad:
+        return f"{root}: {checked} committed unit(s) checked, all sound -> OK", True
+    return (f"{root}: {checked} committed unit(s) checked, {len(bad)} problem(s):\n" + "\n".join(bad)
+            + "\n-> FAILED. Recompute exactly these with `civt-cache cache-teachers ... --repair` "
+            "(same settings as the cache was built with).", False)

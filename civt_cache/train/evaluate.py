@@ -1,0 +1,84 @@
+"""Evaluation of a model on a validation manifest (all ranks, one result), the forward passes
+that give a model's heads by name, and ``eval`` of a saved checkpoint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from civt_cache.data.manifest import DataManifest, load_manifest
+from civt_cache.distributed import DistInfo, all_reduce_sum, init_distributed
+from civt_cache.loader.batches import ValBatches, batch_loader, val_views
+from civt_cache.models.teachers import build_teacher
+from civt_cache.progress import Progress
+from civt_cache.views.recipe import Recipe
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, manifest: DataManifest, recipe: Recipe, info: DistInfo,
+             heads_of: Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]],
+             batch_size: int, workers: int) -> dict[str, float]:
+    """Top-1 (and top-5) in percent of every named output, over the whole validation set
+    (shards split across ranks, counts summed)."""
+    was_training = model.training
+    model.eval()
+    shards = list(range(len(manifest.shards)))[info.rank::info.world_size]
+    loader = batch_loader(ValBatches(manifest, shards, batch_size), min(workers, len(shards)))
+    bar = Progress(sum(manifest.shards[s].num_samples for s in shards), f"evaluate {manifest.name}",
+                   "images", info.is_main, leave=False)
+    names: list[str] = []
+    counts: list[float] = []
+    n = 0
+    for images, image_names, labels in loader:
+        bar.update(len(labels))
+        x = val_views(images, image_names, recipe, info.device)
+        y = torch.from_numpy(labels).to(info.device)
+        if info.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=info.device.type == "cuda"):
+            outs = heads_of(model, x)
+        if not names:
+            names = list(outs)
+            counts = [0.0] * (2 * len(names))
+        for i, name in enumerate(names):
+            top5 = outs[name].float().topk(min(5, outs[name].shape[1]), dim=1).indices
+            counts[2 * i] += float((top5[:, 0] == y).sum())
+            counts[2 * i + 1] += float((top5 == y[:, None]).any(1).sum())
+        n += len(y)
+    bar.close()
+    total = all_reduce_sum(info, [float(n), *counts])
+    model.train(was_training)
+    out = {}
+    for i, name in enumerate(names):
+        out[f"val_top1{name}"] = 100.0 * total[1 + 2 * i] / max(total[0], 1)
+        out[f"val_top5{name}"] = 100.0 * total[2 + 2 * i] / max(total[0], 1)
+    return out
+
+
+def civt_heads(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Named outputs evaluated for CivT: the mean (the model's prediction) and each head."""
+    m = model.module if isinstance(model, DistributedDataParallel) else model
+    m = getattr(m, "_orig_mod", m)
+    cls_head, conv_head, inv_head = m.forward_heads(x)
+    return {"": (cls_head + conv_head + inv_head) / 3, "_cls": cls_head, "_conv": conv_head,
+            "_inv": inv_head}
+
+
+def plain_logits(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The one named output of a plain classifier."""
+    return {"": model(x)}
+
+
+def evaluate_checkpoint(manifest_path: Path, arch: str, checkpoint: Path, img_size: int | None,
+                        device: str = "auto", batch_size: int = 128) -> dict[str, float]:
+    """Top-1/top-5 of a checkpoint on a manifest (for CivT: each head and their mean)."""
+    info = init_distributed(device)
+    teacher = build_teacher(f"{arch}:{checkpoint}", info.device)
+    size = img_size or teacher.img_size or teacher.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    recipe = Recipe(img_size=int(size), mean=teacher.mean, std=teacher.std)
+    heads = civt_heads if hasattr(teacher.model, "forward_heads") else plain_logits
+    return evaluate(teacher.model, load_manifest(manifest_path), recipe, info, heads, batch_size, 0)

@@ -1,0 +1,111 @@
+"""A run folder's rules (``train-student --out RUN``): one writer at a time, no mixing of two
+runs' files, and a resume that continues exactly the run that was started.
+
+Why: two runs into one folder both exit 0 with one run's metrics lost; a new run beside an old
+run's ``metrics.jsonl`` leaves files that describe another model; and a resume with another
+batch size or cache silently trains a different experiment under the old one's name.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+from typing import Any, TextIO
+
+from civt_cache.errors import CheckpointError, ConfigError
+from civt_cache.models.checkpoints import load_torch_file
+
+#: What a run writes; their presence means the folder holds a run.
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "results.json", "curves.png", "summary.csv",
+             "model_best.pt", "args.yaml", "tb")
+#: Settings a resume may change: where and how fast it runs, not what it trains.
+RESUMABLE_CHANGES = frozenset({"workers", "threads", "device", "compile", "checkpoint_every", "log_every", "prefetch",
+                               "resume", "max_steps", "force", "out", "log"})
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A run checkpoint, loaded as tensors and plain data only (see ``load_torch_file``)."""
+    state = load_torch_file(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a checkpoint of this tool (holds a {type(state).__name__})")
+    return state
+
+
+class RunLock:
+    """An exclusive lock on a run folder held for the run's life (``flock`` on ``RUN/.lock``):
+    a second run into the same folder is refused at once; a killed run's lock goes with it.
+    Taken only once the run's settings and cache are checked, so a refused run creates nothing."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / ".lock"
+        self._file: TextIO | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ConfigError(f"{self.path.parent}: another run is writing this folder ({holder}); "
+                              "wait for it, or give another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
+def other_run_files(run_dir: Path) -> list[str]:
+    """The run files already in ``run_dir``."""
+    return [name for name in RUN_FILES if (run_dir / name).exists()]
+
+
+def start_fresh(run_dir: Path, force: bool, remove: bool) -> None:
+    """Refuse a fresh run into a folder holding another run's files unless ``force``; with
+    ``force`` (and ``remove``: the process that owns the folder) those files are removed, so no
+    old metrics stand beside the new run's checkpoint."""
+    existing = other_run_files(run_dir)
+    if existing and not force:
+        raise ConfigError(f"{run_dir}: holds another run's files ({', '.join(existing)}); "
+                          "--resume to continue it, --force to replace it, or another --out")
+    if remove:
+        for name in existing:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def resume_differences(saved: dict[str, Any], asked: dict[str, Any]) -> list[str]:
+    """Settings that differ between a checkpoint's job and the resuming job, except those a
+    resume may change (``RESUMABLE_CHANGES``)."""
+    keys = sorted((set(saved) | set(asked)) - RESUMABLE_CHANGES)
+    return [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, asked {asked.get(k)!r}"
+            for k in keys if saved.get(k) != asked.get(k)]
+
+
+def check_resumable(ckpt: Path, state: dict[str, Any], asked: dict[str, Any],
+                    world_size: int) -> None:
+    """Refuse to resume a checkpoint of a different run, naming every setting that differs."""
+    if "job" not in state or "ranks" not in state:
+        raise CheckpointError(f"{ckpt}: not a train-student checkpoint of this civt-cache version "
+                              "(no job or per-rank state); start fresh with --force")
+    diffs = resume_differences(state["job"], asked)
+    if state.get("world_size") != world_size:
+        diffs.append(f"ranks: checkpoint {state.get('world_size')}, asked {world_size} (the "
+                     "global batch and data order would change)")
+    if diffs:
+        raise ConfigError(f"{ckpt}: --resume would train a different run: " + "; ".join(diffs)
+                          + ". Resume with the run's settings, or start fresh with --force")
+

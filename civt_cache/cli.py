@@ -109,8 +109,8 @@ def cache_teachers_cmd(
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the teachers."),
-    claim: Optional[bool] = typer.Option(None, "--claim/--static", help="Claim units with files (multi-node) instead of a static split."),
-    run_id: Optional[str] = typer.Option(None, help="Claim namespace shared by all nodes of one run."),
+    claim: Optional[bool] = typer.Option(None, "--claim/--static", help="Take units one at a time under leases, shared with any other process on this cache (several nodes, job arrays), instead of a static split over torchrun ranks."),
+    lease_seconds: Optional[float] = typer.Option(None, help="With --claim: seconds a unit's lease lasts unless renewed; a crashed process's units are taken over after it."),
     repair: Optional[bool] = typer.Option(None, "--repair/--no-repair", help="First check every committed unit's checksums and recompute the damaged ones."),
 ) -> None:
     """Stage one: run the teachers once over the augmented views; store top-k + view records."""
@@ -121,7 +121,7 @@ def cache_teachers_cmd(
     job = build_config(CacheJob, cfg, "cache", dict(
         manifest=manifest, teachers=teacher, epochs=epochs, epochs_per_unit=epochs_per_unit,
         topk=topk, img_size=img_size, seed=seed, out=out, batch_size=batch_size, workers=workers,
-        threads=threads, device=device, compile=compile, claim=claim, run_id=run_id, repair=repair), pipeline)
+        threads=threads, device=device, compile=compile, claim=claim, lease_seconds=lease_seconds, repair=repair), pipeline)
     summary = cache_teachers(job)
     typer.echo(f"rank {summary['rank']}: {summary['units']} unit(s), {summary['views']} views in "
                f"{summary['seconds']:.1f}s ({summary['views_per_s']:.0f} views/s) -> {job.out}")
@@ -151,7 +151,7 @@ def verify_cmd(
     samples: int = typer.Option(32, min=1, help="Random (epoch, row) views to rebuild and rerun."),
     seed: int = typer.Option(0, help="Seed of the sample choice."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    full: bool = typer.Option(False, "--full", help="Instead: check every committed unit's checksums (no teachers run) and list damaged units."),
+    full: bool = typer.Option(False, "--full", help="Instead: check every committed unit's checksums (no teachers run) and that every unit is committed; list damaged and missing units."),
 ) -> None:
     """Rebuild random views from their records, rerun the teachers, compare with the cache
     (or, with --full, check every committed unit for damage)."""

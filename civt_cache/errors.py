@@ -47,7 +47,7 @@ class CacheMismatchError(CivtError):
 
 class CorruptUnitError(CacheMismatchError):
     """A committed unit of a cache whose chunks are missing, do not decode, or do not match the
-    checksums of its progress record: damage after the commit (disk, a person, another tool).
+    checksums of its commit record: damage after the commit (disk, a person, another tool).
     ``where`` names the unit, array, file and problem; the message adds how to repair."""
 
     def __init__(self, where: str, hint: str = "") -> None:

@@ -1,6 +1,6 @@
 """Small filesystem helpers shared by every stage: atomic writes and checksums.
 
-Every file another process may read (manifests, progress records, checkpoints) is written to a
+Every file another process may read (manifests, commit records, checkpoints) is written to a
 temporary file in the same directory and renamed into place, so a reader sees either the old
 file or the complete new one, never a torn write, even when the writer is killed.
 """

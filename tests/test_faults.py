@@ -95,17 +95,17 @@ def test_deleted_chunk_is_never_read_as_fill_values(world, tmp_path, array) -> N
 
 
 def test_torn_progress_record_counts_as_not_committed(world, tmp_path) -> None:
-    """Row 4: a progress record cut in half: no JSONDecodeError anywhere; the unit is said to
+    """Row 4: a commit record cut in half: no JSONDecodeError anywhere; the unit is said to
     be uncommitted and is redone."""
     cache = copy_cache(world, tmp_path)
     record = cache / "progress" / "s000000-b0000.json"
     record.write_bytes(record.read_bytes()[: record.stat().st_size // 2])
     report = run_cli("inspect", str(cache)).stdout
-    assert f"DAMAGED: {record}: unreadable progress record" in report
+    assert f"DAMAGED: {record}: unreadable commit record" in report
     refused(run_cli(*student_args(world, cache, tmp_path / "run"), check=False),
             "cached epochs [0] are not complete", "cache-teachers")
     proc = run_cli(*cache_args(world["root"], cache))
-    assert f"{record}: unreadable progress record" in proc.stderr and "rank 0: 1 unit(s)" in proc.stdout
+    assert f"{record}: unreadable commit record" in proc.stderr and "rank 0: 1 unit(s)" in proc.stdout
     assert_same_cache(cache, world["ref"])
     assert json.loads(record.read_text())["teachers"]["conv"]
 

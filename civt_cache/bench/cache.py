@@ -14,8 +14,9 @@ from civt_cache.bench.probes import PeakMemory, sync
 from civt_cache.cache.store import CacheStore
 from civt_cache.data.manifest import load_manifest
 from civt_cache.distributed import pick_device
+from civt_cache.loader.units import UnitViews
 from civt_cache.models.teachers import build_teacher, teacher_logits
-from civt_cache.stages.cache_teachers import CacheJob, UnitViews, cache_teachers
+from civt_cache.stages.cache_teachers import CacheJob, cache_teachers
 from civt_cache.views.engine import render_encoded
 
 
@@ -34,7 +35,7 @@ def measure_cache(job: CacheJob, out: Path | None = None) -> dict[str, Any]:
         chunks = sum(store.disk_bytes(chunks_only=True).values())
         files = sum(store.disk_bytes().values())
         first = {(0, 0): store.unit_record(0, 0)}
-        group = next(iter(UnitViews(manifest, one.out, list(first), first, job.recipe, job.seed, 1, 1)))
+        group = next(iter(UnitViews(manifest, one.out, list(first), first, [], job.recipe, job.seed, 1, 1)))
         views = next(render_encoded(group.images, group.records[:1], group.rows, job.recipe, device,
                                     group.names))  # pre-built on the device, outside the timing
     teachers = [build_teacher(t, device) for t in job.teachers]
@@ -64,7 +65,7 @@ def format_cache(r: dict[str, Any]) -> str:
             f"of the first unit, {r['teachers_alone_views']} views)\n"
             f"  ratio full / teachers alone: {r['full_views_per_s'] / r['teachers_alone_views_per_s']:.2f}\n"
             f"  bytes per view: {r['bytes_per_view']:.1f} in chunks (records + all teachers), "
-            f"{r['file_bytes_per_view']:.1f} with metadata and progress records\n"
+            f"{r['file_bytes_per_view']:.1f} with metadata and commit records\n"
             f"  peak memory: {r['peak_rss'] / 2**20:.0f} MiB RSS (process tree), "
             f"{r['peak_shm'] / 2**20:.1f} MiB /dev/shm")
 

@@ -13,11 +13,11 @@ Layout (E epochs, R = manifest rows incl. padding, U = epoch blocks, F = record 
         indices  int16|int32 [E, R, k]
         lse      float32 [E, R]      log-sum-exp of the full logits (the logits are logprobs + lse)
     CACHE/progress/sSSSSSS-bBBBB.json  commit record of one unit (shard, epoch block)
-    CACHE/claims/RUN/...               claim files when ranks claim units dynamically
+    CACHE/leases/sSSSSSS-bBBBB.gGGGG.json  who computes a unit now (``--claim``; ``cache.leases``)
 
 Every chunk covers exactly one unit (epochs_per_unit epochs x one shard's rows), so no two
 processes ever write the same stored object. A unit is committed by writing its chunks and then
-its progress record (temp file + rename) holding checksums; a unit without a record is redone.
+its commit record (temp file + rename) holding checksums; a unit without a record is redone.
 New caches and new teachers are created beside the cache and renamed into place, so several
 processes may race to create them without a coordinator.
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, TransposeCodec
 
 from civt_cache.cache.spec import FP16_LOWEST, SCHEMA_VERSION, VIEWS_VERSION, CacheSpec, key_hash
 from civt_cache.errors import CacheMismatchError, CorruptUnitError
-from civt_cache.fsutil import FILE_MODE, atomic_write_json, create_beside, file_lock
+from civt_cache.fsutil import atomic_write_json, create_beside, file_lock
 from civt_cache.views.records import NUM_FIELDS
 
 # Every chunk ends in a CRC32C of its compressed bytes (zarr's own v3 codec), so a flipped bit on
@@ -49,7 +48,7 @@ TEACHER_ARRAYS = ("logprobs", "indices", "lse")
 
 
 def committed_components(record: dict[str, Any]) -> list[str]:
-    """What a progress record commits: ``views`` (when present) and each teacher's name."""
+    """What a commit record commits: ``views`` (when present) and each teacher's name."""
     return (["views"] if record.get("views") else []) + list(record["teachers"])
 
 
@@ -204,12 +203,12 @@ class CacheStore:
         try:
             rec = json.loads(path.read_text())
             if not isinstance(rec, dict) or not isinstance(rec.get("teachers"), dict):
-                raise ValueError("not a progress record")
+                raise ValueError("not a commit record")
             return rec
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
-            self.unreadable[(shard, block)] = (f"{path}: unreadable progress record ({e}); the unit "
+            self.unreadable[(shard, block)] = (f"{path}: unreadable commit record ({e}); the unit "
                                                "counts as not committed")
             return None
 
@@ -230,17 +229,6 @@ class CacheStore:
         atomic_write_json(self._progress_path(shard, block), {
             "shard": shard, "block": block, "epochs": list(self.block_epochs(block)),
             "num_samples": num_samples, "views": views, "teachers": teachers})
-
-    def claim(self, run_id: str, shard: int, block: int) -> bool:
-        """Claim a unit for this process within run ``run_id`` (O_EXCL create: one winner)."""
-        d = self.root / "claims" / run_id
-        d.mkdir(parents=True, exist_ok=True)
-        try:
-            os.close(os.open(d / f"s{shard:06d}-b{block:04d}", os.O_CREAT | os.O_EXCL | os.O_WRONLY,
-                             FILE_MODE))
-            return True
-        except FileExistsError:
-            return False
 
     # ---- chunk I/O ----------------------------------------------------------------------------
     def _rows(self, shard: int) -> slice:
@@ -282,7 +270,7 @@ class CacheStore:
     # ---- checked reads ------------------------------------------------------------------------
     # Every read of a committed unit goes through these: each chunk file must exist (zarr would
     # hand back fill values for a missing one), decode (CRC32C), and the unit's arrays must hash
-    # to the checksum its progress record holds. Any failure names the unit, array and file.
+    # to the checksum its commit record holds. Any failure names the unit, array and file.
 
     def _arrays(self, component: str) -> list[str]:
         if component == "views":
@@ -329,7 +317,7 @@ class CacheStore:
         if _checksum(*arrays) != expected:
             name = "views/params" if component == "views" else f"teachers/{component}/logprobs"
             raise self._unit_error(shard, block, name, f"{component} arrays do not match the "
-                                   "checksum of the unit's progress record")
+                                   "checksum of the unit's commit record")
 
     def read_unit_views(self, shard: int, block: int, record: dict[str, Any]) -> tuple[
             np.ndarray, np.ndarray, np.ndarray]:
@@ -384,7 +372,7 @@ class CacheStore:
     def disk_bytes(self, chunks_only: bool = False) -> dict[str, int]:
         """Bytes on disk per top-level component (views, each teacher, progress); with
         ``chunks_only`` just the arrays' chunk files (zarr v3 keeps them under ``c/``), which is
-        what grows with the data, without the fixed metadata and progress records."""
+        what grows with the data, without the fixed metadata and commit records."""
         out: dict[str, int] = {}
         subs = ["views", "progress"] + [f"teachers/{t}" for t in self.teachers()]
         for sub in subs[:1] + subs[2:] if chunks_only else subs:

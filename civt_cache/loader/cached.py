@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from civt_cache.cache.scan import scan_cache
 from civt_cache.cache.spec import recipe_changes
 from civt_cache.cache.store import CacheStore
 from civt_cache.data.manifest import DataManifest, load_manifest
@@ -77,24 +78,19 @@ def check_student_cache(store: CacheStore, manifest: DataManifest, manifest_path
             raise CacheMismatchError(f"{cache}: teacher {name!r} was cached from "
                                      f"{stored[name]['arch']} sha256 {stored[name]['checkpoint_sha256'][:12]}, "
                                      f"not {arch}:{ckpt}")
-    needed = sorted({e % s.epochs for e in range(epochs)})
-    incomplete = set()
-    for shard, block in store.units():
-        block_epochs = store.block_epochs(block)
-        if not any(e in needed for e in block_epochs):
-            continue
-        rec = store.unit_record(shard, block)
-        if rec is None or not rec.get("views") or any(n not in rec["teachers"] for n in names):
-            incomplete.update(e for e in block_epochs if e in needed)
-            continue
-        gone = store.missing_chunks(shard, block, ["views", *names])
+    needed = {e % s.epochs for e in range(epochs)}
+    blocks = sorted({e // s.epochs_per_unit for e in needed})
+    scan = scan_cache(store, [(shard, b) for b in blocks for shard in range(s.num_shards)])
+    for unit in scan.units:
+        gone = [(c, why) for c, why in unit.lost.items() if c in ("views", *names)]
         if gone:  # a committed unit lost a file: zarr would read fill values, never train on them
-            component, why = next(iter(gone.items()))
-            raise CorruptUnitError(f"{cache}: unit (shard {shard}, block {block}) {component}: {why}",
+            component, why = gone[0]
+            raise CorruptUnitError(f"{cache}: unit (shard {unit.shard}, block {unit.block}) {component}: {why}",
                                    "Rerun `civt-cache cache-teachers` with the cache's settings to "
                                    "recompute it (`civt-cache inspect` lists what is damaged)")
-    for why in store.unreadable.values():
+    for why in scan.unreadable:
         log(why)
+    incomplete = {e for u in scan.incomplete(names) for e in store.block_epochs(u.block) if e in needed}
     if incomplete:
         raise CacheMismatchError(f"{cache}: cached epochs {sorted(incomplete)} are not complete for "
                                  f"teachers {list(names)}; run `civt-cache cache-teachers` with the same "

@@ -1,44 +1,43 @@
 """Stage one, ``cache-teachers``: run every teacher once over the augmented views of a data set
 and store their top-k logits plus the exact view records in the cache.
 
-Pipeline per process: DataLoader workers read a unit's shard (checksum verified on the same
-read), sample or read back its records, and hand it over one pair group (``views.PAIR_GROUP``
-rows) at a time as encoded bytes plus the records of every epoch of the unit. The main thread
-decodes the group once on the device and builds each epoch's views from it with the view engine,
-runs the teachers (bf16 autocast + channels_last on GPU, fp32 on CPU) and takes top-k on the
-device; a writer thread writes the unit's chunks and commits it, so the device never waits on
-the disk. Memory is bounded by a group, never by a shard. Units are split over torchrun ranks
-statically (unit index modulo world size) or claimed with claim files (``--claim``, for several
-nodes on one shared filesystem).
+Pipeline per process: DataLoader workers read units (``loader.units.UnitViews``) and hand each
+over one pair group at a time as encoded bytes plus the records of every epoch of the unit. The
+main thread decodes the group once on the device and builds each epoch's views from it with the
+view engine, runs the teachers (bf16 autocast + channels_last on GPU, fp32 on CPU) and takes
+top-k on the device; a writer thread writes the unit's chunks and commits it, so the device
+never waits on the disk. Memory is bounded by a group, never by a shard. Units are split over
+torchrun ranks statically (unit index modulo world size) or, with ``--claim``, taken one at a
+time under leases (``cache.leases``) by any number of processes on any nodes sharing the cache.
 """
 from __future__ import annotations
 
-import os
 import queue
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from civt_cache.cache.spec import CacheSpec, check_alignment
-from civt_cache.cache.store import CacheStore, committed_components
+from civt_cache.cache.leases import LEASE_SECONDS, Lease, Leases, this_process, unit_needs
+from civt_cache.cache.scan import scan_cache
+from civt_cache.cache.spec import CacheSpec
+from civt_cache.cache.store import CacheStore
 from civt_cache.config import MAX_BATCH, MAX_EPOCHS, MAX_WORKERS, require
-from civt_cache.data.manifest import DataManifest, load_manifest
-from civt_cache.data.shards import read_shard, sample_name
+from civt_cache.data.manifest import load_manifest
 from civt_cache.distributed import DistInfo, barrier, init_distributed, shutdown
 from civt_cache.errors import CacheMismatchError, NonFiniteError
+from civt_cache.loader.units import GroupViews, UnitViews
 from civt_cache.models.teachers import Teacher, build_teacher, parse_teacher_spec, teacher_logits
 from civt_cache.progress import Progress
-from civt_cache.views.engine import EncodedImage, render_encoded, worker_image
+from civt_cache.views.engine import render_encoded
 from civt_cache.views.recipe import Recipe
-from civt_cache.views.records import PAIR_GROUP, image_size, sample_shard_records
 
 
 @dataclass
@@ -57,8 +56,8 @@ class CacheJob:
     workers: int = 2
     device: str = "auto"
     compile: bool = False
-    claim: bool = False
-    run_id: str = ""
+    claim: bool = False  # take units one at a time under leases (several processes, any nodes)
+    lease_seconds: float = LEASE_SECONDS
     repair: bool = False  # check every committed unit's checksums first; redo the damaged ones
     threads: int = 0  # intra-op threads; 0: OMP_NUM_THREADS if set, else cores less workers
 
@@ -76,77 +75,21 @@ class CacheJob:
                 batch_size=(self.batch_size, 1 <= self.batch_size <= MAX_BATCH, f"in 1..{MAX_BATCH}"),
                 workers=(self.workers, 0 <= self.workers <= MAX_WORKERS, f"in 0..{MAX_WORKERS}"),
                 threads=(self.threads, 0 <= self.threads <= MAX_WORKERS, f"in 0..{MAX_WORKERS} (0: auto)"),
+                lease_seconds=(self.lease_seconds, 1 <= self.lease_seconds <= 86400, "in 1..86400"),
                 device=(self.device, self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"))
         for spec in self.teachers:
             parse_teacher_spec(spec)
 
 
-@dataclass
-class GroupViews:
-    """One pair group of one unit as a worker hands it over: encoded images, and the records of
-    each of the unit's epochs for those rows (partners always inside the group)."""
-
-    shard: int
-    block: int
-    group: int
-    num_groups: int
-    rows: list[int]
-    images: list[EncodedImage]
-    names: list[str]            # shard path and key of each image, for errors
-    records: np.ndarray         # [epochs of the block, rows, NUM_FIELDS]
-    keys: list[str]
-    labels: np.ndarray
-    new_views: bool             # records were sampled now (not read back from the cache)
-
-
-class UnitViews(IterableDataset):
-    """Yields GroupViews items for a list of units; each worker takes every k-th unit. Units
-    whose views are committed (``view_records`` holds their progress record) replay the stored
-    records, read checked; the others sample theirs from the image headers."""
-
-    def __init__(self, manifest: DataManifest, store_root: Path, units: list[tuple[int, int]],
-                 view_records: dict[tuple[int, int], dict[str, Any]], recipe: Recipe, seed: int,
-                 epochs_per_unit: int, total_epochs: int) -> None:
-        self.manifest, self.store_root, self.units = manifest, store_root, units
-        self.view_records, self.recipe, self.seed = view_records, recipe, seed
-        self.b, self.total_epochs = epochs_per_unit, total_epochs
-
-    def __iter__(self) -> Iterator[GroupViews]:
-        info = get_worker_info()
-        mine = self.units[info.id::info.num_workers] if info else self.units
-        replay = any(u in self.view_records for u in mine)
-        store = CacheStore.open(self.store_root) if replay else None
-        for shard, block in mine:
-            samples = read_shard(self.manifest, shard, verify=True)
-            path = self.manifest.shard_path(shard)
-            rows = [self.manifest.row_of(shard, i) for i in range(len(samples))]
-            record = self.view_records.get((shard, block))
-            epochs = range(block * self.b, min((block + 1) * self.b, self.total_epochs))
-            if record is not None:
-                assert store is not None
-                recs, hashes, stored_labels = store.read_unit_views(shard, block, record)
-                check_alignment(self.store_root, self.manifest, shard, samples, hashes, stored_labels)
-            else:
-                sizes = [image_size(s.image, sample_name(path, s)) for s in samples]
-                recs = np.stack([sample_shard_records(self.recipe, self.seed, e, shard, rows, sizes)
-                                 for e in epochs])
-            num_groups = -(-len(samples) // PAIR_GROUP)
-            for g in range(num_groups):
-                part = slice(g * PAIR_GROUP, (g + 1) * PAIR_GROUP)
-                names = [sample_name(path, s) for s in samples[part]]
-                yield GroupViews(shard, block, g, num_groups, rows[part],
-                                 [worker_image(s.image, n) for s, n in zip(samples[part], names)],
-                                 names, recs[:, part], [s.key for s in samples[part]],
-                                 np.array([s.label for s in samples[part]], np.int32),
-                                 record is None)
-
-
 class _Writer(threading.Thread):
-    """Writes finished units and commits them; errors surface in the main thread."""
+    """Writes finished units and commits them; errors surface in the main thread. Under a lease
+    a unit is written only while the lease is still ours, and the lease is let go after the
+    commit."""
 
-    def __init__(self, store: CacheStore) -> None:
+    def __init__(self, store: CacheStore, leases: Leases | None, renewer: _Renewer) -> None:
         super().__init__(daemon=True)
-        self.store, self.q, self.error = store, queue.Queue(maxsize=4), None
+        self.store, self.leases, self.renewer = store, leases, renewer
+        self.q, self.error, self.committed = queue.Queue(maxsize=4), None, 0
 
     def run(self) -> None:
         while (job := self.q.get()) is not None:
@@ -156,7 +99,14 @@ class _Writer(threading.Thread):
                 except BaseException as e:  # reported by put()/finish()
                     self.error = e
 
-    def _write(self, shard: int, block: int, acc: dict[str, Any], prior: dict[str, Any] | None) -> None:
+    def _write(self, item: GroupViews, acc: dict[str, Any]) -> None:
+        shard, block, lease = item.shard, item.block, item.lease
+        if lease is not None and not (self.leases and self.leases.holds(lease)):
+            tqdm.write(f"cache-teachers: unit (shard {shard}, block {block}): its lease was taken "
+                       "over while this process stalled; leaving the unit to its new holder", file=sys.stderr)
+            self.renewer.drop(lease)
+            return
+        prior = item.prior
         views = prior["views"] if prior else {}
         teachers = dict(prior["teachers"]) if prior else {}
         if acc["new_views"]:
@@ -167,6 +117,10 @@ class _Writer(threading.Thread):
                 name, shard, block, np.stack(parts["logits"]), np.stack(parts["indices"]),
                 np.stack(parts["lse"]))}
         self.store.commit_unit(shard, block, len(acc["keys"]), views, teachers)
+        self.committed += 1
+        if lease is not None and self.leases is not None:
+            self.renewer.drop(lease)
+            self.leases.release(lease)
 
     def put(self, job: tuple) -> None:
         if self.error is not None:
@@ -180,19 +134,50 @@ class _Writer(threading.Thread):
             raise self.error
 
 
+class _Renewer(threading.Thread):
+    """Renews the leases of the units this process is computing, every third of a lease."""
+
+    def __init__(self, leases: Leases | None) -> None:
+        super().__init__(daemon=True)
+        self.leases, self.held, self.lock, self.stop = leases, {}, threading.Lock(), threading.Event()
+
+    def hold(self, lease: Lease | None) -> None:
+        if lease is not None:
+            with self.lock:
+                self.held.setdefault((lease.shard, lease.block), lease)
+
+    def drop(self, lease: Lease) -> None:
+        with self.lock:
+            self.held.pop((lease.shard, lease.block), None)
+
+    def run(self) -> None:
+        while self.leases is not None and not self.stop.wait(self.leases.seconds / 3):
+            with self.lock:
+                for unit, lease in list(self.held.items()):
+                    renewed = self.leases.renew(lease)
+                    if renewed is None:  # taken over: the writer will not commit it
+                        del self.held[unit]
+                    else:
+                        self.held[unit] = renewed
+
+    def close(self) -> list[Lease]:
+        """Stop renewing; the leases still held (units not committed: an error stopped them)."""
+        self.stop.set()
+        with self.lock:
+            return list(self.held.values())
+
+
 @dataclass
 class Plan:
-    """What this process does: its units, the progress record of each (None: nothing of it is
-    committed), and the teachers each unit still needs."""
+    """What this process may do: the units that need work (its static share, or all of them
+    when units are claimed) with the commit record of each (None: nothing committed)."""
 
-    units: list[tuple[int, int]]
     records: dict[tuple[int, int], dict[str, Any] | None]
-    needs: dict[tuple[int, int], list[str]]
     notes: list[str]  # units redone because their record or chunks were found damaged
 
     @property
-    def view_records(self) -> dict[tuple[int, int], dict[str, Any]]:
-        return {u: r for u, r in self.records.items() if r and r.get("views")}
+    def units(self) -> list[tuple[int, int]]:
+        return list(self.records)
 
 
 def plan_units(store: CacheStore, teacher_names: list[str], info: DistInfo, claim: bool,
@@ -200,27 +185,21 @@ def plan_units(store: CacheStore, teacher_names: list[str], info: DistInfo, clai
     """Units this process should (try to) do. Static split: the canonical unit index modulo
     world size. Committed components whose chunk files are missing (or, with ``repair``, that
     fail their checksums) are un-committed first, so exactly they are recomputed."""
-    plan = Plan([], {}, {}, [])
-    for i, (shard, block) in enumerate(store.units()):
-        if not claim and i % info.world_size != info.rank:
-            continue
-        rec = store.unit_record(shard, block)
-        if (shard, block) in store.unreadable:
-            plan.notes.append(store.unreadable[(shard, block)])
-        if rec is not None:
-            damaged = store.missing_chunks(shard, block, committed_components(rec))
-            if repair and not damaged:
-                damaged = store.check_unit(shard, block, rec)
-            if damaged:
-                store.uncommit(shard, block, list(damaged))
-                plan.notes += [f"unit (shard {shard}, block {block}) {c}: {why}; recomputing"
-                               for c, why in damaged.items()]
-                rec = store.unit_record(shard, block)
-        missing = [t for t in teacher_names if not rec or t not in rec["teachers"]]
-        if missing or not rec or not rec.get("views"):
-            plan.units.append((shard, block))
-            plan.records[(shard, block)] = rec
-            plan.needs[(shard, block)] = missing if rec and rec.get("views") else list(teacher_names)
+    mine = [u for i, u in enumerate(store.units()) if claim or i % info.world_size == info.rank]
+    scan = scan_cache(store, mine)
+    plan = Plan({}, list(scan.unreadable))
+    for unit in scan.units:
+        damaged = dict(unit.lost)
+        if repair and unit.record is not None and not damaged:
+            damaged = store.check_unit(unit.shard, unit.block, unit.record)
+        rec = unit.record
+        if damaged:
+            store.uncommit(unit.shard, unit.block, list(damaged))
+            plan.notes += [f"unit (shard {unit.shard}, block {unit.block}) {c}: {why}; recomputing"
+                           for c, why in damaged.items()]
+            rec = store.unit_record(unit.shard, unit.block)
+        if unit_needs(rec, teacher_names):
+            plan.records[unit.unit] = rec
     return plan
 
 
@@ -255,32 +234,59 @@ def _open(job: CacheJob, manifest: Any, info: DistInfo) -> tuple[CacheStore, lis
 def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
     manifest = load_manifest(job.manifest)
     store, teachers = _open(job, manifest, info)
-    spec = store.spec
-    plan = plan_units(store, [t.name for t in teachers], info, job.claim, job.repair)
+    names = [t.name for t in teachers]
+    plan = plan_units(store, names, info, job.claim, job.repair)
     for note in plan.notes:
         tqdm.write(f"cache-teachers: {note}", file=sys.stderr)
-    units, needs = plan.units, plan.needs
-    if job.claim:
-        run_id = job.run_id or os.environ.get("TORCHELASTIC_RUN_ID", "") or "default"
-        units = [u for u in units if store.claim(run_id, *u)]
-    n_views = sum(manifest.shards[s].num_samples * len(store.block_epochs(b)) for s, b in units)
-    loader = DataLoader(
-        UnitViews(manifest, store.root, units, plan.view_records, job.recipe, job.seed,
-                  spec.epochs_per_unit, spec.epochs),
-        batch_size=None, num_workers=min(job.workers, len(units)),
-        pin_memory=info.device.type == "cuda", persistent_workers=False)
-    writer = _Writer(store)
+    leases = Leases(store.root, this_process(), job.lease_seconds) if job.claim else None
+    renewer = _Renewer(leases)
+    renewer.start()
+    writer = _Writer(store, leases, renewer)
     writer.start()
+    units, start, done = plan.units, time.perf_counter(), 0
+    bar = Progress(sum(manifest.shards[s].num_samples * len(store.block_epochs(b)) for s, b in units),
+                   f"cache-teachers (rank 0 of {info.world_size})" if info.distributed else "cache-teachers",
+                   "views", enabled=info.is_main)
+    try:
+        while units:
+            loader = DataLoader(
+                UnitViews(manifest, store.root, units, plan.records, names, job.recipe, job.seed,
+                          store.spec.epochs_per_unit, store.spec.epochs, leases, info),
+                batch_size=None, num_workers=min(job.workers, len(units)),
+                pin_memory=info.device.type == "cuda", persistent_workers=False)
+            done += _compute(job, info, store, teachers, loader, writer, renewer, bar)
+            if leases is None:
+                break
+            # what is left is held by other processes: wait until it is committed or its lease
+            # can be taken over, so that this returns only when every unit is committed
+            units = [u for u in units if unit_needs(store.unit_record(*u), names)]
+            if units:
+                time.sleep(min(5.0, leases.seconds / 4))
+    finally:
+        bar.close()
+        try:
+            writer.finish()
+        finally:
+            for lease in renewer.close():  # units an error stopped: free for anyone at once
+                leases.release(lease)  # type: ignore[union-attr]
+    elapsed = time.perf_counter() - start
+    barrier(info)
+    return {"units": writer.committed, "views": done, "seconds": elapsed,
+            "views_per_s": done / elapsed if elapsed > 0 else 0.0, "rank": info.rank}
+
+
+def _compute(job: CacheJob, info: DistInfo, store: CacheStore, teachers: list[Teacher], loader: DataLoader,
+             writer: _Writer, renewer: _Renewer, bar: Progress) -> int:
+    """Run the teachers on every group the loader brings; each finished unit goes to the
+    writer. Returns the number of views done."""
     pending: dict[tuple[int, int], dict[str, Any]] = {}
-    start, done = time.perf_counter(), 0
-    bar = Progress(n_views, f"cache-teachers (rank 0 of {info.world_size})" if info.distributed
-                   else "cache-teachers", "views", enabled=info.is_main)
+    done = 0
 
     def settle(item: GroupViews, results: list[tuple[int, Teacher]], wait: Callable[[], list]) -> int:
         """A group's top-k, once on the host: checked finite, added to its unit, which is handed
         to the writer when this was its last group."""
         unit = (item.shard, item.block)
-        outs: dict[str, list[tuple[np.ndarray, ...]]] = {n: [] for n in needs[unit]}
+        outs: dict[str, list[tuple[np.ndarray, ...]]] = {n: [] for n in item.needs}
         for (j, t), (*top, finite) in zip(results, wait()):
             if not finite.all():
                 raise NonFiniteError(_non_finite(t, item, store.block_epochs(item.block)[j], finite))
@@ -288,40 +294,34 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
         for name, per_epoch in outs.items():
             pending[unit]["teachers"][name].append(per_epoch)
         if item.group == item.num_groups - 1:
-            writer.put((item.shard, item.block, _unit_arrays(pending.pop(unit)), store.unit_record(*unit)))
+            writer.put((item, _unit_arrays(pending.pop(unit))))
         n = item.records.shape[0] * item.records.shape[1]  # epochs x rows
         bar.update(n)
         return n
 
     in_flight = None  # the previous group, its results still on their way to the host
-    try:
-        for item in loader:
-            unit = (item.shard, item.block)
-            acc = pending.setdefault(unit, {"groups": [], "new_views": item.new_views,
-                                            "teachers": {n: [] for n in needs[unit]}})
-            acc["groups"].append((item.keys, item.labels, item.records))  # not the bytes
-            results, tops = [], []
-            epoch_views = render_encoded(item.images, item.records, item.rows, job.recipe,
-                                         info.device, item.names)  # decoded once for all epochs
-            for j, views in enumerate(epoch_views):
-                for t in teachers:
-                    if t.name in needs[unit]:
-                        results.append((j, t))
-                        tops.append(_top_k(t, views, job, info.device))
-            # this group is queued on the device: only now wait for the previous one's results,
-            # so the device runs this group's views and teachers while the host takes those
-            if in_flight is not None:
-                done += settle(*in_flight)
-            in_flight = (item, results, _to_host(tops, info.device))
+    for item in loader:
+        renewer.hold(item.lease)
+        unit = (item.shard, item.block)
+        acc = pending.setdefault(unit, {"groups": [], "new_views": item.new_views,
+                                        "teachers": {n: [] for n in item.needs}})
+        acc["groups"].append((item.keys, item.labels, item.records))  # not the bytes
+        results, tops = [], []
+        epoch_views = render_encoded(item.images, item.records, item.rows, job.recipe,
+                                     info.device, item.names)  # decoded once for all epochs
+        for j, views in enumerate(epoch_views):
+            for t in teachers:
+                if t.name in item.needs:
+                    results.append((j, t))
+                    tops.append(_top_k(t, views, job, info.device))
+        # this group is queued on the device: only now wait for the previous one's results,
+        # so the device runs this group's views and teachers while the host takes those
         if in_flight is not None:
             done += settle(*in_flight)
-    finally:
-        bar.close()
-        writer.finish()
-    elapsed = time.perf_counter() - start
-    barrier(info)
-    return {"units": len(units), "views": done, "seconds": elapsed,
-            "views_per_s": done / elapsed if elapsed > 0 else 0.0, "rank": info.rank}
+        in_flight = (item, results, _to_host(tops, info.device))
+    if in_flight is not None:
+        done += settle(*in_flight)
+    return done
 
 
 def _top_k(teacher: Teacher, views: torch.Tensor, job: CacheJob,

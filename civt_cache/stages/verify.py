@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import math
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from civt_cache.cache.scan import scan_cache
 from civt_cache.cache.spec import FP16_LOWEST, check_alignment
-from civt_cache.cache.store import CacheStore, committed_components
+from civt_cache.cache.store import CacheStore
 from civt_cache.data.manifest import load_manifest
 from civt_cache.data.shards import read_shard, sample_name
 from civt_cache.distributed import pick_device
@@ -32,37 +32,26 @@ def inspect_cache(root: Path) -> str:
              f"img {s.recipe.img_size}px, seed {s.seed}, top-{s.topk} of {s.num_classes} classes"]
     for name, ident in teachers.items():
         lines.append(f"  teacher {name}: {ident['arch']} (checkpoint sha256 {ident['checkpoint_sha256'][:12]})")
-    done: Counter = Counter()
-    missing: dict[str, list[str]] = {n: [] for n in ["views", *teachers]}
-    views_committed = 0
-    committed_units, damaged = [], []
-    for shard, block in store.units():
-        rec = store.unit_record(shard, block)
-        if rec is not None:
-            damaged += [f"unit (shard {shard}, block {block}) {c}: {why}" for c, why
-                        in store.missing_chunks(shard, block, committed_components(rec)).items()]
-        for comp in missing:
-            has = rec is not None and (rec.get("views") if comp == "views" else comp in rec["teachers"])
-            if has:
-                done[comp] += 1
-            else:
-                missing[comp].append(f"s{shard}b{block}")
-        if rec and rec.get("views"):
-            views_committed += rec["num_samples"] * len(rec["epochs"])
-            committed_units.append((shard, block, rec))
-    total = len(store.units())
+    scan = scan_cache(store, leases=True)
+    total = len(scan.units)
+    components = ["views", *teachers]
+    done = {c: sum(u.has(c) for u in scan.units) for c in components}
     lines.append(f"  units: {total} in all; views committed in {done['views']}; "
                  + ", ".join(f"{n} in {done[n]}" for n in teachers))
-    for comp, miss in missing.items():
-        if miss:
-            lines.append(f"  missing {comp}: {len(miss)} unit(s), e.g. {', '.join(miss[:6])}"
-                         " (rerun cache-teachers to fill them)")
-    for why in store.unreadable.values():
+    missing = scan.missing_lines(teachers)
+    if missing:
+        lines.append(f"  incomplete: {len(scan.incomplete(teachers))} unit(s) (rerun cache-teachers to "
+                     "fill them; units leased by a running process are being filled now)")
+        lines += [f"    {line}" for line in missing]
+    damaged = scan.lost()
+    for why in scan.unreadable:
         lines.append(f"  DAMAGED: {why} (rerun cache-teachers to redo it)")
     for why in damaged[:8]:
         lines.append(f"  DAMAGED: {why} (rerun cache-teachers to redo it)")
     if len(damaged) > 8:
         lines.append(f"  DAMAGED: ... {len(damaged) - 8} more")
+    committed_units = [(u.shard, u.block, u.record) for u in scan.units if u.has("views")]
+    views_committed = sum(r["num_samples"] * len(r["epochs"]) for _, _, r in committed_units)
     lines.append(f"  chunk contents not checked here: `civt-cache verify {root} --full` checks every "
                  "committed unit's checksums")
     sizes = store.disk_bytes()
@@ -163,7 +152,7 @@ def verify_cache(root: Path, manifest_path: Path | None, teacher_specs: list[str
         if ident["checkpoint_sha256"] != t.sha256:
             raise CacheMismatchError(f"{root}: teacher {t.name!r} ({t.checkpoint}) is not the one "
                                      f"cached: sha256 {t.sha256[:12]}, cached {ident['checkpoint_sha256'][:12]}")
-    committed = [(s, b, r) for s, b in store.units() if (r := store.unit_record(s, b)) and r.get("views")]
+    committed = [(u.shard, u.block, u.record) for u in scan_cache(store, chunks=False).units if u.has("views")]
     if not committed:
         return f"{root}: no committed units to verify", False
     rng = np.random.default_rng(seed)
@@ -219,20 +208,25 @@ def verify_cache(root: Path, manifest_path: Path | None, teacher_specs: list[str
 
 
 def verify_full(root: Path) -> tuple[str, bool]:
-    """Check every committed unit's chunks (present, CRC32C, progress-record checksums)
-    without running any teacher; list the damaged ones and how to redo them."""
+    """Check every committed unit's chunks (present, CRC32C, commit-record checksums) without
+    running any teacher, and that every unit is committed for every teacher; list the damaged
+    and the missing units and how to finish them."""
     store = CacheStore.open(root)
-    bad, checked = [], 0
-    for shard, block in store.units():
-        rec = store.unit_record(shard, block)
-        if rec is None:
-            continue
-        checked += 1
-        bad += [f"  unit (shard {shard}, block {block}) {c}: {why}"
-                for c, why in store.check_unit(shard, block, rec).items()]
-    bad += [f"  {why}" for why in store.unreadable.values()]
-    if not bad:
-        return f"{root}: {checked} committed unit(s) checked, all sound -> OK", True
-    return (f"{root}: {checked} committed unit(s) checked, {len(bad)} problem(s):\n" + "\n".join(bad)
-            + "\n-> FAILED. Recompute exactly these with `civt-cache cache-teachers ... --repair` "
-            "(same settings as the cache was built with).", False)
+    teachers = list(store.teachers())
+    scan = scan_cache(store, chunks=False, leases=True)
+    committed = [u for u in scan.units if u.record is not None]
+    bad = [f"  unit (shard {u.shard}, block {u.block}) {c}: {why}"
+           for u in committed for c, why in store.check_unit(u.shard, u.block, u.record).items()]
+    bad += [f"  {why}" for why in scan.unreadable]
+    missing = scan.missing_lines(teachers)
+    head = f"{root}: {len(committed)} committed unit(s) checked"
+    if not bad and not missing:
+        return f"{head}, all {len(scan.units)} unit(s) complete, all sound -> OK", True
+    out = [head]
+    if bad:
+        out += [f"{len(bad)} damaged:", *bad]
+    if missing:
+        out += [f"{len(scan.incomplete(teachers))} of {len(scan.units)} unit(s) incomplete:",
+                *(f"  {line}" for line in missing)]
+    return ("\n".join(out) + "\n-> FAILED. Finish or recompute them with `civt-cache cache-teachers ... "
+            "--repair` (same settings as the cache was built with).", False)

@@ -1,0 +1,187 @@
+"""Leases on a cache's units: which process computes a unit now, and until when.
+
+``cache-teachers --claim`` lets any number of processes (torchrun ranks on several nodes, a SLURM
+array, pods started apart) fill one cache: each takes the next free unit when it is ready for
+one. A unit is taken with a lease, one small JSON file ``leases/sSSSSSS-bBBBB.gGGGG.json``
+(owner, expiry) created only if that name does not exist yet; the holder renews the expiry while
+it computes the unit and deletes the lease after the unit's commit record is written. A lease
+that has expired, or whose owner is a process of this host that no longer runs, is taken over
+by anyone by creating the next generation's file, so exactly one process wins a takeover and a
+crashed node's units are finished by the others or by any rerun.
+
+Only two operations are needed from the storage, an exclusive create and a plain overwrite of
+one's own file: no rename of a shared name, no lock. (On object storage the exclusive create is a
+conditional PUT, ``If-None-Match: *``.) A holder whose lease was taken over while it stalled
+finds that out when it renews or before it writes, and leaves the unit to the new holder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from civt_cache.cache.store import CacheStore
+from civt_cache.fsutil import FILE_MODE, atomic_write_json
+
+#: Seconds a lease lasts unless renewed; holders renew it every third of that.
+LEASE_SECONDS = 300.0
+_NAME = re.compile(r"^s(\d{6})-b(\d{4})\.g(\d{4,})\.json$")
+
+
+def this_process() -> str:
+    """A lease owner: host and process id (a DataLoader worker claims for its main process)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Generation ``generation`` of the lease on unit (shard, block): held by ``owner`` until
+    ``expires`` (seconds since the epoch)."""
+
+    shard: int
+    block: int
+    generation: int
+    owner: str
+    expires: float
+
+    def takeable(self, now: float) -> bool:
+        """Expired, or held by a process of this host that has ended (a rerun after a crash
+        need not wait out the lease)."""
+        if now >= self.expires:
+            return True
+        host, _, pid = self.owner.rpartition(":")
+        if host != socket.gethostname() or not pid.isdigit():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+
+
+class Leases:
+    """The leases of the cache at ``root``, as seen and taken by ``owner``."""
+
+    def __init__(self, root: Path, owner: str, seconds: float = LEASE_SECONDS) -> None:
+        self.dir, self.owner, self.seconds = Path(root) / "leases", owner, seconds
+
+    def _path(self, shard: int, block: int, generation: int) -> Path:
+        return self.dir / f"s{shard:06d}-b{block:04d}.g{generation:04d}.json"
+
+    def _read(self, path: Path) -> Lease | None:
+        """The lease in ``path`` (a name ``_NAME`` matches); None when it was released meanwhile.
+        A file that does not parse blocks its unit for one lease from its mtime, then is taken."""
+        m = _NAME.match(path.name)
+        assert m is not None, path
+        shard, block, generation = (int(g) for g in m.groups())
+        try:
+            data = json.loads(path.read_text())
+            return Lease(shard, block, generation, str(data["owner"]), float(data["expires"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            try:
+                stamp = path.stat().st_mtime
+            except FileNotFoundError:
+                return None
+            return Lease(shard, block, generation, "unreadable", stamp + self.seconds)
+
+    def all(self) -> dict[tuple[int, int], Lease]:
+        """The current (newest generation) lease of every leased unit: one directory listing."""
+        out: dict[tuple[int, int], Lease] = {}
+        names = sorted(os.listdir(self.dir)) if self.dir.is_dir() else []
+        for name in names:  # sorted: a unit's newest generation comes last
+            if _NAME.match(name) and (lease := self._read(self.dir / name)) is not None:
+                out[(lease.shard, lease.block)] = lease
+        return out
+
+    def current(self, shard: int, block: int) -> Lease | None:
+        """The unit's newest lease, or None when nobody holds or held it."""
+        prefix = f"s{shard:06d}-b{block:04d}."
+        names = sorted(n for n in os.listdir(self.dir) if n.startswith(prefix) and _NAME.match(n)) \
+            if self.dir.is_dir() else []
+        for name in reversed(names):
+            if (lease := self._read(self.dir / name)) is not None:
+                return lease
+        return None
+
+    def acquire(self, shard: int, block: int) -> Lease | None:
+        """Take the unit: a new lease when it has none, or the next generation over a takeable
+        one; None when another process holds it (or won the race for it)."""
+        now = time.time()
+        cur = self.current(shard, block)
+        if cur is not None and not cur.takeable(now):
+            return None
+        lease = Lease(shard, block, cur.generation + 1 if cur else 0, self.owner, now + self.seconds)
+        return lease if self._create(lease) else None
+
+    def _create(self, lease: Lease) -> bool:
+        """Exclusive create with the whole content at once (link of a finished temp file): a
+        reader never sees a half-written lease, and only one creator of a name succeeds."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".lease-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"owner": lease.owner, "expires": lease.expires}, f)
+            os.chmod(tmp, FILE_MODE)
+            os.link(tmp, self._path(lease.shard, lease.block, lease.generation))
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def holds(self, lease: Lease) -> bool:
+        """Whether ``lease`` is still its unit's newest, ours, and not taken over."""
+        cur = self.current(lease.shard, lease.block)
+        return cur is not None and (cur.generation, cur.owner) == (lease.generation, lease.owner)
+
+    def renew(self, lease: Lease) -> Lease | None:
+        """Push the expiry ``seconds`` ahead; None when the lease was lost to another process."""
+        if not self.holds(lease):
+            return None
+        renewed = Lease(**{**asdict(lease), "expires": time.time() + self.seconds})
+        atomic_write_json(self._path(lease.shard, lease.block, lease.generation),
+                          {"owner": renewed.owner, "expires": renewed.expires})
+        return renewed
+
+    def release(self, lease: Lease) -> None:
+        """Delete the unit's lease files up to ours (after its commit, or when giving it up)."""
+        for g in range(lease.generation, -1, -1):
+            self._path(lease.shard, lease.block, g).unlink(missing_ok=True)
+
+
+def unit_needs(record: dict[str, Any] | None, teachers: Sequence[str]) -> list[str]:
+    """The teachers a unit still needs given its commit record: all of them until its views
+    are committed (every teacher's targets rest on them), else those not committed yet."""
+    if not record or not record.get("views"):
+        return list(teachers)
+    return [t for t in teachers if t not in record["teachers"]]
+
+
+def claim_units(store: CacheStore, leases: Leases, candidates: Sequence[tuple[int, int]],
+                teachers: Sequence[str]) -> Iterator[tuple[tuple[int, int], dict[str, Any] | None, Lease]]:
+    """The units of ``candidates`` that still need work and are free, each under a lease taken
+    only when the caller asks for the next one (so a process takes a unit when it is ready to
+    compute it), with the unit's commit record read after the lease was taken. Units other
+    processes hold are passed over; the caller waits for them (``cache-teachers`` does, until
+    each is committed or its lease can be taken over)."""
+    for unit in candidates:
+        if not unit_needs(store.unit_record(*unit), teachers):
+            continue
+        lease = leases.acquire(*unit)
+        if lease is None:
+            continue
+        record = store.unit_record(*unit)  # committed between the look and the lease?
+        if not unit_needs(record, teachers):
+            leases.release(lease)
+            continue
+        yield unit, record, lease

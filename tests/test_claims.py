@@ -1,0 +1,140 @@
+"""Work shared by any number of processes: leases on units (``cache.leases``), taken one at a
+time, renewed, taken over when expired or when their owner died; ``inspect`` and ``verify
+--full`` say what is committed, leased and missing."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from civt_cache import load_manifest
+from civt_cache.cache.leases import Leases, claim_units, this_process
+from civt_cache.cache.spec import CacheSpec
+from civt_cache.cache.store import CacheStore
+from civt_cache.views.recipe import Recipe
+from tests.conftest import cache_args, run_cli
+from tests.test_faults import arrays
+
+HOST = socket.gethostname()
+
+
+def _lease_file(root: Path, shard: int, block: int, generation: int) -> Path:
+    return root / "leases" / f"s{shard:06d}-b{block:04d}.g{generation:04d}.json"
+
+
+def test_a_lease_is_exclusive_renewed_and_taken_over_once_expired(tmp_path) -> None:
+    a, b = Leases(tmp_path, "node-a:11", 60), Leases(tmp_path, "node-b:22", 60)
+    held = a.acquire(0, 0)
+    assert held is not None and held.generation == 0
+    assert b.acquire(0, 0) is None  # live: nobody else gets it
+    renewed = a.renew(held)
+    assert renewed is not None and renewed.expires >= held.expires and a.holds(renewed)
+    # node-a stops renewing (a crash on another host): its lease runs out
+    _lease_file(tmp_path, 0, 0, 0).write_text(json.dumps({"owner": "node-a:11", "expires": time.time() - 1}))
+    taken = b.acquire(0, 0)
+    assert taken is not None and (taken.generation, taken.owner) == (1, "node-b:22")
+    assert not a.holds(held) and a.renew(held) is None  # node-a, back, learns it lost the unit
+    assert a.acquire(0, 0) is None
+    assert Leases(tmp_path, "anyone").all() == {(0, 0): taken}
+    b.release(taken)
+    assert Leases(tmp_path, "anyone").all() == {} and not list((tmp_path / "leases").glob("*.json"))
+
+
+def test_a_lease_of_a_dead_local_process_is_taken_at_once(tmp_path) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert Leases(tmp_path, f"{HOST}:{gone.pid}", 3600).acquire(1, 0) is not None
+    assert Leases(tmp_path, this_process(), 3600).acquire(1, 0).generation == 1
+    # a live local owner (this process) keeps its unit
+    assert Leases(tmp_path, f"{HOST}:{os.getppid()}", 3600).acquire(1, 0) is None
+
+
+def test_two_claimers_share_units_and_take_over_expired_ones(world, tmp_path) -> None:
+    """Interleaved claimers take disjoint units, one at a time, passing over the units the other
+    holds; a unit whose holder stalled past its lease is taken over, so every unit is done once."""
+    manifest = load_manifest(world["manifest"])
+    spec = CacheSpec.for_manifest(manifest, Recipe(img_size=32), 0, 2, 1, 5)
+    store = CacheStore.create_or_open(tmp_path / "c", spec)
+    units = store.units()
+    node_a, node_b = Leases(store.root, "node-a:1", 0.5), Leases(store.root, "node-b:2", 60)
+    a = claim_units(store, node_a, units, ["conv"])
+    b = claim_units(store, node_b, units[2:] + units[:2], ["conv"])
+
+    def commit(unit: tuple[int, int]) -> None:
+        store.commit_unit(*unit, 1, {"sha256": "-"}, {"conv": {"sha256": "-"}})
+
+    ua, _, la = next(a)
+    ub, _, lb = next(b)
+    assert (ua, ub) == (units[0], units[2]) and la.owner == "node-a:1" and lb.owner == "node-b:2"
+    commit(ua)
+    node_a.release(la)
+    ua2, _, _ = next(a)  # node-a takes the next free unit, then stalls without committing it
+    assert ua2 == units[1]
+    commit(ub)
+    node_b.release(lb)
+    rest = [u for u, _, _ in b]  # node-b passes over node-a's live lease
+    for u in rest:
+        commit(u)
+    assert rest == [units[3]] and store.unit_record(*ua2) is None
+    time.sleep(0.6)  # node-a's lease runs out
+    (unit, _, lease), = list(claim_units(store, node_b, units, ["conv"]))
+    assert unit == ua2 and (lease.generation, lease.owner) == (1, "node-b:2")
+    assert list(claim_units(store, node_a, units, ["conv"])) == []  # node-b holds it now
+
+
+def _units_done(stdout: str) -> int:
+    return int(re.search(r"rank 0: (\d+) unit\(s\)", stdout).group(1))
+
+
+def test_independent_claiming_jobs_split_a_cache(world, tmp_path) -> None:
+    """Two jobs started apart (as a SLURM array would) on one cache: each does some units,
+    none is done twice, and the cache equals one made by a single process."""
+    out = tmp_path / "c"
+    cmd = [sys.executable, "-m", "civt_cache.cli", *cache_args(world["root"], out, "--claim", "--epochs", "4")]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [r[1][-2000:] for r in results]
+    done = [_units_done(r[0]) for r in results]
+    assert sum(done) == 8 and min(done) >= 1, done
+    assert "all 8 unit(s) complete, all sound -> OK" in run_cli("verify", str(out), "--full").stdout
+    ref, got = arrays(world["ref"]), arrays(out)
+    for k in ref:  # the 2-epoch reference is the first 2 epochs (blocks) of this cache
+        assert np.array_equal(ref[k], got[k][: ref[k].shape[0]], equal_nan=ref[k].dtype.kind == "f"), k
+    assert not list((out / "leases").glob("*.json"))
+
+
+def test_a_killed_claimer_is_finished_after_its_lease_expires(world, tmp_path) -> None:
+    """SIGKILL mid-unit: the cache is incomplete and ``verify --full`` fails listing the units
+    (one leased); a rerun waits out the lease (here forged onto another host, 3 s left), takes
+    the unit over and finishes; the result equals the uninterrupted cache."""
+    out = tmp_path / "c"
+    proc = subprocess.Popen([sys.executable, "-m", "civt_cache.cli", *cache_args(world["root"], out, "--claim")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((out / "leases").glob("*.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    leased = sorted((out / "leases").glob("*.json"))
+    assert leased, "the process finished before it could be killed"
+    expires = time.time() + 3
+    for path in leased:
+        path.write_text(json.dumps({"owner": "node-b:4242", "expires": expires}))
+    failed = run_cli("verify", str(out), "--full", check=False)
+    assert failed.returncode == 1 and "incomplete" in failed.stdout and "FAILED" in failed.stdout
+    assert "leased by node-b:4242" in failed.stdout and "lacks" in failed.stdout
+    assert "leased by node-b:4242" in run_cli("inspect", str(out)).stdout
+    run_cli(*cache_args(world["root"], out, "--claim", "--lease-seconds", "5"))
+    assert time.time() >= expires  # it waited for the lease rather than computing beside it
+    assert "all 4 unit(s) complete, all sound -> OK" in run_cli("verify", str(out), "--full").stdout
+    ref, got = arrays(world["ref"]), arrays(out)
+    for k in ref:
+        assert np.array_equal(ref[k], got[k], equal_nan=ref[k].dtype.kind == "f"), k

@@ -3,12 +3,17 @@ device choice. Stages work unchanged without torchrun (world size 1)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from civt_cache.errors import ConfigError
+
+T = TypeVar("T", torch.Tensor, torch.nn.Module)
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,32 @@ def init_distributed(device_preference: str = "auto", threads: int = 0, workers:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank, world, local, device, choose_threads(threads, workers))
+
+
+def device_autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on a GPU; off elsewhere (on a CPU it is slower and less exact than fp32).
+    Every forward pass of every stage runs under this, so they all compute alike."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def device_layout(obj: T, device: torch.device) -> T:
+    """A model or a 4-D batch in channels_last on a GPU (what its convolutions run fastest on),
+    unchanged elsewhere."""
+    if device.type != "cuda":
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.contiguous(memory_format=torch.channels_last)  # type: ignore[return-value]
+    return obj.to(memory_format=torch.channels_last)  # type: ignore[union-attr]
+
+
+@contextmanager
+def distributed_session(device_preference: str, threads: int = 0, workers: int = 0) -> Iterator[DistInfo]:
+    """``init_distributed`` for the length of a command, the process group always left after."""
+    info = init_distributed(device_preference, threads, workers)
+    try:
+        yield info
+    finally:
+        shutdown(info)
 
 
 def barrier(info: DistInfo) -> None:

@@ -90,7 +90,7 @@ def test_cache_contents_inspect_and_verify(reference, digits, teachers) -> None:
 
 def _stage_one_views(m, root: Path, committed: dict) -> tuple:
     """The first group stage one hands over for unit (1, 1) and the views it builds of it."""
-    group = next(iter(UnitViews(m, root, [(1, 1)], committed, [], RECIPE, 0, 1, 2)))
+    group = next(iter(UnitViews(m, root, [(1, 1)], committed, [], CacheStore.open(root).spec)))
     images = decode_images(group.images, torch.device("cpu"), group.names)
     return group, render_views(images, group.records[0], group.rows, RECIPE)
 

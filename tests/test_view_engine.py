@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from civt_cache.bench.pil_reference import apply_records, decode_rgb, eval_view, render_base
 from civt_cache.bench.probes import PeakMemory
+from civt_cache.cache.spec import CacheSpec
 from civt_cache.data.synthetic import photo_like_jpeg, write_imagenet_like
 from civt_cache.errors import BadImageError
 from civt_cache.loader.units import UnitViews
@@ -208,7 +209,7 @@ def test_workers_move_bytes_and_shared_memory_stays_flat(tmp_path: Path) -> None
     for n in (48, 96):
         m = write_imagenet_like(tmp_path / f"d{n}", n, seed=n)
         units = [(0, 0)]
-        ds = UnitViews(m, tmp_path / "no-cache", units, {}, [], RECIPE, 0, 1, 1)
+        ds = UnitViews(m, tmp_path / "no-cache", units, {}, [], CacheSpec.for_manifest(m, RECIPE, 0, 1, 1, 5))
         with PeakMemory(interval=0.02) as mem:
             items = list(DataLoader(ds, batch_size=None, num_workers=2))
         assert all(isinstance(im, bytes) for it in items for im in it.images)
@@ -223,7 +224,6 @@ def test_a_cache_of_another_views_version_is_refused(tmp_path: Path) -> None:
     would be replayed as other pixels, so it is refused with the reason."""
     import json
 
-    from civt_cache.cache.spec import CacheSpec
     from civt_cache.cache.store import CacheStore
     from civt_cache.errors import CacheMismatchError
 

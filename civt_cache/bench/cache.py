@@ -35,7 +35,7 @@ def measure_cache(job: CacheJob, out: Path | None = None) -> dict[str, Any]:
         chunks = sum(store.disk_bytes(chunks_only=True).values())
         files = sum(store.disk_bytes().values())
         first = {(0, 0): store.unit_record(0, 0)}
-        group = next(iter(UnitViews(manifest, one.out, list(first), first, [], job.recipe, job.seed, 1, 1)))
+        group = next(iter(UnitViews(manifest, one.out, list(first), first, [], store.spec)))
         views = next(render_encoded(group.images, group.records[:1], group.rows, job.recipe, device,
                                     group.names))  # pre-built on the device, outside the timing
     teachers = [build_teacher(t, device) for t in job.teachers]

@@ -17,7 +17,7 @@ import torch
 from civt_cache.bench.probes import PeakMemory, sync
 from civt_cache.cache.store import CacheStore
 from civt_cache.data.manifest import load_manifest
-from civt_cache.distributed import pick_device
+from civt_cache.distributed import device_layout, pick_device
 from civt_cache.errors import ConfigError
 from civt_cache.stages.train_student import StudentJob, train_student
 from civt_cache.train.optim import optimizer_and_schedule
@@ -68,8 +68,7 @@ def _new_student(job: StudentJob, num_classes: int, device: torch.device) -> tup
     torch.manual_seed(job.seed)
     model = timm.create_model(job.model, num_classes=num_classes, img_size=job.recipe.img_size,
                               drop_path_rate=job.drop_path).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = device_layout(model, device)
     optimizer, _ = optimizer_and_schedule(model, "adamw", 1e-4, job.weight_decay, 1000, 0, 1e-5)
     return model.train(), optimizer
 
@@ -94,8 +93,9 @@ def measure_prebuilt(job: StudentJob, steps: int) -> float:
     """Stage two's limit: the same student and step from the cache's targets, on batches built
     beforehand and already on the device (no data path at all)."""
     from civt_cache.loader.batches import EpochSource, StudentBatches, batch_inputs
-    from civt_cache.stages.train_student import TEACHER_SETS, train_step
+    from civt_cache.stages.train_student import TEACHER_SETS
     from civt_cache.train.losses import LossWeights
+    from civt_cache.train.step import train_step
 
     device = pick_device(job.device)
     manifest = load_manifest(job.manifest)
@@ -150,8 +150,8 @@ def measure_timm_loader(job: StudentJob, steps: int) -> float:
     on the device) and the same number of workers."""
     from timm.data import Mixup, create_loader
 
-    from civt_cache.stages.train_student import train_step
     from civt_cache.train.losses import LossWeights
+    from civt_cache.train.step import train_step
 
     device = pick_device(job.device)
     manifest = load_manifest(job.manifest)
@@ -171,7 +171,7 @@ def measure_timm_loader(job: StudentJob, steps: int) -> float:
     def batches():
         for x, y in loader:
             x, y = mixup(x.to(device), y.to(device))
-            yield (x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x), y
+            yield device_layout(x, device), y
 
     return _timed_steps(lambda x, y: train_step(model, optimizer, x, y, {}, weights, job.clip_grad)[0],
                         batches(), steps, device)

@@ -97,6 +97,11 @@ class CacheSpec:
     def num_blocks(self) -> int:
         return -(-self.epochs // self.epochs_per_unit)
 
+    def block_epochs(self, block: int) -> range:
+        """The epochs of block ``block`` (the last block of a cache may be short)."""
+        b = self.epochs_per_unit
+        return range(block * b, min((block + 1) * b, self.epochs))
+
     @property
     def index_dtype(self) -> str:
         return "int16" if self.num_classes <= 32767 else "int32"

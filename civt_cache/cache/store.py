@@ -189,8 +189,7 @@ class CacheStore:
         return [(s, b) for b in range(self.spec.num_blocks) for s in range(self.spec.num_shards)]
 
     def block_epochs(self, block: int) -> range:
-        b = self.spec.epochs_per_unit
-        return range(block * b, min((block + 1) * b, self.spec.epochs))
+        return self.spec.block_epochs(block)
 
     def _progress_path(self, shard: int, block: int) -> Path:
         return self.root / "progress" / f"s{shard:06d}-b{block:04d}.json"

@@ -23,15 +23,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from civt_cache.cache.spec import check_alignment
 from civt_cache.cache.store import CacheStore
 from civt_cache.data.manifest import DataManifest
-from civt_cache.data.shards import read_shard, sample_name
-from civt_cache.errors import CacheMismatchError
+from civt_cache.distributed import device_layout
 from civt_cache.loader.soft_targets import pseudo_logits
-from civt_cache.views.engine import EncodedImage, decoded_in_budget, eval_views, render_encoded, worker_image
+from civt_cache.loader.units import ShardRead
+from civt_cache.views.engine import EncodedImage, decoded_in_budget, eval_views, render_encoded
 from civt_cache.views.recipe import Recipe
-from civt_cache.views.records import LAM, LAM_ONE, PARTNER, _rng, image_size, mixed_targets, sample_shard_records
+from civt_cache.views.records import LAM, LAM_ONE, PARTNER, _rng, mixed_targets
 from civt_cache.views.transfer import to_device
 
 _STREAM_SHARDS, _STREAM_ORDER = 0x5348, 0x4F52
@@ -98,8 +97,7 @@ def batch_inputs(batch: StudentBatch, recipe: Recipe, num_classes: int, smoothin
     mixed, smoothed label targets and each cached teacher's dense target logits. The batch's
     numbers travel in one transfer."""
     x = batch.views.to(device) if batch.views is not None else batch_views(batch, recipe, device)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = device_layout(x, device)
     arrays = {"labels": batch.labels, "partners": batch.partner_labels, "lam": batch.lam}
     for name, (logprobs, indices, _) in batch.teachers.items():
         arrays.update({f"{name}.logprobs": logprobs, f"{name}.indices": indices})
@@ -160,41 +158,29 @@ class StudentBatches(IterableDataset):
         skip = self.skip_samples[wid] if self.skip_samples else 0
         store = CacheStore.open(self.source.cache) if self.source.cache else None
         for shard in self.shards[wid::nw]:
-            samples = read_shard(self.manifest, shard)  # sha256 on the same read
-            path = self.manifest.shard_path(shard)
-            base = self.manifest.shard_base(shard)
-            rows = list(range(base, base + len(samples)))
+            read = ShardRead(self.manifest, shard)
             teacher_out: dict[str, tuple[np.ndarray, ...]] = {}
             if store is not None:
-                block = self.source.cache_epoch // store.spec.epochs_per_unit
-                record = store.unit_record(shard, block)
-                if record is None:
-                    raise CacheMismatchError(f"{self.source.cache}: unit (shard {shard}, block {block}) "
-                                             "is not committed; run cache-teachers to finish it")
-                recs, hashes, cached_labels, teacher_out = store.read_epoch(
-                    shard, self.source.cache_epoch, record, list(self.source.teachers))
-                check_alignment(self.source.cache, self.manifest, shard, samples, hashes, cached_labels)
+                recs, teacher_out = read.cached_epoch(store, self.source.cache_epoch, list(self.source.teachers))
             else:
-                sizes = [image_size(s.image, sample_name(path, s)) for s in samples]
-                recs = sample_shard_records(self.recipe, self.source.view_seed, self.source.epoch,
-                                            shard, rows, sizes)
-            images: dict[int, tuple[EncodedImage, str]] = {}
+                recs = read.sampled_records(self.recipe, self.source.view_seed, [self.source.epoch])[0]
+            images: dict[int, EncodedImage] = {}
 
             def image(pos: int) -> tuple[EncodedImage, str]:
                 if pos not in images:
-                    name = sample_name(path, samples[pos])
-                    images[pos] = (worker_image(samples[pos].image, name), name)
-                return images[pos]
+                    images[pos] = read.image(pos)
+                return images[pos], read.names[pos]
 
+            base = read.base
             for pos in self._order(shard, recs, base):
                 if skip > 0:
                     skip -= 1
                     continue
                 ppos = int(recs[pos, PARTNER]) - base
                 yield {"row": base + pos, "image": image(pos), "record": recs[pos],
-                       "label": samples[pos].label, "partner_row": base + ppos,
+                       "label": int(read.labels[pos]), "partner_row": base + ppos,
                        "partner_image": image(ppos), "partner_record": recs[ppos],
-                       "partner_label": samples[ppos].label,
+                       "partner_label": int(read.labels[ppos]),
                        "teachers": {n: tuple(a[pos] for a in arrays) for n, arrays in teacher_out.items()}}
 
     def _order(self, shard: int, recs: np.ndarray, base: int) -> list[int]:
@@ -241,11 +227,11 @@ class ValBatches(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         images, names, labels = [], [], []
         for shard in self.shards[wid::nw]:
-            path = self.manifest.shard_path(shard)
-            for s in read_shard(self.manifest, shard):
-                names.append(sample_name(path, s))
-                images.append(worker_image(s.image, names[-1]))
-                labels.append(s.label)
+            read = ShardRead(self.manifest, shard)
+            for pos in range(len(read.samples)):
+                images.append(read.image(pos))
+                names.append(read.names[pos])
+                labels.append(read.labels[pos])
                 if len(labels) == self.batch_size:
                     yield images, names, np.array(labels, np.int64)
                     images, names, labels = [], [], []

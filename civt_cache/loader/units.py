@@ -10,20 +10,65 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from civt_cache.cache.leases import Lease, Leases, claim_units, unit_needs
-from civt_cache.cache.spec import check_alignment
+from civt_cache.cache.spec import CacheSpec, check_alignment
 from civt_cache.cache.store import CacheStore
 from civt_cache.data.manifest import DataManifest
 from civt_cache.data.shards import read_shard, sample_name
 from civt_cache.distributed import DistInfo
+from civt_cache.errors import CacheMismatchError
 from civt_cache.views.engine import EncodedImage, worker_image
 from civt_cache.views.recipe import Recipe
 from civt_cache.views.records import PAIR_GROUP, image_size, sample_shard_records
+
+
+class ShardRead:
+    """One shard of a manifest as every reader needs it (stage one's units, stage two's batches,
+    validation, ``verify``): its samples, read whole with the sha256 checked on that read, their
+    global rows and names (shard file + key, for errors), and on demand each sample's bytes for
+    the device, the records sampled from the image headers, or the cached ones, checked to be
+    this shard's (key hashes and labels)."""
+
+    def __init__(self, manifest: DataManifest, shard: int) -> None:
+        self.manifest, self.shard = manifest, shard
+        self.samples = read_shard(manifest, shard, verify=True)
+        self.path = manifest.shard_path(shard)
+        self.base = manifest.shard_base(shard)
+        self.rows = list(range(self.base, self.base + len(self.samples)))
+        self.names = [sample_name(self.path, s) for s in self.samples]
+        self.labels = np.array([s.label for s in self.samples], np.int64)
+
+    def image(self, pos: int) -> EncodedImage:
+        """What a loader worker hands over for sample ``pos`` (``views.engine.worker_image``)."""
+        return worker_image(self.samples[pos].image, self.names[pos])
+
+    def sampled_records(self, recipe: Recipe, seed: int, epochs: Iterable[int]) -> np.ndarray:
+        """The records of these epochs for every row, [epochs, n, F], from the image headers."""
+        sizes = [image_size(s.image, n) for s, n in zip(self.samples, self.names)]
+        return np.stack([sample_shard_records(recipe, seed, e, self.shard, self.rows, sizes) for e in epochs])
+
+    def cached_records(self, store: CacheStore, block: int, record: dict[str, Any]) -> np.ndarray:
+        """A committed unit's records [epochs of the block, n, F], checked, of this very shard."""
+        recs, hashes, labels = store.read_unit_views(self.shard, block, record)
+        check_alignment(store.root, self.manifest, self.shard, self.samples, hashes, labels)
+        return recs
+
+    def cached_epoch(self, store: CacheStore, epoch: int, teachers: list[str]) -> tuple[
+            np.ndarray, dict[str, tuple[np.ndarray, ...]]]:
+        """One cached epoch of this shard, checked: records [n, F] and each teacher's targets."""
+        block = epoch // store.spec.epochs_per_unit
+        record = store.unit_record(self.shard, block)
+        if record is None:
+            raise CacheMismatchError(f"{store.root}: unit (shard {self.shard}, block {block}) is not "
+                                     "committed; run cache-teachers to finish it")
+        recs, hashes, labels, out = store.read_epoch(self.shard, epoch, record, teachers)
+        check_alignment(store.root, self.manifest, self.shard, self.samples, hashes, labels)
+        return recs, out
 
 
 @dataclass
@@ -59,12 +104,11 @@ class UnitViews(IterableDataset):
     gets to it; ``info`` (this rank) spreads the offsets over all processes."""
 
     def __init__(self, manifest: DataManifest, store_root: Path, units: list[tuple[int, int]],
-                 records: dict[tuple[int, int], dict[str, Any] | None], teachers: list[str], recipe: Recipe,
-                 seed: int, epochs_per_unit: int, total_epochs: int, leases: Leases | None = None,
-                 info: DistInfo | None = None) -> None:
+                 records: dict[tuple[int, int], dict[str, Any] | None], teachers: list[str], spec: CacheSpec,
+                 leases: Leases | None = None, info: DistInfo | None = None) -> None:
         self.manifest, self.store_root, self.units = manifest, store_root, units
-        self.records, self.teachers, self.recipe, self.seed = records, teachers, recipe, seed
-        self.b, self.total_epochs, self.leases, self.info = epochs_per_unit, total_epochs, leases, info
+        self.records, self.teachers, self.spec = records, teachers, spec
+        self.leases, self.info = leases, info
 
     def _todo(self) -> Iterator[tuple[tuple[int, int], dict[str, Any] | None, Lease | None]]:
         worker = get_worker_info()
@@ -81,25 +125,19 @@ class UnitViews(IterableDataset):
     def __iter__(self) -> Iterator[GroupViews]:
         store = None
         for (shard, block), record, lease in self._todo():
-            samples = read_shard(self.manifest, shard, verify=True)
-            path = self.manifest.shard_path(shard)
-            rows = [self.manifest.row_of(shard, i) for i in range(len(samples))]
-            epochs = range(block * self.b, min((block + 1) * self.b, self.total_epochs))
+            shard_read = ShardRead(self.manifest, shard)
             if record and record.get("views"):
                 store = store or CacheStore.open(self.store_root)
-                recs, hashes, stored_labels = store.read_unit_views(shard, block, record)
-                check_alignment(self.store_root, self.manifest, shard, samples, hashes, stored_labels)
+                recs = shard_read.cached_records(store, block, record)
             else:
-                sizes = [image_size(s.image, sample_name(path, s)) for s in samples]
-                recs = np.stack([sample_shard_records(self.recipe, self.seed, e, shard, rows, sizes)
-                                 for e in epochs])
+                recs = shard_read.sampled_records(self.spec.recipe, self.spec.seed, self.spec.block_epochs(block))
             needs = unit_needs(record, self.teachers)
-            num_groups = -(-len(samples) // PAIR_GROUP)
+            n = len(shard_read.samples)
+            num_groups = -(-n // PAIR_GROUP)
             for g in range(num_groups):
-                part = slice(g * PAIR_GROUP, (g + 1) * PAIR_GROUP)
-                names = [sample_name(path, s) for s in samples[part]]
-                yield GroupViews(shard, block, g, num_groups, rows[part],
-                                 [worker_image(s.image, n) for s, n in zip(samples[part], names)],
-                                 names, recs[:, part], [s.key for s in samples[part]],
-                                 np.array([s.label for s in samples[part]], np.int32),
-                                 record, needs, lease)
+                part = range(g * PAIR_GROUP, min((g + 1) * PAIR_GROUP, n))
+                yield GroupViews(shard, block, g, num_groups, shard_read.rows[part.start:part.stop],
+                                 [shard_read.image(i) for i in part], shard_read.names[part.start:part.stop],
+                                 recs[:, part.start:part.stop],
+                                 [shard_read.samples[i].key for i in part],
+                                 shard_read.labels[part.start:part.stop].astype(np.int32), record, needs, lease)

@@ -12,6 +12,7 @@ import timm
 import torch
 from torch import nn
 
+from civt_cache.distributed import device_autocast, device_layout
 from civt_cache.errors import ConfigError
 from civt_cache.fsutil import sha256_file
 from civt_cache.models.checkpoints import classifier_name, load_checkpoint_file, match_layout
@@ -82,11 +83,6 @@ def create_teacher_model(arch: str, num_classes: int) -> nn.Module:
         raise ConfigError(f"unknown architecture {arch!r} ({e})") from None
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPU; plain fp32 on CPU (where autocast is slower and less exact)."""
-    return torch.bfloat16 if device.type == "cuda" else None
-
-
 @torch.no_grad()
 def teacher_logits(teacher: Teacher, views: torch.Tensor, view_mean: tuple[float, ...],
                    view_std: tuple[float, ...], device: torch.device) -> torch.Tensor:
@@ -97,8 +93,6 @@ def teacher_logits(teacher: Teacher, views: torch.Tensor, view_mean: tuple[float
         vm, vs = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (view_mean, view_std))
         tm, ts = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (teacher.mean, teacher.std))
         x = ((x * vs + vm) - tm) / ts
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    dtype = autocast_dtype(device)
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    x = device_layout(x, device)
+    with device_autocast(device):
         return teacher.model(x).float()

@@ -31,7 +31,7 @@ from civt_cache.cache.spec import CacheSpec
 from civt_cache.cache.store import CacheStore
 from civt_cache.config import MAX_BATCH, MAX_EPOCHS, MAX_WORKERS, require
 from civt_cache.data.manifest import load_manifest
-from civt_cache.distributed import DistInfo, barrier, init_distributed, shutdown
+from civt_cache.distributed import DistInfo, barrier, device_layout, distributed_session
 from civt_cache.errors import CacheMismatchError, NonFiniteError
 from civt_cache.loader.units import GroupViews, UnitViews
 from civt_cache.models.teachers import Teacher, build_teacher, parse_teacher_spec, teacher_logits
@@ -205,11 +205,8 @@ def plan_units(store: CacheStore, teacher_names: list[str], info: DistInfo, clai
 
 def cache_teachers(job: CacheJob) -> dict[str, Any]:
     """Run stage one; returns a summary (units done, views/s). Safe to rerun at any point."""
-    info = init_distributed(job.device, job.threads, job.workers)
-    try:
+    with distributed_session(job.device, job.threads, job.workers) as info:
         return _run(job, info)
-    finally:
-        shutdown(info)
 
 
 def _open(job: CacheJob, manifest: Any, info: DistInfo) -> tuple[CacheStore, list[Teacher]]:
@@ -225,8 +222,7 @@ def _open(job: CacheJob, manifest: Any, info: DistInfo) -> tuple[CacheStore, lis
         store.ensure_teacher(t.identity())
         if job.compile:
             t.model = torch.compile(t.model)
-        if info.device.type == "cuda":
-            t.model = t.model.to(memory_format=torch.channels_last)
+        t.model = device_layout(t.model, info.device)
     barrier(info)
     return store, teachers
 
@@ -250,8 +246,7 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
     try:
         while units:
             loader = DataLoader(
-                UnitViews(manifest, store.root, units, plan.records, names, job.recipe, job.seed,
-                          store.spec.epochs_per_unit, store.spec.epochs, leases, info),
+                UnitViews(manifest, store.root, units, plan.records, names, store.spec, leases, info),
                 batch_size=None, num_workers=min(job.workers, len(units)),
                 pin_memory=info.device.type == "cuda", persistent_workers=False)
             done += _compute(job, info, store, teachers, loader, writer, renewer, bar)

@@ -18,7 +18,14 @@ from tqdm import tqdm
 
 from civt_cache.config import MAX_BATCH, MAX_EPOCHS, MAX_WORKERS, require
 from civt_cache.data.manifest import load_manifest
-from civt_cache.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, shutdown
+from civt_cache.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    device_layout,
+    distributed_session,
+)
 from civt_cache.errors import CheckpointError, ConfigError, NonFiniteError
 from civt_cache.loader.batches import (
     StudentBatches,
@@ -34,7 +41,7 @@ from civt_cache.models.teachers import parse_teacher_spec
 from civt_cache.progress import Progress
 from civt_cache.train.evaluate import civt_heads, evaluate
 from civt_cache.train.loss_window import LossWindow
-from civt_cache.train.losses import LossWeights, coadvise_loss
+from civt_cache.train.losses import LossWeights
 from civt_cache.train.optim import optimizer_and_schedule
 from civt_cache.train.records import (
     append_metrics,
@@ -48,6 +55,7 @@ from civt_cache.train.records import (
     write_summary,
 )
 from civt_cache.train.runs import RunLock, check_resumable, load_checkpoint, start_fresh
+from civt_cache.train.step import train_step
 from civt_cache.views.recipe import Recipe
 
 TEACHER_SETS = {"both": ("conv", "inv"), "conv": ("conv",), "inv": ("inv",), "none": ()}
@@ -129,13 +137,12 @@ class StudentJob:
 
 
 def train_student(job: StudentJob) -> dict[str, Any]:
-    info = init_distributed(job.device, job.threads, job.workers)
-    lock = RunLock(job.out)
-    try:
-        return _train(job, info, lock)
-    finally:
-        lock.release()
-        shutdown(info)
+    with distributed_session(job.device, job.threads, job.workers) as info:
+        lock = RunLock(job.out)
+        try:
+            return _train(job, info, lock)
+        finally:
+            lock.release()
 
 
 def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
@@ -183,8 +190,7 @@ class _Run:
         torch.manual_seed(job.seed + info.rank)  # per-rank drop path (DDP broadcasts rank 0's weights)
         self.model = timm.create_model(job.model, num_classes=manifest.num_classes, img_size=job.recipe.img_size,
                                        drop_path_rate=job.drop_path).to(device)
-        if device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = device_layout(self.model, device)
         lr = job.lr if job.lr is not None else 5e-4 * job.batch_size * info.world_size / 512
         self.steps = [steps_per_epoch(manifest, job.seed, e, info.world_size, job.batch_size)
                       for e in range(job.epochs)]
@@ -373,22 +379,6 @@ def _finished_results(run_dir: Path) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: the run's checkpoint says it finished, but its results "
                               f"cannot be read ({e})") from None
-
-
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               ce_target: torch.Tensor, targets: dict[str, torch.Tensor], weights: LossWeights,
-               clip_grad: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One optimisation step of co-advise's loss on a batch already on the device (bf16
-    autocast on GPU); the benchmarks time exactly this against the data paths around it."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-        heads = model(x)
-    loss, parts = coadvise_loss(heads, ce_target, targets, weights)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip_grad > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    optimizer.step()
-    return loss, parts
 
 
 def job_record(job: StudentJob) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import timm
 import torch
 
 from civt_cache.data.manifest import load_manifest
-from civt_cache.distributed import DistInfo, init_distributed, shutdown
+from civt_cache.distributed import DistInfo, device_autocast, distributed_session
 from civt_cache.errors import ConfigError
 from civt_cache.fsutil import sha256_file
 from civt_cache.loader.batches import (
@@ -61,11 +61,8 @@ def teacher_recipe(job: TeacherJob) -> Recipe:
 
 
 def train_teacher(job: TeacherJob) -> dict[str, Any]:
-    info = init_distributed(job.device, job.threads, job.workers)
-    try:
+    with distributed_session(job.device, job.threads, job.workers) as info:
         return _train(job, info)
-    finally:
-        shutdown(info)
 
 
 def _train(job: TeacherJob, info: DistInfo) -> dict[str, Any]:
@@ -95,7 +92,7 @@ def _train(job: TeacherJob, info: DistInfo) -> dict[str, Any]:
         model.train()
         for _, batch in zip(range(steps[epoch]), loader):
             x, target, _ = batch_inputs(batch, recipe, manifest.num_classes, job.label_smoothing, info.device)
-            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=info.device.type == "cuda"):
+            with device_autocast(info.device):
                 loss = soft_ce(model(x), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

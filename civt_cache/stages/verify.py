@@ -8,15 +8,15 @@ import numpy as np
 import torch
 
 from civt_cache.cache.scan import scan_cache
-from civt_cache.cache.spec import FP16_LOWEST, check_alignment
+from civt_cache.cache.spec import FP16_LOWEST
 from civt_cache.cache.store import CacheStore
 from civt_cache.data.manifest import load_manifest
-from civt_cache.data.shards import read_shard, sample_name
 from civt_cache.distributed import pick_device
 from civt_cache.errors import CacheMismatchError, CorruptUnitError
+from civt_cache.loader.units import ShardRead
 from civt_cache.models.teachers import build_teacher, parse_teacher_spec, teacher_logits
-from civt_cache.views.engine import render_encoded, worker_image
-from civt_cache.views.records import LAM, LAM_ONE, MIX_MODE, MIX_NONE, PARTNER, image_size, sample_shard_records
+from civt_cache.views.engine import render_encoded
+from civt_cache.views.records import LAM, LAM_ONE, MIX_MODE, MIX_NONE, PARTNER
 
 INSPECT_MAX_UNITS = 64
 
@@ -166,25 +166,17 @@ def verify_cache(root: Path, manifest_path: Path | None, teacher_specs: list[str
     budget_ok = True
     atol, rtol, max_mismatch = (0.02, 2**-9, 0.02) if device.type == "cpu" else (0.25, 0.03, 0.1)
     for shard, items in sorted(picks.items()):
-        samples_ = read_shard(manifest, shard)
-        rows = [manifest.row_of(shard, i) for i in range(len(samples_))]
-        path = manifest.shard_path(shard)
-        sizes = [image_size(s.image, sample_name(path, s)) for s in samples_]
+        read = ShardRead(manifest, shard)
         epochs = {}
-        for epoch, pos, record in items:
+        for epoch, pos, _ in items:
             if epoch not in epochs:  # each (shard, epoch): one checked read, one re-sampling
-                recs, hashes, labels, outs = store.read_epoch(shard, epoch, record,
-                                                              [t.name for t in teachers])
-                check_alignment(root, manifest, shard, samples_, hashes, labels)
-                fresh = sample_shard_records(recipe, spec.seed, epoch, shard, rows, sizes)
-                epochs[epoch] = recs, outs, fresh
+                recs, outs = read.cached_epoch(store, epoch, [t.name for t in teachers])
+                epochs[epoch] = recs, outs, read.sampled_records(recipe, spec.seed, [epoch])[0]
             recs, outs, fresh = epochs[epoch]
             record_errors += int(not np.array_equal(fresh[pos], recs[pos]))
-            pair = [pos, int(recs[pos, PARTNER]) - rows[0]]
-            names = [sample_name(path, samples_[p]) for p in pair]
-            view = next(render_encoded([worker_image(samples_[p].image, n) for p, n in zip(pair, names)],
-                                       [recs[pair]], [rows[p] for p in pair], recipe, device, names,
-                                       outputs=[0]))
+            pair = [pos, int(recs[pos, PARTNER]) - read.base]
+            view = next(render_encoded([read.image(p) for p in pair], [recs[pair]], [read.rows[p] for p in pair],
+                                       recipe, device, [read.names[p] for p in pair], outputs=[0]))
             for t in teachers:
                 full = teacher_logits(t, view, recipe.mean, recipe.std, device)[0].cpu()
                 logprobs, idx, lse = (torch.from_numpy(np.asarray(a[pos])) for a in outs[t.name])

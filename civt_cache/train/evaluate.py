@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from civt_cache.data.manifest import DataManifest, load_manifest
-from civt_cache.distributed import DistInfo, all_reduce_sum, init_distributed
+from civt_cache.distributed import DistInfo, all_reduce_sum, device_autocast, device_layout, distributed_session
 from civt_cache.loader.batches import ValBatches, batch_loader, val_views
 from civt_cache.models.teachers import build_teacher
 from civt_cache.progress import Progress
@@ -37,9 +37,8 @@ def evaluate(model: nn.Module, manifest: DataManifest, recipe: Recipe, info: Dis
         bar.update(len(labels))
         x = val_views(images, image_names, recipe, info.device)
         y = torch.from_numpy(labels).to(info.device)
-        if info.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=info.device.type == "cuda"):
+        x = device_layout(x, info.device)
+        with device_autocast(info.device):
             outs = heads_of(model, x)
         if not names:
             names = list(outs)
@@ -76,9 +75,9 @@ def plain_logits(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
 def evaluate_checkpoint(manifest_path: Path, arch: str, checkpoint: Path, img_size: int | None,
                         device: str = "auto", batch_size: int = 128) -> dict[str, float]:
     """Top-1/top-5 of a checkpoint on a manifest (for CivT: each head and their mean)."""
-    info = init_distributed(device)
-    teacher = build_teacher(f"{arch}:{checkpoint}", info.device)
-    size = img_size or teacher.img_size or teacher.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-    recipe = Recipe(img_size=int(size), mean=teacher.mean, std=teacher.std)
-    heads = civt_heads if hasattr(teacher.model, "forward_heads") else plain_logits
-    return evaluate(teacher.model, load_manifest(manifest_path), recipe, info, heads, batch_size, 0)
+    with distributed_session(device) as info:
+        teacher = build_teacher(f"{arch}:{checkpoint}", info.device)
+        size = img_size or teacher.img_size or teacher.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+        recipe = Recipe(img_size=int(size), mean=teacher.mean, std=teacher.std)
+        heads = civt_heads if hasattr(teacher.model, "forward_heads") else plain_logits
+        return evaluate(teacher.model, load_manifest(manifest_path), recipe, info, heads, batch_size, 0)

@@ -73,7 +73,7 @@ def make_shards_cmd(
 
 @app.command("scan-shards")
 def scan_shards_cmd(
-    pattern: str = typer.Argument(..., help="Directory, brace pattern or glob of .tar shards."),
+    pattern: str = typer.Argument(..., help="Directory, brace pattern or glob of .tar shards; or their s3://, gs:// or https:// URLs."),
     name: str = typer.Option(..., help="Dataset name."),
     manifest: Optional[Path] = typer.Option(None, help="Manifest path [data_manifests/NAME.json]."),
     classes: Optional[Path] = typer.Option(None, help="Text file of class names, one per line."),
@@ -366,14 +366,20 @@ def main() -> None:
     problem, exit code 2; ``--debug`` / ``CIVT_DEBUG=1`` keep the traceback."""
     import sys
 
+    from civt_cache.data.remote import REMOTE_SCHEMES
     from civt_cache.errors import one_line_error
     from civt_cache.fsutil import refuse_url
 
     if "--help" in sys.argv[1:]:
         _show_job_defaults()
     try:
-        for arg in sys.argv[1:]:  # every path-like argument, before typer makes a Path of it
-            refuse_url(arg.split("=", 1)[-1] if arg.startswith("--") else arg, "argument")
+        args = sys.argv[1:]
+        for i, arg in enumerate(args):  # every path-like argument, before typer makes a Path of it
+            # the one that may be a URL: scan-shards' pattern (its options all take a value)
+            pattern = args[0] == "scan-shards" and i > 0 and not arg.startswith("-") and (
+                i == 1 or not args[i - 1].startswith("-") or "=" in args[i - 1])
+            refuse_url(arg.split("=", 1)[-1] if arg.startswith("--") else arg, "argument",
+                       REMOTE_SCHEMES if pattern else ())
         app(standalone_mode=True)
     except Exception as e:  # pragma: no cover - exercised through subprocess tests
         line = one_line_error(e)

@@ -27,13 +27,14 @@ _CHUNK = 1 << 20
 _URL = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.-]*://|pipe:)")
 
 
-def refuse_url(text: str, where: str) -> None:
-    """Refuse a URL where this version needs a filesystem path, in one line: a URL taken as a
-    path would silently become a local folder named ``s3:``."""
-    if _URL.match(text):
-        raise ConfigError(f"{where}: {text!r} is a URL; this version of civt-cache reads and writes "
-                          "shards, manifests and caches on local or shared filesystems only (stage "
-                          "object-storage data to one, e.g. with `aws s3 sync`)")
+def refuse_url(text: str, where: str, allowed: tuple[str, ...] = ()) -> None:
+    """Refuse a URL where a filesystem path is needed, in one line (a URL taken as a path would
+    silently become a local folder named ``s3:``); URLs of the ``allowed`` schemes pass."""
+    m = _URL.match(text)
+    if m and text.split("://", 1)[0].lower() not in allowed:
+        raise ConfigError(f"{where}: {text!r} is a URL; shards may be read from s3://, gs:// and "
+                          "https:// URLs (listed in a manifest, or given to scan-shards), but "
+                          "manifests and caches are files on a local or shared filesystem")
 
 
 def _process_umask() -> int:

@@ -414,8 +414,10 @@ def test_a_url_is_refused_never_made_a_local_folder(world, tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"p.toml: \[cache\] out: 'https://host/cache' is a URL"):
         load_pipeline(pipeline)
     raw = json.loads(world["manifest"].read_text())
-    raw["shards"][0]["path"] = "s3://bucket/" + raw["shards"][0]["path"]
+    raw["shards"][0]["path"] = "ftp://host/" + raw["shards"][0]["path"]  # shards may be s3/gs/https only
     (tmp_path / "m.json").write_text(json.dumps(raw))
-    with pytest.raises(ConfigError, match="m.json: shard 0: 's3://bucket/.*' is a URL"):
+    with pytest.raises(ConfigError, match="m.json: shard 0: 'ftp://host/.*' is a URL"):
         load_manifest(tmp_path / "m.json")
+    refused(run_cli("cache-teachers", "--manifest", "s3://bucket/m.json", cwd=tmp_path, check=False),
+            "'s3://bucket/m.json' is a URL", "manifests and caches are files")
     assert not any(p.name.endswith(":") for p in tmp_path.rglob("*"))

@@ -132,15 +132,20 @@ class CacheSpec:
         same = replace(asked, epochs=self.epochs, epochs_per_unit=self.epochs_per_unit)
         return asked.epochs > self.epochs and b_ok and not self.differences(same)
 
+    def data_differences(self, fingerprint: str, name: str, recipe: Recipe) -> list[str]:
+        """What differs in the data (manifest fingerprint) and the view recipe: what every user
+        of a cache, stage one or two, must match."""
+        out = []
+        if self.manifest_fingerprint != fingerprint:
+            out.append(f"data manifest: cache built for {self.manifest_name!r} "
+                       f"({self.manifest_fingerprint[:12]}), asked for {name!r} ({fingerprint[:12]})")
+        if self.recipe != recipe:
+            out.append(f"view recipe differs (cache -> asked: {recipe_changes(self.recipe, recipe)})")
+        return out
+
     def differences(self, other: "CacheSpec") -> list[str]:
         """Human-readable list of what differs between a stored spec (self) and a request."""
-        out = []
-        if self.manifest_fingerprint != other.manifest_fingerprint:
-            out.append(f"data manifest: cache built for {self.manifest_name!r} "
-                       f"({self.manifest_fingerprint[:12]}), asked for {other.manifest_name!r} "
-                       f"({other.manifest_fingerprint[:12]})")
-        if self.recipe != other.recipe:
-            out.append(f"view recipe differs ({recipe_changes(self.recipe, other.recipe)})")
+        out = self.data_differences(other.manifest_fingerprint, other.manifest_name, other.recipe)
         for name in ("seed", "epochs", "epochs_per_unit", "topk", "num_classes", "row_stride"):
             if getattr(self, name) != getattr(other, name):
                 out.append(f"{name}: cache has {getattr(self, name)}, asked {getattr(other, name)}")

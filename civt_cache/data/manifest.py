@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from civt_cache.data.remote import REMOTE_SCHEMES, remote_scheme, remote_size
 from civt_cache.errors import ManifestError
 from civt_cache.fsutil import atomic_write_json, canonical_sha256, refuse_url
 
@@ -98,18 +99,26 @@ class DataManifest:
         return shard, position
 
     # ---- files ----------------------------------------------------------------------------
-    def shard_path(self, shard: int) -> Path:
-        """Absolute path of a shard (manifest paths are relative to the manifest's folder)."""
+    def shard_path(self, shard: int) -> Path | str:
+        """Absolute path of a shard (manifest paths are relative to the manifest's folder), or
+        its URL."""
+        if remote_scheme(self.shards[shard].path):
+            return self.shards[shard].path
         p = Path(self.shards[shard].path)
         if not p.is_absolute() and self.location is not None:
             p = self.location.parent / p
         return p
 
-    def check_shard_file(self, shard: int) -> Path:
+    def check_shard_file(self, shard: int) -> Path | str:
         """The shard's path, once ``stat`` shows a regular file of exactly the listed size:
         nothing is opened before that, so a device (/dev/zero) or a FIFO in a manifest is refused
-        instead of read without end or waited on."""
+        instead of read without end or waited on. A URL's object must have the listed size."""
         info, path = self.shards[shard], self.shard_path(shard)
+        if isinstance(path, str):
+            size = remote_size(path)
+            if size != info.bytes:
+                raise ManifestError(f"{path}: size {size} differs from manifest ({info.bytes} bytes)")
+            return path
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -201,7 +210,7 @@ def _shard_entry(path: Path, i: int, entry: Any) -> ShardInfo:
         raise ManifestError(f"{path}: shard {i} has no {e.args[0]!r}") from None
     if not isinstance(name, str) or not name:
         raise ManifestError(f"{path}: shard {i} path {name!r} is not a file name")
-    refuse_url(name, f"{path}: shard {i}")
+    refuse_url(name, f"{path}: shard {i}", allowed=REMOTE_SCHEMES)
     if not isinstance(digest, str) or len(digest) != 64:
         raise ManifestError(f"{path}: shard {i} ({name}) sha256 {digest!r} is not a hex digest")
     return ShardInfo(name, _count(path, f"shard {i} ({name}) num_samples", n, MAX_SHARD_SAMPLES),

@@ -9,6 +9,7 @@ naming the shard and the key.
 from __future__ import annotations
 
 import io
+import os
 import re
 import tarfile
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from civt_cache.data.manifest import MAX_CLASSES, DataManifest
+from civt_cache.data.remote import read_remote, remote_scheme
 from civt_cache.errors import ManifestError, ShardError
 from civt_cache.fsutil import sha256_bytes
 
@@ -119,6 +121,17 @@ def iter_shard_file(path: str | Path, num_classes: int = MAX_CLASSES) -> Iterato
         yield from iter_tar_samples(f, str(path), num_classes)
 
 
+def read_shard_bytes(path: Path | str, limit: int) -> bytes:
+    """Up to ``limit`` bytes of a shard file, or of a URL's object (``remote``), in one read."""
+    if isinstance(path, str) and remote_scheme(path):
+        return read_remote(path, limit)
+    try:
+        with open(path, "rb") as f:  # read(n) allocates n bytes first: never more than the file
+            return f.read(min(limit, os.fstat(f.fileno()).st_size + 1))
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read shard ({e.strerror or e})") from None
+
+
 def read_shard(manifest: DataManifest, shard: int, verify: bool = True) -> list[Sample]:
     """Load one shard of a manifest into memory, checking size and sha256 on the same read.
 
@@ -126,11 +139,7 @@ def read_shard(manifest: DataManifest, shard: int, verify: bool = True) -> list[
     """
     path = manifest.check_shard_file(shard)
     info = manifest.shards[shard]
-    try:
-        with open(path, "rb") as f:
-            data = f.read(info.bytes + 1)  # never past the listed size (+1 to see growth)
-    except OSError as e:
-        raise ManifestError(f"{path}: cannot read shard ({e.strerror or e})") from None
+    data = read_shard_bytes(path, info.bytes + 1)  # never past the listed size (+1 to see growth)
     if len(data) != info.bytes:
         raise ManifestError(f"{path}: read {len(data)} bytes, manifest lists {info.bytes}; the "
                             "shard changed while it was read")

@@ -24,10 +24,11 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from civt_cache.data.imageio import check_image_size, to_rgb
-from civt_cache.data.manifest import MAX_CLASSES, DataManifest, ShardInfo
-from civt_cache.data.shards import iter_shard_file
+from civt_cache.data.manifest import MAX_CLASSES, MAX_SHARD_BYTES, DataManifest, ShardInfo
+from civt_cache.data.remote import expand_remote, remote_scheme
+from civt_cache.data.shards import iter_tar_samples, read_shard_bytes
 from civt_cache.errors import BadImageError, ConfigError, ShardError
-from civt_cache.fsutil import sha256_file
+from civt_cache.fsutil import sha256_bytes, sha256_file
 from civt_cache.progress import Progress
 
 JPEG_QUALITY = 95
@@ -208,20 +209,22 @@ def expand_shard_pattern(pattern: str) -> list[Path]:
 def scan_shards(pattern: str, name: str, manifest_path: Path,
                 classes: list[str] | None = None) -> DataManifest:
     """Count and check every sample of existing shards and write their manifest."""
-    paths = expand_shard_pattern(pattern)
+    remote = remote_scheme(pattern) is not None
+    paths: Sequence[Path | str] = expand_remote(pattern) if remote else expand_shard_pattern(pattern)
     shards, max_label, label_counts = [], -1, []
     bar = Progress(len(paths), f"scan-shards {name}", "shards")
     for path in paths:
+        data = read_shard_bytes(path, MAX_SHARD_BYTES + 1)  # one read: samples and sha256
         n, counts = 0, Counter()
-        for sample in iter_shard_file(path, len(classes) if classes else MAX_CLASSES):
+        for sample in iter_tar_samples(io.BytesIO(data), str(path), len(classes) if classes else MAX_CLASSES):
             n += 1
             counts[sample.label] += 1
             max_label = max(max_label, sample.label)
         if n == 0:
             raise ShardError(f"{path}: holds no samples")
         label_counts.append(counts)
-        shards.append(ShardInfo(os.path.relpath(path.resolve(), manifest_path.resolve().parent), n,
-                                path.stat().st_size, sha256_file(path)))
+        where = str(path) if remote else os.path.relpath(Path(path).resolve(), manifest_path.resolve().parent)
+        shards.append(ShardInfo(where, n, len(data), sha256_bytes(data)))
         bar.update(1)
     bar.close()
     if classes is None:
@@ -238,7 +241,7 @@ class ShardOrderWarning(UserWarning):
     """Shards whose samples are grouped by class (see ``class_sorted_warning``)."""
 
 
-def class_sorted_warning(paths: Sequence[Path], label_counts: Sequence[Counter]) -> str | None:
+def class_sorted_warning(paths: Sequence[Path | str], label_counts: Sequence[Counter]) -> str | None:
     """A warning when most shards hold far fewer classes than shuffled data would.
 
     Shards made by other tools are often written class by class. Stage two reads a shard at a
@@ -263,7 +266,7 @@ def class_sorted_warning(paths: Sequence[Path], label_counts: Sequence[Counter])
     lines = [f"{len(sorted_like)} of {len(spread)} shards look sorted by class: batches and "
              "Mixup/CutMix partners (paired inside a shard) would be nearly single-class. "
              "Rewrite them shuffled with `civt-cache make-shards` (recommended). Label spread:"]
-    lines += [f"  {p.name}: {n} samples, {k} classes (about {e:.0f} if shuffled), largest class "
+    lines += [f"  {os.path.basename(str(p))}: {n} samples, {k} classes (about {e:.0f} if shuffled), largest class "
               f"{100 * top:.0f}%" for p, n, k, e, top in spread[:8]]
     if len(spread) > 8:
         lines.append(f"  ... and {len(spread) - 8} more shards")

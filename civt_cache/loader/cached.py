@@ -15,7 +15,6 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from civt_cache.cache.scan import scan_cache
-from civt_cache.cache.spec import recipe_changes
 from civt_cache.cache.store import CacheStore
 from civt_cache.data.manifest import DataManifest, load_manifest
 from civt_cache.distributed import pick_device
@@ -53,12 +52,9 @@ def check_student_cache(store: CacheStore, manifest: DataManifest, manifest_path
                         log: Callable[[str], None] = print) -> None:
     """Refuse a cache that does not fit the data, recipe, teachers or epochs asked for."""
     cache, s = store.root, store.spec
-    if s.manifest_fingerprint != manifest.fingerprint():
-        raise CacheMismatchError(f"{cache}: built for data {s.manifest_name!r}, not {manifest_path} "
-                                 "(manifest fingerprints differ)")
-    if s.recipe != recipe:
-        raise CacheMismatchError(f"{cache}: view recipe differs from the one asked for "
-                                 f"(cache -> asked: {recipe_changes(s.recipe, recipe)})")
+    diffs = s.data_differences(manifest.fingerprint(), f"{manifest.name} ({manifest_path})", recipe)
+    if diffs:
+        raise CacheMismatchError(f"{cache}: does not fit the training asked for: " + "; ".join(diffs))
     if view_seed is not None and view_seed != s.seed:
         raise CacheMismatchError(f"{cache}: views cached with seed {s.seed}, --view-seed "
                                  f"{view_seed} asked (the cache's views are replayed as cached)")

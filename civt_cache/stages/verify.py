@@ -141,9 +141,9 @@ def verify_cache(root: Path, manifest_path: Path | None, teacher_specs: list[str
             raise CacheMismatchError(f"{root}: its data manifest {store.spec.manifest_path or '(not recorded)'} "
                                      "is not there now; give --manifest PATH")
     manifest = load_manifest(manifest_path)
-    if manifest.fingerprint() != store.spec.manifest_fingerprint:
-        raise CacheMismatchError(f"{root}: built for data {store.spec.manifest_name!r}, not "
-                                 f"{manifest_path} (fingerprints differ)")
+    diffs = store.spec.data_differences(manifest.fingerprint(), f"{manifest.name} ({manifest_path})", store.spec.recipe)
+    if diffs:
+        raise CacheMismatchError(f"{root}: " + "; ".join(diffs))
     device = pick_device(device_pref)
     stored_teachers = store.teachers()
     teachers = [build_teacher(t, device) for t in cached_teacher_specs(root, stored_teachers, teacher_specs)]

@@ -1,0 +1,91 @@
+"""Shards in object storage or on a web server (``s3://``, ``gs://``, ``https://``), read through
+fsspec (s3fs, gcsfs, its HTTP filesystem), which take the endpoint and credentials from the
+standard environment every tool of those stores reads (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``; ``GOOGLE_APPLICATION_CREDENTIALS``).
+
+A shard is read whole with one request, as a local one is, and its sha256 is taken from those
+bytes: never a second read. Transient failures (timeouts, connection resets, 5xx, throttling)
+are retried with backoff, then reported naming the object; a missing object is reported at once.
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from braceexpand import braceexpand
+
+from civt_cache.errors import ManifestError, ShardError
+
+#: Schemes shards may be read from. Anything else with ``://`` (or ``pipe:``) is refused.
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "http", "https")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+RETRIES = 4
+T = TypeVar("T")
+
+
+def remote_scheme(text: str) -> str | None:
+    """The scheme of a URL this module reads (``s3``...), else None."""
+    m = _SCHEME.match(text)
+    return m.group(1).lower() if m and m.group(1).lower() in REMOTE_SCHEMES else None
+
+
+def _fs(url: str):  # noqa: ANN202  (an fsspec filesystem)
+    import fsspec
+
+    return fsspec.filesystem(remote_scheme(url) or "file")
+
+
+def _transient(e: BaseException) -> bool:
+    """Worth another try: the network or the service, not the request."""
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return False
+    text = f"{type(e).__name__} {e}".lower()
+    return isinstance(e, (TimeoutError, ConnectionError, OSError)) or any(
+        k in text for k in ("timeout", "throttl", "slowdown", "503", "500", "502", "504", "connection"))
+
+
+def with_retries(what: str, url: str, call: Callable[[], T], delay: float = 0.5) -> T:
+    """``call()``, retried with exponential backoff on transient errors; then one error that
+    names the object and what failed."""
+    for attempt in range(RETRIES):
+        try:
+            return call()
+        except FileNotFoundError:
+            raise ManifestError(f"{url}: no such object") from None
+        except PermissionError as e:
+            raise ManifestError(f"{url}: access denied ({e})") from None
+        except Exception as e:  # noqa: BLE001 - the filesystems raise many kinds
+            if not _transient(e) or attempt == RETRIES - 1:
+                tries = f" after {attempt + 1} tries" if attempt else ""
+                raise ManifestError(f"{url}: {what} failed{tries} ({type(e).__name__}: {e})") from None
+            time.sleep(delay * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def remote_size(url: str) -> int:
+    """The object's size in bytes (one metadata request)."""
+    return int(with_retries("stat", url, lambda: _fs(url).info(url)["size"]))
+
+
+def read_remote(url: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of the object from its start, in one request."""
+    return with_retries("read", url, lambda: _fs(url).cat_file(url, start=0, end=limit))
+
+
+def expand_remote(pattern: str) -> list[str]:
+    """Shard URLs of a brace pattern (``s3://b/train-{000000..000127}.tar``, each checked to
+    exist) or a glob (``s3://b/train-*.tar``), in stable order."""
+    scheme = remote_scheme(pattern)
+    if "{" in pattern:
+        urls = list(braceexpand(pattern))
+        missing = [u for u in urls if not with_retries("stat", u, lambda u=u: _fs(u).exists(u))]
+        if missing:
+            raise ShardError(f"{pattern}: {len(missing)} shard(s) missing, e.g. {missing[0]}")
+    else:
+        found = with_retries("list", pattern, lambda: _fs(pattern).glob(pattern))
+        urls = sorted(u if _SCHEME.match(u) else f"{scheme}://{u}" for u in found)
+    if not urls:
+        raise ShardError(f"{pattern}: matches no shard files")
+    return urls

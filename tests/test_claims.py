@@ -138,3 +138,17 @@ def test_a_killed_claimer_is_finished_after_its_lease_expires(world, tmp_path) -
     ref, got = arrays(world["ref"]), arrays(out)
     for k in ref:
         assert np.array_equal(ref[k], got[k], equal_nan=ref[k].dtype.kind == "f"), k
+
+
+def test_leases_without_hard_links_are_still_exclusive(tmp_path, monkeypatch) -> None:
+    """Filesystems without hard links (some network mounts): the lease is an O_EXCL create."""
+    from civt_cache.cache import leases as module
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(module.os, "link", no_links)
+    a, b = Leases(tmp_path, "node-a:1", 60), Leases(tmp_path, "node-b:2", 60)
+    held = a.acquire(3, 1)
+    assert held is not None and a.holds(held) and b.acquire(3, 1) is None
+    assert not list((tmp_path / "leases").glob(".lease-*"))  # no temp file left behind

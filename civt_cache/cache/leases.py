@@ -127,15 +127,25 @@ class Leases:
         """Exclusive create with the whole content at once (link of a finished temp file): a
         reader never sees a half-written lease, and only one creator of a name succeeds."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        final = self._path(lease.shard, lease.block, lease.generation)
+        body = json.dumps({"owner": lease.owner, "expires": lease.expires}).encode()
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".lease-")
         try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"owner": lease.owner, "expires": lease.expires}, f)
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
             os.chmod(tmp, FILE_MODE)
-            os.link(tmp, self._path(lease.shard, lease.block, lease.generation))
+            os.link(tmp, final)
             return True
         except FileExistsError:
             return False
+        except OSError:  # no hard links here (some network filesystems): O_EXCL create, then write;
+            try:  # a reader meanwhile sees an unparseable file and waits a lease from its mtime
+                out = os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
+            except FileExistsError:
+                return False
+            with os.fdopen(out, "wb") as f:
+                f.write(body)
+            return True
         finally:
             os.unlink(tmp)
 

@@ -122,9 +122,13 @@ class _Writer(threading.Thread):
             self.renewer.drop(lease)
             self.leases.release(lease)
 
-    def put(self, job: tuple) -> None:
+    def check(self) -> None:
+        """Raise the error a write met, if any."""
         if self.error is not None:
             raise self.error
+
+    def put(self, job: tuple) -> None:
+        self.check()
         self.q.put(job)
 
     def finish(self) -> None:
@@ -256,6 +260,7 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
             # can be taken over, so that this returns only when every unit is committed
             units = [u for u in units if unit_needs(store.unit_record(*u), names)]
             if units:
+                writer.check()  # a failed write would leave its unit leased by us for ever
                 time.sleep(min(5.0, leases.seconds / 4))
     finally:
         bar.close()

@@ -20,7 +20,7 @@ import zarr
 from civt_cache import CacheMismatchError, ManifestError, load_manifest
 from civt_cache.cache.store import CacheStore
 from civt_cache.loader.batches import EpochSource, StudentBatches
-from civt_cache.loader.units import UnitViews
+from civt_cache.loader.units import UnitReader
 from civt_cache.stages.cache_teachers import CacheJob, cache_teachers
 from civt_cache.stages.verify import inspect_cache, verify_cache
 from civt_cache.views.engine import decode_images, render_views
@@ -90,7 +90,7 @@ def test_cache_contents_inspect_and_verify(reference, digits, teachers) -> None:
 
 def _stage_one_views(m, root: Path, committed: dict) -> tuple:
     """The first group stage one hands over for unit (1, 1) and the views it builds of it."""
-    group = next(iter(UnitViews(m, root, [(1, 1)], committed, [], CacheStore.open(root).spec)))
+    group = next(iter(UnitReader(m, root, [(1, 1)], committed, [], CacheStore.open(root).spec)))
     images = decode_images(group.images, torch.device("cpu"), group.names)
     return group, render_views(images, group.records[0], group.rows, RECIPE)
 

@@ -17,14 +17,13 @@ import torch
 
 from civt_cache import CacheMismatchError, load_manifest
 from civt_cache.loader.batches import EpochSource, StudentBatches, rank_shards, steps_per_epoch
-from civt_cache.loader.soft_targets import pseudo_logits
+from civt_cache.loader.soft_targets import mixed_targets, pseudo_logits
 from civt_cache.models.teachers import build_teacher, teacher_logits
 from civt_cache.stages.cache_teachers import CacheJob, cache_teachers
 from civt_cache.stages.train_student import StudentJob, train_student
 from civt_cache.train.losses import LossWeights, coadvise_loss, kd_term
 from civt_cache.views import records as V
 from civt_cache.views.recipe import Recipe
-from civt_cache.views.records import mixed_targets
 
 from .conftest import run_cli, student_items
 

@@ -16,7 +16,7 @@ from civt_cache.bench.probes import PeakMemory
 from civt_cache.cache.spec import CacheSpec
 from civt_cache.data.synthetic import photo_like_jpeg, write_imagenet_like
 from civt_cache.errors import BadImageError
-from civt_cache.loader.units import UnitViews
+from civt_cache.loader.units import UnitReader
 from civt_cache.views import records as V
 from civt_cache.views.engine import decode_images, eval_views, render_views, worker_image
 from civt_cache.views.ops import erase_noise
@@ -209,7 +209,7 @@ def test_workers_move_bytes_and_shared_memory_stays_flat(tmp_path: Path) -> None
     for n in (48, 96):
         m = write_imagenet_like(tmp_path / f"d{n}", n, seed=n)
         units = [(0, 0)]
-        ds = UnitViews(m, tmp_path / "no-cache", units, {}, [], CacheSpec.for_manifest(m, RECIPE, 0, 1, 1, 5))
+        ds = UnitReader(m, tmp_path / "no-cache", units, {}, [], CacheSpec.for_manifest(m, RECIPE, 0, 1, 1, 5))
         with PeakMemory(interval=0.02) as mem:
             items = list(DataLoader(ds, batch_size=None, num_workers=2))
         assert all(isinstance(im, bytes) for it in items for im in it.images)

@@ -14,7 +14,7 @@ from civt_cache.bench.probes import PeakMemory, sync
 from civt_cache.cache.store import CacheStore
 from civt_cache.data.manifest import load_manifest
 from civt_cache.distributed import pick_device
-from civt_cache.loader.units import UnitViews
+from civt_cache.loader.units import UnitReader
 from civt_cache.models.teachers import build_teacher, teacher_logits
 from civt_cache.stages.cache_teachers import CacheJob, cache_teachers
 from civt_cache.views.engine import render_encoded
@@ -35,7 +35,7 @@ def measure_cache(job: CacheJob, out: Path | None = None) -> dict[str, Any]:
         chunks = sum(store.disk_bytes(chunks_only=True).values())
         files = sum(store.disk_bytes().values())
         first = {(0, 0): store.unit_record(0, 0)}
-        group = next(iter(UnitViews(manifest, one.out, list(first), first, [], store.spec)))
+        group = next(iter(UnitReader(manifest, one.out, list(first), first, [], store.spec)))
         views = next(render_encoded(group.images, group.records[:1], group.rows, job.recipe, device,
                                     group.names))  # pre-built on the device, outside the timing
     teachers = [build_teacher(t, device) for t in job.teachers]

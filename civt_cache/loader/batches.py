@@ -26,11 +26,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from civt_cache.cache.store import CacheStore
 from civt_cache.data.manifest import DataManifest
 from civt_cache.distributed import device_layout
-from civt_cache.loader.soft_targets import pseudo_logits
+from civt_cache.loader.soft_targets import mixed_targets, pseudo_logits
 from civt_cache.loader.units import ShardRead
 from civt_cache.views.engine import EncodedImage, decoded_in_budget, eval_views, render_encoded
 from civt_cache.views.recipe import Recipe
-from civt_cache.views.records import LAM, LAM_ONE, PARTNER, _rng, mixed_targets
+from civt_cache.views.records import LAM, LAM_ONE, PARTNER, _rng
 from civt_cache.views.transfer import to_device
 
 _STREAM_SHARDS, _STREAM_ORDER = 0x5348, 0x4F52

@@ -1,4 +1,5 @@
-"""Teacher soft targets from the cache's top-k, and the co-advise loss.
+"""The targets a student learns from: each teacher's soft target from the cache's top-k, and
+the labels' mixed, smoothed target (``mixed_targets``). The loss is in ``train/losses.py``.
 
 The cache stores the top-k log-probabilities l_i = z_i - L (logit minus the log-sum-exp of all
 logits), so the top-k probabilities at T = 1 are exact: p_i = exp(l_i), and the remaining mass
@@ -27,3 +28,15 @@ def pseudo_logits(topk_logprobs: torch.Tensor, topk_idx: torch.Tensor, num_class
         fill = torch.log(rest / (num_classes - k))
     out = fill.expand(b, num_classes).clone()
     return out.scatter_(1, topk_idx, topk_logprobs)
+
+
+def mixed_targets(labels: torch.Tensor, partner_labels: torch.Tensor, lam: torch.Tensor,
+                  num_classes: int, smoothing: float) -> torch.Tensor:
+    """timm's mixup target: lam * smooth(onehot(y)) + (1 - lam) * smooth(onehot(y_partner))."""
+    off = smoothing / num_classes
+    on = 1.0 - smoothing + off
+    a = torch.full((labels.shape[0], num_classes), off, device=labels.device)
+    b = a.clone().scatter_(1, partner_labels[:, None], on)
+    a.scatter_(1, labels[:, None], on)
+    lam = lam[:, None].float()
+    return lam * a + (1.0 - lam) * b

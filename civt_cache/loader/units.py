@@ -72,7 +72,7 @@ class ShardRead:
 
 
 @dataclass
-class GroupViews:
+class UnitGroup:
     """One pair group of one unit as a worker hands it over: encoded images, and the records of
     each of the unit's epochs for those rows (partners always inside the group), with what the
     unit still needs and the lease it is computed under."""
@@ -97,8 +97,8 @@ class GroupViews:
         return not (self.prior and self.prior.get("views"))
 
 
-class UnitViews(IterableDataset):
-    """Yields GroupViews for ``units`` (each still needing some of ``teachers``). Static split:
+class UnitReader(IterableDataset):
+    """Yields UnitGroup for ``units`` (each still needing some of ``teachers``). Static split:
     each DataLoader worker takes every k-th unit, whose commit record is ``records[unit]``.
     With ``leases``: every worker walks all units from its own offset and claims each when it
     gets to it; ``info`` (this rank) spreads the offsets over all processes."""
@@ -122,7 +122,7 @@ class UnitViews(IterableDataset):
         order = self.units[start:] + self.units[:start]
         yield from claim_units(CacheStore.open(self.store_root), self.leases, order, self.teachers)
 
-    def __iter__(self) -> Iterator[GroupViews]:
+    def __iter__(self) -> Iterator[UnitGroup]:
         store = None
         for (shard, block), record, lease in self._todo():
             shard_read = ShardRead(self.manifest, shard)
@@ -136,7 +136,7 @@ class UnitViews(IterableDataset):
             num_groups = -(-n // PAIR_GROUP)
             for g in range(num_groups):
                 part = range(g * PAIR_GROUP, min((g + 1) * PAIR_GROUP, n))
-                yield GroupViews(shard, block, g, num_groups, shard_read.rows[part.start:part.stop],
+                yield UnitGroup(shard, block, g, num_groups, shard_read.rows[part.start:part.stop],
                                  [shard_read.image(i) for i in part], shard_read.names[part.start:part.stop],
                                  recs[:, part.start:part.stop],
                                  [shard_read.samples[i].key for i in part],

@@ -1,7 +1,7 @@
 """Stage one, ``cache-teachers``: run every teacher once over the augmented views of a data set
 and store their top-k logits plus the exact view records in the cache.
 
-Pipeline per process: DataLoader workers read units (``loader.units.UnitViews``) and hand each
+Pipeline per process: DataLoader workers read units (``loader.units.UnitReader``) and hand each
 over one pair group at a time as encoded bytes plus the records of every epoch of the unit. The
 main thread decodes the group once on the device and builds each epoch's views from it with the
 view engine, runs the teachers (bf16 autocast + channels_last on GPU, fp32 on CPU) and takes
@@ -33,7 +33,7 @@ from civt_cache.config import MAX_BATCH, MAX_EPOCHS, MAX_WORKERS, require
 from civt_cache.data.manifest import load_manifest
 from civt_cache.distributed import DistInfo, barrier, device_layout, distributed_session
 from civt_cache.errors import CacheMismatchError, NonFiniteError
-from civt_cache.loader.units import GroupViews, UnitViews
+from civt_cache.loader.units import UnitGroup, UnitReader
 from civt_cache.models.teachers import Teacher, build_teacher, parse_teacher_spec, teacher_logits
 from civt_cache.progress import Progress
 from civt_cache.views.engine import render_encoded
@@ -99,7 +99,7 @@ class _Writer(threading.Thread):
                 except BaseException as e:  # reported by put()/finish()
                     self.error = e
 
-    def _write(self, item: GroupViews, acc: dict[str, Any]) -> None:
+    def _write(self, item: UnitGroup, acc: dict[str, Any]) -> None:
         shard, block, lease = item.shard, item.block, item.lease
         if lease is not None and not (self.leases and self.leases.holds(lease)):
             tqdm.write(f"cache-teachers: unit (shard {shard}, block {block}): its lease was taken "
@@ -250,7 +250,7 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
     try:
         while units:
             loader = DataLoader(
-                UnitViews(manifest, store.root, units, plan.records, names, store.spec, leases, info),
+                UnitReader(manifest, store.root, units, plan.records, names, store.spec, leases, info),
                 batch_size=None, num_workers=min(job.workers, len(units)),
                 pin_memory=info.device.type == "cuda", persistent_workers=False)
             done += _compute(job, info, store, teachers, loader, writer, renewer, bar)
@@ -282,7 +282,7 @@ def _compute(job: CacheJob, info: DistInfo, store: CacheStore, teachers: list[Te
     pending: dict[tuple[int, int], dict[str, Any]] = {}
     done = 0
 
-    def settle(item: GroupViews, results: list[tuple[int, Teacher]], wait: Callable[[], list]) -> int:
+    def settle(item: UnitGroup, results: list[tuple[int, Teacher]], wait: Callable[[], list]) -> int:
         """A group's top-k, once on the host: checked finite, added to its unit, which is handed
         to the writer when this was its last group."""
         unit = (item.shard, item.block)
@@ -359,7 +359,7 @@ def _to_host(results: list[tuple[torch.Tensor, ...]], device: torch.device) -> C
     return wait
 
 
-def _non_finite(teacher: Teacher, item: GroupViews, epoch: int, finite: np.ndarray) -> str:
+def _non_finite(teacher: Teacher, item: UnitGroup, epoch: int, finite: np.ndarray) -> str:
     """Which teacher gave NaN or infinite logits, for which unit and views (shard file, key)."""
     bad = np.flatnonzero(~finite)
     return (f"teacher {teacher.name!r} ({teacher.arch}, {teacher.checkpoint}) gave NaN or infinite "

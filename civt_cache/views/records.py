@@ -24,7 +24,6 @@ import math
 from typing import Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from civt_cache.data.imageio import check_image_size
@@ -187,15 +186,3 @@ def image_size(image: bytes, where: str = "image") -> tuple[int, int]:
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise BadImageError(f"{where}: image does not decode ({e})") from None
     return check_image_size(size, where)
-
-
-def mixed_targets(labels: torch.Tensor, partner_labels: torch.Tensor, lam: torch.Tensor,
-                  num_classes: int, smoothing: float) -> torch.Tensor:
-    """timm's mixup target: lam * smooth(onehot(y)) + (1 - lam) * smooth(onehot(y_partner))."""
-    off = smoothing / num_classes
-    on = 1.0 - smoothing + off
-    a = torch.full((labels.shape[0], num_classes), off, device=labels.device)
-    b = a.clone().scatter_(1, partner_labels[:, None], on)
-    a.scatter_(1, labels[:, None], on)
-    lam = lam[:, None].float()
-    return lam * a + (1.0 - lam) * b

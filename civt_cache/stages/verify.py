@@ -214,9 +214,7 @@ def verify_full(root: Path) -> tuple[str, bool]:
     head = f"{root}: {len(committed)} committed unit(s) checked"
     if not bad and not missing:
         return f"{head}, all {len(scan.units)} unit(s) complete, all sound -> OK", True
-    out = [head]
-    if bad:
-        out += [f"{len(bad)} damaged:", *bad]
+    out = [f"{head}, {len(bad)} problem(s):" if bad else head, *bad]
     if missing:
         out += [f"{len(scan.incomplete(teachers))} of {len(scan.units)} unit(s) incomplete:",
                 *(f"  {line}" for line in missing)]

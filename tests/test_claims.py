@@ -152,3 +152,12 @@ def test_leases_without_hard_links_are_still_exclusive(tmp_path, monkeypatch) ->
     held = a.acquire(3, 1)
     assert held is not None and a.holds(held) and b.acquire(3, 1) is None
     assert not list((tmp_path / "leases").glob(".lease-*"))  # no temp file left behind
+
+
+def test_the_newest_generation_is_read_by_number(tmp_path) -> None:
+    """A unit taken over 10,000 times: generation 10000 is newer than 9999 (not by name order)."""
+    (tmp_path / "leases").mkdir()
+    for g, owner in ((9999, "old:1"), (10000, "new:2")):
+        _lease_file(tmp_path, 0, 0, g).write_text(json.dumps({"owner": owner, "expires": time.time() + 60}))
+    assert Leases(tmp_path, "x").current(0, 0).owner == "new:2"
+    assert Leases(tmp_path, "x").all()[(0, 0)].generation == 10000

@@ -94,21 +94,24 @@ class Leases:
                 return None
             return Lease(shard, block, generation, "unreadable", stamp + self.seconds)
 
+    def _files(self, prefix: str = "") -> list[str]:
+        """Lease file names starting with ``prefix``, by (shard, block, generation): a unit's
+        newest generation last (by number: ``g10000`` after ``g9999``)."""
+        names = [n for n in os.listdir(self.dir) if n.startswith(prefix) and _NAME.match(n)] \
+            if self.dir.is_dir() else []
+        return sorted(names, key=lambda n: tuple(int(g) for g in _NAME.match(n).groups()))
+
     def all(self) -> dict[tuple[int, int], Lease]:
         """The current (newest generation) lease of every leased unit: one directory listing."""
         out: dict[tuple[int, int], Lease] = {}
-        names = sorted(os.listdir(self.dir)) if self.dir.is_dir() else []
-        for name in names:  # sorted: a unit's newest generation comes last
-            if _NAME.match(name) and (lease := self._read(self.dir / name)) is not None:
+        for name in self._files():
+            if (lease := self._read(self.dir / name)) is not None:
                 out[(lease.shard, lease.block)] = lease
         return out
 
     def current(self, shard: int, block: int) -> Lease | None:
         """The unit's newest lease, or None when nobody holds or held it."""
-        prefix = f"s{shard:06d}-b{block:04d}."
-        names = sorted(n for n in os.listdir(self.dir) if n.startswith(prefix) and _NAME.match(n)) \
-            if self.dir.is_dir() else []
-        for name in reversed(names):
+        for name in reversed(self._files(f"s{shard:06d}-b{block:04d}.")):
             if (lease := self._read(self.dir / name)) is not None:
                 return lease
         return None

@@ -38,11 +38,12 @@ def _fs(url: str):  # noqa: ANN202  (an fsspec filesystem)
 
 
 def _transient(e: BaseException) -> bool:
-    """Worth another try: the network or the service, not the request."""
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
+    """Worth another try: the network or the service (I/O errors, timeouts, throttling, 5xx),
+    not the request (missing and denied objects never get here: ``with_retries`` names them)."""
+    if isinstance(e, IsADirectoryError):
         return False
     text = f"{type(e).__name__} {e}".lower()
-    return isinstance(e, (TimeoutError, ConnectionError, OSError)) or any(
+    return isinstance(e, OSError) or any(
         k in text for k in ("timeout", "throttl", "slowdown", "503", "500", "502", "504", "connection"))
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from civt_cache.data.manifest import MAX_CLASSES, DataManifest
-from civt_cache.data.remote import read_remote, remote_scheme
+from civt_cache.data.remote import read_remote, remote_scheme, remote_size
 from civt_cache.errors import ManifestError, ShardError
 from civt_cache.fsutil import sha256_bytes
 
@@ -140,6 +140,8 @@ def read_shard(manifest: DataManifest, shard: int, verify: bool = True) -> list[
     path = manifest.check_shard_file(shard)
     info = manifest.shards[shard]
     data = read_shard_bytes(path, info.bytes + 1)  # never past the listed size (+1 to see growth)
+    if len(data) != info.bytes and isinstance(path, str):  # a URL: say the object's own size
+        raise ManifestError(f"{path}: size {remote_size(path)} differs from manifest ({info.bytes} bytes)")
     if len(data) != info.bytes:
         raise ManifestError(f"{path}: read {len(data)} bytes, manifest lists {info.bytes}; the "
                             "shard changed while it was read")

@@ -103,7 +103,7 @@ def cache_teachers_cmd(
     topk: Optional[int] = typer.Option(None, help="Logits kept per view and teacher."),
     img_size: Optional[int] = typer.Option(None, help="View size, overriding [recipe] img_size [224]."),
     seed: Optional[int] = typer.Option(None, help="Seed of the view records."),
-    out: Optional[Path] = typer.Option(None, help="Cache directory (zarr v3 group)."),
+    out: Optional[str] = typer.Option(None, help="Cache: a folder, or an s3:// / gs:// prefix (a zarr v3 group)."),
     batch_size: Optional[int] = typer.Option(None, help="Teacher batch size (views are built per pair group of 256 rows, so at most 256)."),
     workers: Optional[int] = typer.Option(None, help="DataLoader workers building views."),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
@@ -127,14 +127,16 @@ def cache_teachers_cmd(
                f"{summary['seconds']:.1f}s ({summary['views_per_s']:.0f} views/s) -> {job.out}")
 
 
-def _cache_dir(cache: Optional[Path], pipeline: Optional[Path]) -> Path:
+def _cache_dir(cache: Optional[str], pipeline: Optional[Path]) -> str | Path:
+    from civt_cache.cache.objects import cache_location
     from civt_cache.config import load_pipeline, need, setting
 
-    return need(setting(load_pipeline(pipeline), "cache.out", cache, Path, pipeline), "CACHE", "[cache] out")
+    return cache_location(need(setting(load_pipeline(pipeline), "cache.out", cache, str, pipeline),
+                               "CACHE", "[cache] out"))
 
 
 @app.command("inspect")
-def inspect_cmd(cache: Optional[Path] = typer.Argument(None, help="Cache directory [[cache] out]."),
+def inspect_cmd(cache: Optional[str] = typer.Argument(None, help="Cache: folder or s3:// / gs:// prefix [[cache] out]."),
                 pipeline: Optional[Path] = PIPELINE_OPT) -> None:
     """Teachers, epochs, completed units, bytes per view, teacher agreement, what is missing."""
     from civt_cache.stages.verify import inspect_cache
@@ -144,7 +146,7 @@ def inspect_cmd(cache: Optional[Path] = typer.Argument(None, help="Cache directo
 
 @app.command("verify")
 def verify_cmd(
-    cache: Optional[Path] = typer.Argument(None, help="Cache directory [[cache] out]."),
+    cache: Optional[str] = typer.Argument(None, help="Cache: folder or s3:// / gs:// prefix [[cache] out]."),
     pipeline: Optional[Path] = PIPELINE_OPT,
     manifest: Optional[Path] = typer.Option(None, help="Data manifest [the one the cache recorded]."),
     teacher: list[str] = typer.Option([], help="NAME=ARCH:CHECKPOINT for a cached teacher whose file moved [recorded path]."),
@@ -169,7 +171,7 @@ def train_student_cmd(
     pipeline: Optional[Path] = PIPELINE_OPT,
     manifest: Optional[Path] = typer.Option(None, help="Training data manifest."),
     val_manifest: Optional[Path] = typer.Option(None, help="Validation data manifest."),
-    cache: Optional[Path] = typer.Option(None, help="Teacher cache from cache-teachers."),
+    cache: Optional[str] = typer.Option(None, help="Teacher cache from cache-teachers (folder or s3:// / gs:// prefix)."),
     model: Optional[str] = typer.Option(None, help="Student: civt_micro | civt_tiny | civt_small | civt_base."),
     img_size: Optional[int] = typer.Option(None, help="View size, overriding [recipe] img_size; must match the cache's [224]."),
     epochs: Optional[int] = typer.Option(None, help="Training epochs (at most the cached ones unless --cycle-cache)."),
@@ -366,20 +368,13 @@ def main() -> None:
     problem, exit code 2; ``--debug`` / ``CIVT_DEBUG=1`` keep the traceback."""
     import sys
 
-    from civt_cache.data.remote import REMOTE_SCHEMES
+    from civt_cache.config import refuse_misplaced_urls
     from civt_cache.errors import one_line_error
-    from civt_cache.fsutil import refuse_url
 
     if "--help" in sys.argv[1:]:
         _show_job_defaults()
     try:
-        args = sys.argv[1:]
-        for i, arg in enumerate(args):  # every path-like argument, before typer makes a Path of it
-            # the one that may be a URL: scan-shards' pattern (its options all take a value)
-            pattern = args[0] == "scan-shards" and i > 0 and not arg.startswith("-") and (
-                i == 1 or not args[i - 1].startswith("-") or "=" in args[i - 1])
-            refuse_url(arg.split("=", 1)[-1] if arg.startswith("--") else arg, "argument",
-                       REMOTE_SCHEMES if pattern else ())
+        refuse_misplaced_urls(sys.argv[1:])
         app(standalone_mode=True)
     except Exception as e:  # pragma: no cover - exercised through subprocess tests
         line = one_line_error(e)

@@ -16,8 +16,9 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from civt_cache.data.remote import CACHE_SCHEMES, REMOTE_SCHEMES
 from civt_cache.errors import ConfigError
-from civt_cache.fsutil import refuse_url
+from civt_cache.fsutil import is_url, refuse_url
 from civt_cache.views.recipe import Recipe
 
 T = TypeVar("T")
@@ -42,17 +43,40 @@ def load_pipeline(path: Path | None) -> dict[str, Any]:
     return cfg
 
 
+#: Pipeline keys that name a cache, which may live in object storage.
+_CACHE_KEYS = {("cache", "out"), ("student", "cache")}
+
+
 def _refuse_urls(node: Any, source: str, keys: tuple[str, ...]) -> None:
-    """Refuse a URL anywhere in a pipeline, naming its table and key."""
+    """Refuse a URL anywhere in a pipeline but where a cache is named, naming its table and key."""
     if isinstance(node, str):
         where = f"[{'.'.join(keys[:-1])}] {keys[-1]}" if len(keys) > 1 else ".".join(keys)
-        refuse_url(node, f"{source}: {where}")
+        refuse_url(node, f"{source}: {where}", CACHE_SCHEMES if keys in _CACHE_KEYS else ())
     elif isinstance(node, dict):
         for key, value in node.items():
             _refuse_urls(value, source, (*keys, key))
     elif isinstance(node, list):
         for value in node:
             _refuse_urls(value, source, keys)
+
+
+def refuse_misplaced_urls(args: list[str]) -> None:
+    """Refuse a URL in every path-like argument, before typer makes a Path of it (``s3:/b``),
+    except where one may be: scan-shards' shard pattern (read-only schemes too), a cache
+    (cache-teachers --out, train-student --cache, verify / inspect CACHE: s3:// and gs://)."""
+    command = args[0] if args else ""
+    cache_option = {"cache-teachers": "--out", "train-student": "--cache"}.get(command)
+    for i, arg in enumerate(args):
+        # a positional: not an option, nor an option's value (every option here takes one)
+        positional = i > 0 and not arg.startswith("-") and (
+            i == 1 or not args[i - 1].startswith("-") or "=" in args[i - 1])
+        named = arg.split("=", 1)[0] if arg.startswith("--") else (args[i - 1] if i else "")
+        allowed: tuple[str, ...] = ()
+        if command == "scan-shards" and positional:
+            allowed = REMOTE_SCHEMES
+        elif (command in ("verify", "inspect") and positional) or (cache_option and named == cache_option):
+            allowed = CACHE_SCHEMES
+        refuse_url(arg.split("=", 1)[-1] if arg.startswith("--") else arg, "argument", allowed)
 
 
 def build_config(cls: type[T], pipeline: dict[str, Any], section: str, flags: dict[str, Any],
@@ -80,7 +104,7 @@ def build_config(cls: type[T], pipeline: dict[str, Any], section: str, flags: di
     if "img_size" not in known:
         values.pop("img_size", None)
     for name, f in known.items():
-        if name in values and "Path" in str(f.type) and values[name] is not None:
+        if name in values and "Path" in str(f.type) and values[name] is not None and not is_url(values[name]):
             values[name] = Path(values[name])
     missing = [n for n, f in known.items() if n not in values
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]

@@ -6,17 +6,13 @@ file or the complete new one, never a torn write, even when the writer is killed
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from civt_cache.errors import ConfigError
 
@@ -27,14 +23,19 @@ _CHUNK = 1 << 20
 _URL = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.-]*://|pipe:)")
 
 
+def is_url(value: object) -> bool:
+    """Whether ``value`` is text that names a URL (which must never become a Path)."""
+    return isinstance(value, str) and _URL.match(value) is not None
+
+
 def refuse_url(text: str, where: str, allowed: tuple[str, ...] = ()) -> None:
     """Refuse a URL where a filesystem path is needed, in one line (a URL taken as a path would
     silently become a local folder named ``s3:``); URLs of the ``allowed`` schemes pass."""
-    m = _URL.match(text)
-    if m and text.split("://", 1)[0].lower() not in allowed:
-        raise ConfigError(f"{where}: {text!r} is a URL; shards may be read from s3://, gs:// and "
-                          "https:// URLs (listed in a manifest, or given to scan-shards), but "
-                          "manifests and caches are files on a local or shared filesystem")
+    if is_url(text) and text.split("://", 1)[0].lower() not in allowed:
+        raise ConfigError(f"{where}: {text!r} is a URL here; shards may be read from s3://, gs:// "
+                          "and https:// URLs (listed in a manifest, or given to scan-shards) and a "
+                          "cache may live under s3:// or gs:// (cache-teachers --out, train-student "
+                          "--cache, verify, inspect), but manifests, checkpoints and runs are files")
 
 
 def _process_umask() -> int:
@@ -78,18 +79,6 @@ def atomic_write_with(path: str | Path, writer: Callable[[Any], Any]) -> None:
         raise
 
 
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block, waiting for
-    any other holder; the lock goes with the process if it dies."""
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Serialise `obj` as indented JSON and write it atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
@@ -112,20 +101,3 @@ def sha256_bytes(data: bytes | memoryview) -> str:
 def canonical_sha256(obj: Any) -> str:
     """Fingerprint of a JSON-serialisable object, independent of key order and whitespace."""
     return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
-
-
-def create_beside(final: Path, build: Callable[[Path], None]) -> bool:
-    """Build a directory tree at a temp path beside ``final`` and rename it into place.
-    Returns False if another process created ``final`` first (its version is kept)."""
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, final)
-            return True
-        except OSError:
-            if final.exists():
-                return False
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

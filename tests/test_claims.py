@@ -69,7 +69,7 @@ def test_two_claimers_share_units_and_take_over_expired_ones(world, tmp_path) ->
     b = claim_units(store, node_b, units[2:] + units[:2], ["conv"])
 
     def commit(unit: tuple[int, int]) -> None:
-        store.commit_unit(*unit, 1, {"sha256": "-"}, {"conv": {"sha256": "-"}})
+        store.commit_unit(*unit, 1, {"sha256": "-"}, {"conv": {"sha256": "-"}}, False)
 
     ua, _, la = next(a)
     ub, _, lb = next(b)
@@ -161,3 +161,48 @@ def test_the_newest_generation_is_read_by_number(tmp_path) -> None:
         _lease_file(tmp_path, 0, 0, g).write_text(json.dumps({"owner": owner, "expires": time.time() + 60}))
     assert Leases(tmp_path, "x").current(0, 0).owner == "new:2"
     assert Leases(tmp_path, "x").all()[(0, 0)].generation == 10000
+
+
+def test_a_unit_is_committed_once_by_a_conditional_create(world, tmp_path) -> None:
+    """Two processes that computed the same unit (a lease taken over while its holder stalled):
+    the first commit creates the record; the second learns the first's record instead of
+    silently replacing it (the stage then rewrites its objects and replaces the record whole);
+    a record from before the cache grew counts as not committed and is replaced."""
+    manifest = load_manifest(world["manifest"])
+    spec = CacheSpec.for_manifest(manifest, Recipe(img_size=32), 0, 2, 1, 5)
+    store = CacheStore.create_or_open(tmp_path / "c", spec)
+    first = {"sha256": "a", "epochs": ["a"]}
+    assert store.commit_unit(0, 0, 3, first, {}, False) is None
+    theirs = store.commit_unit(0, 0, 3, {"sha256": "b", "epochs": ["b"]}, {}, False)
+    assert theirs["views"] == first and store.unit_record(0, 0)["views"] == first
+    assert store.commit_unit(0, 0, 3, first, {"conv": first}, True) is None  # a teacher added
+    assert store.unit_record(0, 0)["teachers"] == {"conv": first}
+    record = tmp_path / "c" / "progress" / "s000000-b0000.json"
+    stale = json.loads(record.read_text())
+    stale["epochs"] = [0, 1]  # as if made when block 0 had other epochs
+    record.write_text(json.dumps(stale))
+    assert store.unit_record(0, 0) is None
+    assert store.commit_unit(0, 0, 3, first, {}, False) is None and store.unit_record(0, 0)["epochs"] == [0]
+
+
+def test_start_up_reads_the_records_in_one_listing_and_the_index(world, tmp_path) -> None:
+    """After stage one the index holds every record: a scan lists progress/ and reads the index,
+    nothing else; a record replaced since (a teacher taken out by a repair) is read again on its
+    own, and what the scan returns is the record as it is now."""
+    import shutil
+
+    cache = tmp_path / "c"
+    shutil.copytree(world["ref"], cache)
+    store = CacheStore.open(cache)
+    store.commits.all(save_index=True)  # the reference cache predates nothing: make sure it has one
+    assert (cache / "progress" / "index.json.gz").exists()
+    reads: list[str] = []
+    real = store.objects.read
+    store.objects.read = lambda key: reads.append(key) or real(key)
+    records = store.commits.all()
+    assert reads == ["progress/index.json.gz"] and len(records) == 4
+    store.uncommit(1, 1, ["conv"])
+    reads.clear()
+    records = store.commits.all()
+    assert reads == ["progress/index.json.gz", "progress/s000001-b0001.json"]
+    assert records[(1, 1)]["teachers"] == {} and records[(0, 0)]["teachers"].keys() == {"conv"}

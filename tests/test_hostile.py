@@ -419,5 +419,7 @@ def test_a_url_is_refused_never_made_a_local_folder(world, tmp_path) -> None:
     with pytest.raises(ConfigError, match="m.json: shard 0: 'ftp://host/.*' is a URL"):
         load_manifest(tmp_path / "m.json")
     refused(run_cli("cache-teachers", "--manifest", "s3://bucket/m.json", cwd=tmp_path, check=False),
-            "'s3://bucket/m.json' is a URL", "manifests and caches are files")
+            "'s3://bucket/m.json' is a URL", "manifests, checkpoints and runs are files")
+    refused(run_cli("cache-teachers", "--out", "https://h/cache", cwd=tmp_path, check=False),
+            "'https://h/cache' is a URL here", "a cache may live under s3:// or gs://")
     assert not any(p.name.endswith(":") for p in tmp_path.rglob("*"))

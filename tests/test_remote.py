@@ -6,18 +6,25 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from civt_cache import load_manifest
+from civt_cache.cache.store import CacheStore
 from civt_cache.data import remote
 from civt_cache.data.shards import read_shard
-from civt_cache.errors import ManifestError
-from tests.conftest import cache_args, refused, run_cli, student_args
-from tests.test_faults import assert_same_cache
+from civt_cache.errors import CacheMismatchError, ManifestError
+from tests.conftest import TINY, cache_args, refused, run_cli, student_args
+from tests.test_faults import arrays, assert_same_cache
 
 BUCKET = "civt-test"
 
@@ -73,23 +80,116 @@ def test_scan_shards_lists_urls_with_the_local_files_identity(world, s3_manifest
     assert [x.key for x in read_shard(remote_m, 1)] == [x.key for x in read_shard(local, 1)]
 
 
-def test_both_stages_from_s3_shards_equal_the_local_runs(world, s3_manifest, tmp_path) -> None:
-    """Stage one from s3:// shards makes the reference cache byte for byte (same thread count),
-    and a student trained from s3:// shards on it ends with the local run's very weights."""
-    cache = tmp_path / "cache"
+def test_both_stages_from_s3_shards_with_the_cache_in_s3_equal_the_local_runs(world, s3, s3_manifest, tmp_path) -> None:
+    """Stage one from s3:// shards into an s3:// cache makes the reference cache byte for byte
+    (same thread count: arrays and commit-record checksums); inspect and verify --full read it
+    there; a student trained from s3:// shards and that cache ends with the local run's very
+    weights (local shards, local cache)."""
+    cache = f"s3://{BUCKET}/caches/both"
     args = cache_args(world["root"], cache)
     args[args.index("--manifest") + 1] = str(s3_manifest)
     run_cli(*args)
     assert_same_cache(world["ref"], cache)
+    local = CacheStore.open(world["ref"])
+    remote_store = CacheStore.open(cache)
+    for unit in local.units():
+        mine, theirs = remote_store.unit_record(*unit), local.unit_record(*unit)
+        assert (mine["views"], mine["teachers"]) == (theirs["views"], theirs["teachers"])
+    assert s3["fs"].exists(f"{BUCKET}/caches/both/progress/index.json.gz")
+    assert not s3["fs"].exists(f"{BUCKET}/caches/both/leases")
+    assert "4 in all; views committed in 4" in run_cli("inspect", cache).stdout
+    assert "all 4 unit(s) complete, all sound -> OK" in run_cli("verify", cache, "--full").stdout
     runs = {}
-    for where, manifest in (("local", world["manifest"]), ("s3", s3_manifest)):
-        student = student_args(world, cache, tmp_path / where, "--workers", "0")
+    for where, manifest, source in (("local", world["manifest"], world["ref"]), ("s3", s3_manifest, cache)):
+        student = student_args(world, source, tmp_path / where, "--workers", "0")
         for flag in ("--manifest", "--val-manifest"):
             student[student.index(flag) + 1] = str(manifest)
         run_cli(*student)
         runs[where] = torch.load(tmp_path / where / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
     assert runs["local"].keys() == runs["s3"].keys()
     assert all(torch.equal(runs["local"][k], runs["s3"][k]) for k in runs["local"])
+
+
+def test_claimers_share_an_s3_cache_and_finish_a_killed_ones_units(world, s3, tmp_path) -> None:
+    """Independent ``--claim`` jobs on one s3:// cache: one is SIGKILLed holding a lease
+    (forged onto another host, so only its expiry frees it); verify --full fails listing the
+    missing units; two more jobs split what is left (each does some), one takes the dead
+    lease over once it expires; verify --full passes and the cache equals the reference."""
+    cache = f"s3://{BUCKET}/caches/claimed"
+    cmd = [sys.executable, "-m", "civt_cache.cli", *cache_args(world["root"], cache, "--claim", "--epochs", "4")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    fs, leases = s3["fs"], f"{BUCKET}/caches/claimed/leases"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not _listed(fs, leases):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    held = _listed(fs, leases)
+    assert held, "the job finished before it could be killed"
+    expires = time.time() + 8
+    for key in held:
+        fs.pipe_file(key, json.dumps({"owner": "node-b:4242", "expires": expires}).encode())
+    failed = run_cli("verify", cache, "--full", check=False)
+    assert failed.returncode == 1 and "incomplete" in failed.stdout and "leased by node-b:4242" in failed.stdout
+    procs = [subprocess.Popen(cmd + ["--lease-seconds", "6"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [r[1][-2000:] for r in results]
+    done = [int(re.search(r"rank 0: (\d+) unit", r[0]).group(1)) for r in results]
+    assert min(done) >= 1, done
+    assert time.time() >= expires  # the dead job's unit was taken over, not computed beside it
+    assert "all 8 unit(s) complete, all sound -> OK" in run_cli("verify", cache, "--full").stdout
+    ref, got = arrays(world["ref"]), arrays(cache)
+    for k in ref:  # the 2-epoch reference is the first 2 epochs (blocks) of this cache
+        assert np.array_equal(ref[k], got[k][: ref[k].shape[0]], equal_nan=ref[k].dtype.kind == "f"), k
+    assert not _listed(fs, leases)
+
+
+def _listed(fs, prefix: str) -> list[str]:
+    fs.invalidate_cache()
+    return fs.find(prefix)
+
+
+def test_failed_puts_are_retried_and_never_committed_wrong(world, s3, monkeypatch) -> None:
+    """Fault injection on the object store, in-process: throttled PUTs of array objects are
+    retried and the cache equals the reference; a PUT that keeps failing stops the unit with
+    one error naming the object, its unit is never committed, and a rerun finishes the cache."""
+    import s3fs
+
+    from civt_cache.config import build_config, load_pipeline
+    from civt_cache.stages.cache_teachers import CacheJob, cache_teachers
+    from civt_cache.stages.verify import verify_full
+
+    monkeypatch.setattr(remote.time, "sleep", lambda s: None)
+    real = s3fs.S3FileSystem._pipe_file
+    state = {"left": 0, "match": "/c/"}
+
+    async def flaky(self, path, data, *args, **kwargs):
+        if state["match"] in path and state["left"] > 0:
+            state["left"] -= 1
+            raise OSError("503 Service Unavailable: SlowDown")
+        return await real(self, path, data, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_pipe_file", flaky)
+    root = world["root"]
+    job = build_config(CacheJob, load_pipeline(Path(TINY)), "cache", {
+        "manifest": root / "val.json", "teachers": [f"conv=resnet10t:{root / 'conv.pth'}"], "epochs": 2,
+        "epochs_per_unit": 1, "topk": 5, "workers": 0, "batch_size": 64, "out": f"s3://{BUCKET}/caches/flaky"})
+    state["left"] = 3  # three throttled PUTs, each retried
+    cache_teachers(job)
+    assert state["left"] == 0
+    assert_same_cache(world["ref"], job.out)
+    job.out = f"s3://{BUCKET}/caches/down"
+    state.update(left=10**6, match="teachers/conv/lse/c/0/1")  # unit (shard 1, block 0): always 503
+    with pytest.raises(CacheMismatchError, match=f"s3://{BUCKET}/caches/down/teachers/conv/lse/c/0/1: "
+                                                 "write failed after 4 tries"):
+        cache_teachers(job)
+    assert CacheStore.open(job.out).unit_record(1, 0) is None  # never committed
+    report, ok = verify_full(job.out)
+    assert not ok and "unit (shard 1, block 0) lacks" in report
+    state["left"] = 0
+    cache_teachers(job)
+    assert_same_cache(world["ref"], job.out)
 
 
 def test_a_missing_or_changed_object_is_named(world, s3, s3_manifest, tmp_path) -> None:

@@ -9,9 +9,9 @@ that has expired, or whose owner is a process of this host that no longer runs, 
 by anyone by creating the next generation's file, so exactly one process wins a takeover and a
 crashed node's units are finished by the others or by any rerun.
 
-Only two operations are needed from the storage, an exclusive create and a plain overwrite of
-one's own file: no rename of a shared name, no lock. (On object storage the exclusive create is a
-conditional PUT, ``If-None-Match: *``.) A holder whose lease was taken over while it stalled
+Only two operations are needed from the storage (``cache.objects``), an exclusive create and a
+plain overwrite of one's own object: no rename of a shared name, no lock (in a bucket the
+exclusive create is a conditional PUT, ``If-None-Match: *``). A holder whose lease was taken over while it stalled
 finds that out when it renews or before it writes, and leaves the unit to the new holder.
 """
 from __future__ import annotations
@@ -20,18 +20,17 @@ import json
 import os
 import re
 import socket
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from civt_cache.cache.objects import CacheRoot
 from civt_cache.cache.store import CacheStore
-from civt_cache.fsutil import FILE_MODE, atomic_write_json
 
 #: Seconds a lease lasts unless renewed; holders renew it every third of that.
 LEASE_SECONDS = 300.0
-_NAME = re.compile(r"^s(\d{6})-b(\d{4})\.g(\d{4,})\.json$")
+_NAME = re.compile(r"^leases/s(\d{6})-b(\d{4})\.g(\d{4,})\.json$")
 
 
 def this_process() -> str:
@@ -70,49 +69,49 @@ class Lease:
 class Leases:
     """The leases of the cache at ``root``, as seen and taken by ``owner``."""
 
-    def __init__(self, root: Path, owner: str, seconds: float = LEASE_SECONDS) -> None:
-        self.dir, self.owner, self.seconds = Path(root) / "leases", owner, seconds
+    def __init__(self, root: CacheRoot | str | Path, owner: str, seconds: float = LEASE_SECONDS) -> None:
+        self.objects = root if isinstance(root, CacheRoot) else CacheRoot(root)
+        self.owner, self.seconds = owner, seconds
 
-    def _path(self, shard: int, block: int, generation: int) -> Path:
-        return self.dir / f"s{shard:06d}-b{block:04d}.g{generation:04d}.json"
+    @staticmethod
+    def _key(shard: int, block: int, generation: int) -> str:
+        return f"leases/s{shard:06d}-b{block:04d}.g{generation:04d}.json"
 
-    def _read(self, path: Path) -> Lease | None:
-        """The lease in ``path`` (a name ``_NAME`` matches); None when it was released meanwhile.
-        A file that does not parse blocks its unit for one lease from its mtime, then is taken."""
-        m = _NAME.match(path.name)
-        assert m is not None, path
+    def _read(self, key: str) -> Lease | None:
+        """The lease in ``key`` (a name ``_NAME`` matches); None when it was released meanwhile.
+        An object that does not parse blocks its unit for one lease from when it was first
+        seen, then is taken over."""
+        m = _NAME.match(key)
+        assert m is not None, key
         shard, block, generation = (int(g) for g in m.groups())
-        try:
-            data = json.loads(path.read_text())
-            return Lease(shard, block, generation, str(data["owner"]), float(data["expires"]))
-        except FileNotFoundError:
+        data = self.objects.read(key)
+        if data is None:
             return None
-        except (OSError, ValueError, KeyError, TypeError):
-            try:
-                stamp = path.stat().st_mtime
-            except FileNotFoundError:
-                return None
-            return Lease(shard, block, generation, "unreadable", stamp + self.seconds)
+        try:
+            parsed = json.loads(data)
+            return Lease(shard, block, generation, str(parsed["owner"]), float(parsed["expires"]))
+        except (ValueError, KeyError, TypeError):
+            first = _unreadable_since.setdefault((str(self.objects), key), time.time())
+            return Lease(shard, block, generation, "unreadable", first + self.seconds)
 
-    def _files(self, prefix: str = "") -> list[str]:
-        """Lease file names starting with ``prefix``, by (shard, block, generation): a unit's
-        newest generation last (by number: ``g10000`` after ``g9999``)."""
-        names = [n for n in os.listdir(self.dir) if n.startswith(prefix) and _NAME.match(n)] \
-            if self.dir.is_dir() else []
-        return sorted(names, key=lambda n: tuple(int(g) for g in _NAME.match(n).groups()))
+    def _keys(self, prefix: str = "") -> list[str]:
+        """Lease keys starting with ``leases/`` + ``prefix``, by (shard, block, generation): a
+        unit's newest generation last (by number: ``g10000`` after ``g9999``)."""
+        keys = [k for k in self.objects.listing("leases") if k.startswith(f"leases/{prefix}") and _NAME.match(k)]
+        return sorted(keys, key=lambda k: tuple(int(g) for g in _NAME.match(k).groups()))
 
     def all(self) -> dict[tuple[int, int], Lease]:
-        """The current (newest generation) lease of every leased unit: one directory listing."""
+        """The current (newest generation) lease of every leased unit: one listing."""
         out: dict[tuple[int, int], Lease] = {}
-        for name in self._files():
-            if (lease := self._read(self.dir / name)) is not None:
+        for key in self._keys():
+            if (lease := self._read(key)) is not None:
                 out[(lease.shard, lease.block)] = lease
         return out
 
     def current(self, shard: int, block: int) -> Lease | None:
         """The unit's newest lease, or None when nobody holds or held it."""
-        for name in reversed(self._files(f"s{shard:06d}-b{block:04d}.")):
-            if (lease := self._read(self.dir / name)) is not None:
+        for key in reversed(self._keys(f"s{shard:06d}-b{block:04d}.")):
+            if (lease := self._read(key)) is not None:
                 return lease
         return None
 
@@ -124,33 +123,11 @@ class Leases:
         if cur is not None and not cur.takeable(now):
             return None
         lease = Lease(shard, block, cur.generation + 1 if cur else 0, self.owner, now + self.seconds)
-        return lease if self._create(lease) else None
+        return lease if self.objects.create(self._key(shard, block, lease.generation), self._body(lease)) else None
 
-    def _create(self, lease: Lease) -> bool:
-        """Exclusive create with the whole content at once (link of a finished temp file): a
-        reader never sees a half-written lease, and only one creator of a name succeeds."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        final = self._path(lease.shard, lease.block, lease.generation)
-        body = json.dumps({"owner": lease.owner, "expires": lease.expires}).encode()
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".lease-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(body)
-            os.chmod(tmp, FILE_MODE)
-            os.link(tmp, final)
-            return True
-        except FileExistsError:
-            return False
-        except OSError:  # no hard links here (some network filesystems): O_EXCL create, then write;
-            try:  # a reader meanwhile sees an unparseable file and waits a lease from its mtime
-                out = os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
-            except FileExistsError:
-                return False
-            with os.fdopen(out, "wb") as f:
-                f.write(body)
-            return True
-        finally:
-            os.unlink(tmp)
+    @staticmethod
+    def _body(lease: Lease) -> bytes:
+        return json.dumps({"owner": lease.owner, "expires": lease.expires}).encode()
 
     def holds(self, lease: Lease) -> bool:
         """Whether ``lease`` is still its unit's newest, ours, and not taken over."""
@@ -162,14 +139,17 @@ class Leases:
         if not self.holds(lease):
             return None
         renewed = Lease(**{**asdict(lease), "expires": time.time() + self.seconds})
-        atomic_write_json(self._path(lease.shard, lease.block, lease.generation),
-                          {"owner": renewed.owner, "expires": renewed.expires})
+        self.objects.write(self._key(lease.shard, lease.block, lease.generation), self._body(renewed))
         return renewed
 
     def release(self, lease: Lease) -> None:
-        """Delete the unit's lease files up to ours (after its commit, or when giving it up)."""
+        """Delete the unit's lease objects up to ours (after its commit, or when giving it up)."""
         for g in range(lease.generation, -1, -1):
-            self._path(lease.shard, lease.block, g).unlink(missing_ok=True)
+            self.objects.delete(self._key(lease.shard, lease.block, g))
+
+
+#: When this process first saw each unparseable lease object (a stamp no storage needs to give).
+_unreadable_since: dict[tuple[str, str], float] = {}
 
 
 def unit_needs(record: dict[str, Any] | None, teachers: Sequence[str]) -> list[str]:

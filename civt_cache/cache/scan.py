@@ -8,8 +8,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from civt_cache.cache.commits import committed_components
 from civt_cache.cache.leases import Lease, Leases
-from civt_cache.cache.store import CacheStore, committed_components
+from civt_cache.cache.store import CacheStore
 
 
 @dataclass
@@ -65,16 +66,19 @@ class CacheScan:
 
 
 def scan_cache(store: CacheStore, units: Iterable[tuple[int, int]] | None = None,
-               chunks: bool = True, leases: bool = False) -> CacheScan:
-    """Read the commit record of each of ``units`` (default all, in canonical order); with
-    ``chunks`` stat every committed chunk file (zarr reads a missing one as fill values, so a
-    lost file must be found before anything trusts the record); with ``leases`` attach the
-    current lease of each unit not committed."""
-    held = Leases(store.root, owner="").all() if leases else {}
+               chunks: bool = True, leases: bool = False, save_index: bool = False) -> CacheScan:
+    """The commit record of each of ``units`` (default all, in canonical order), read at once
+    (``Commits.all``: a listing and the index; ``save_index`` refreshes the index); with
+    ``chunks`` every committed component's objects are looked up in one listing per array
+    (zarr reads a missing object as fill values, so a lost one must be found before anything
+    trusts the record); with ``leases`` the current lease of each unit not committed."""
+    held = Leases(store.objects, owner="").all() if leases else {}
+    records = store.commits.all(save_index)
+    present = store.chunk_keys() if chunks else set()
     out = CacheScan([], [])
     for shard, block in (store.units() if units is None else units):
-        rec = store.unit_record(shard, block)
-        lost = store.missing_chunks(shard, block, committed_components(rec)) if chunks and rec else {}
+        rec = records.get((shard, block))
+        lost = store.lost_chunks(shard, block, committed_components(rec), present) if chunks and rec else {}
         out.units.append(UnitState(shard, block, rec, lost, held.get((shard, block))))
         if (shard, block) in store.unreadable:
             out.unreadable.append(store.unreadable[(shard, block)])

@@ -18,7 +18,8 @@ from civt_cache.fsutil import canonical_sha256
 from civt_cache.views.recipe import Recipe
 from civt_cache.views.records import VIEWS_VERSION
 
-SCHEMA_VERSION = 3  # 2: crc32c on every chunk, fill values no real entry can have; 3: log-probs
+SCHEMA_VERSION = 4  # 2: crc32c on every chunk, fill values no real entry can have; 3: log-probs;
+# 4: per-epoch arrays sharded one object per unit (an inner chunk per epoch), per-epoch checksums
 # Teachers' top-k are stored as log-probabilities, logit - lse <= 0, so no finite logit overflows
 # float16 (a logit of 1e5 would be +inf); a log-probability below float16's lowest is clamped
 # there, where exp() is 0 in any float type anyway.

@@ -16,10 +16,12 @@ from typing import TypeVar
 
 from braceexpand import braceexpand
 
-from civt_cache.errors import ManifestError, ShardError
+from civt_cache.errors import CivtError, ManifestError, ShardError
 
 #: Schemes shards may be read from. Anything else with ``://`` (or ``pipe:``) is refused.
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "http", "https")
+#: Where a cache may live besides a folder (https is read-only and cannot list: no cache's home).
+CACHE_SCHEMES = ("s3", "gs", "gcs")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 RETRIES = 4
 T = TypeVar("T")
@@ -47,20 +49,23 @@ def _transient(e: BaseException) -> bool:
         k in text for k in ("timeout", "throttl", "slowdown", "503", "500", "502", "504", "connection"))
 
 
-def with_retries(what: str, url: str, call: Callable[[], T], delay: float = 0.5) -> T:
-    """``call()``, retried with exponential backoff on transient errors; then one error that
+def with_retries(what: str, url: str, call: Callable[[], T], delay: float = 0.5,
+                 error: type[Exception] = ManifestError) -> T:
+    """``call()``, retried with exponential backoff on transient errors; then one ``error`` that
     names the object and what failed."""
     for attempt in range(RETRIES):
         try:
             return call()
+        except CivtError:  # already says what is wrong (a chunk that does not decode)
+            raise
         except FileNotFoundError:
-            raise ManifestError(f"{url}: no such object") from None
+            raise error(f"{url}: no such object") from None
         except PermissionError as e:
-            raise ManifestError(f"{url}: access denied ({e})") from None
+            raise error(f"{url}: access denied ({e})") from None
         except Exception as e:  # noqa: BLE001 - the filesystems raise many kinds
             if not _transient(e) or attempt == RETRIES - 1:
                 tries = f" after {attempt + 1} tries" if attempt else ""
-                raise ManifestError(f"{url}: {what} failed{tries} ({type(e).__name__}: {e})") from None
+                raise error(f"{url}: {what} failed{tries} ({type(e).__name__}: {e})") from None
             time.sleep(delay * 2 ** attempt)
     raise AssertionError("unreachable")
 

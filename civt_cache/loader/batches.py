@@ -58,7 +58,7 @@ class EpochSource:
 
     epoch: int                  # training epoch (orders the data)
     view_seed: int = 0          # seed of records sampled on the fly (a cache holds its own)
-    cache: Path | None = None   # None: sample records on the fly
+    cache: Path | str | None = None   # None: sample records on the fly; str: an s3:// or gs:// cache
     cache_epoch: int = 0        # cached epoch replayed (cycles when training outlasts the cache)
     teachers: tuple[str, ...] = ()
 

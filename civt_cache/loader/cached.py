@@ -18,7 +18,7 @@ from civt_cache.cache.scan import scan_cache
 from civt_cache.cache.store import CacheStore
 from civt_cache.data.manifest import DataManifest, load_manifest
 from civt_cache.distributed import pick_device
-from civt_cache.errors import CacheMismatchError, ConfigError, CorruptUnitError
+from civt_cache.errors import CacheMismatchError, ConfigError
 from civt_cache.fsutil import sha256_file
 from civt_cache.loader.batches import (
     EpochSource,
@@ -34,7 +34,7 @@ from civt_cache.views.recipe import Recipe
 Batch = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 
 
-def open_student_cache(cache: Path, manifest: DataManifest, manifest_path: Path | str, recipe: Recipe,
+def open_student_cache(cache: Path | str, manifest: DataManifest, manifest_path: Path | str, recipe: Recipe,
                        names: Sequence[str], epochs: int, view_seed: int | None = None,
                        cycle_cache: bool = False, teacher_specs: Sequence[str] = (),
                        log: Callable[[str], None] = print) -> CacheStore:
@@ -76,14 +76,8 @@ def check_student_cache(store: CacheStore, manifest: DataManifest, manifest_path
                                      f"not {arch}:{ckpt}")
     needed = {e % s.epochs for e in range(epochs)}
     blocks = sorted({e // s.epochs_per_unit for e in needed})
-    scan = scan_cache(store, [(shard, b) for b in blocks for shard in range(s.num_shards)])
-    for unit in scan.units:
-        gone = [(c, why) for c, why in unit.lost.items() if c in ("views", *names)]
-        if gone:  # a committed unit lost a file: zarr would read fill values, never train on them
-            component, why = gone[0]
-            raise CorruptUnitError(f"{cache}: unit (shard {unit.shard}, block {unit.block}) {component}: {why}",
-                                   "Rerun `civt-cache cache-teachers` with the cache's settings to "
-                                   "recompute it (`civt-cache inspect` lists what is damaged)")
+    # one listing and the index: the records alone (a lost object is named when its epoch is read)
+    scan = scan_cache(store, [(shard, b) for b in blocks for shard in range(s.num_shards)], chunks=False)
     for why in scan.unreadable:
         log(why)
     incomplete = {e for u in scan.incomplete(names) for e in store.block_epochs(u.block) if e in needed}
@@ -107,7 +101,7 @@ class TargetSource:
     ``open_student_cache``'s checks) or the teachers themselves, run live on the batch's views
     (``online``); and the seed of the views (a cache's own, else ``view_seed``)."""
 
-    def __init__(self, names: Sequence[str], online: bool, teacher_specs: Sequence[str], cache: Path | None,
+    def __init__(self, names: Sequence[str], online: bool, teacher_specs: Sequence[str], cache: Path | str | None,
                  manifest: DataManifest, manifest_path: Path | str, recipe: Recipe, epochs: int,
                  cycle_cache: bool, view_seed: int, view_seed_asked: bool, device: torch.device,
                  log: Callable[[str], None]) -> None:

@@ -103,7 +103,7 @@ class UnitReader(IterableDataset):
     With ``leases``: every worker walks all units from its own offset and claims each when it
     gets to it; ``info`` (this rank) spreads the offsets over all processes."""
 
-    def __init__(self, manifest: DataManifest, store_root: Path, units: list[tuple[int, int]],
+    def __init__(self, manifest: DataManifest, store_root: Path | str, units: list[tuple[int, int]],
                  records: dict[tuple[int, int], dict[str, Any] | None], teachers: list[str], spec: CacheSpec,
                  leases: Leases | None = None, info: DistInfo | None = None) -> None:
         self.manifest, self.store_root, self.units = manifest, store_root, units

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from civt_cache.cache.leases import LEASE_SECONDS, Lease, Leases, this_process, unit_needs
+from civt_cache.cache.objects import cache_location
 from civt_cache.cache.scan import scan_cache
 from civt_cache.cache.spec import CacheSpec
 from civt_cache.cache.store import CacheStore
@@ -33,6 +34,7 @@ from civt_cache.config import MAX_BATCH, MAX_EPOCHS, MAX_WORKERS, require
 from civt_cache.data.manifest import load_manifest
 from civt_cache.distributed import DistInfo, barrier, device_layout, distributed_session
 from civt_cache.errors import CacheMismatchError, NonFiniteError
+from civt_cache.fsutil import is_url
 from civt_cache.loader.units import UnitGroup, UnitReader
 from civt_cache.models.teachers import Teacher, build_teacher, parse_teacher_spec, teacher_logits
 from civt_cache.progress import Progress
@@ -46,7 +48,7 @@ class CacheJob:
 
     manifest: Path
     teachers: list[str]
-    out: Path
+    out: Path | str  # a folder, or an s3:// / gs:// prefix
     epochs: int = 1
     epochs_per_unit: int = 1
     topk: int = 10
@@ -70,13 +72,14 @@ class CacheJob:
                 epochs_per_unit=(self.epochs_per_unit, 1 <= self.epochs_per_unit <= MAX_EPOCHS,
                                  f"in 1..{MAX_EPOCHS}"),
                 topk=(self.topk, self.topk >= 1, ">= 1"),
-                out=(str(self.out), not Path(self.out).exists() or Path(self.out).is_dir(),
+                out=(str(self.out), is_url(self.out) or not Path(self.out).exists() or Path(self.out).is_dir(),
                      "a folder (that path is a file)"),
                 batch_size=(self.batch_size, 1 <= self.batch_size <= MAX_BATCH, f"in 1..{MAX_BATCH}"),
                 workers=(self.workers, 0 <= self.workers <= MAX_WORKERS, f"in 0..{MAX_WORKERS}"),
                 threads=(self.threads, 0 <= self.threads <= MAX_WORKERS, f"in 0..{MAX_WORKERS} (0: auto)"),
                 lease_seconds=(self.lease_seconds, 1 <= self.lease_seconds <= 86400, "in 1..86400"),
                 device=(self.device, self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"))
+        self.out = cache_location(self.out)  # an unknown scheme is refused here, in one line
         for spec in self.teachers:
             parse_teacher_spec(spec)
 
@@ -107,20 +110,32 @@ class _Writer(threading.Thread):
             self.renewer.drop(lease)
             return
         prior = item.prior
-        views = prior["views"] if prior else {}
-        teachers = dict(prior["teachers"]) if prior else {}
-        if acc["new_views"]:
-            views = {"sha256": self.store.write_views(shard, block, acc["keys"], acc["labels"],
-                                                      acc["records"])}
-        for name, parts in acc["teachers"].items():
-            teachers[name] = {"sha256": self.store.write_teacher(
-                name, shard, block, np.stack(parts["logits"]), np.stack(parts["indices"]),
-                np.stack(parts["lse"]))}
-        self.store.commit_unit(shard, block, len(acc["keys"]), views, teachers)
+        views, teachers = self._write_objects(item, acc)
+        first = self.store.commit_unit(shard, block, len(acc["keys"]), views, teachers, prior is not None)
+        if first is not None and (first.get("views") != views or any(
+                first["teachers"].get(n) != sums for n, sums in teachers.items())):
+            # another process committed it meanwhile (took the lease over while this one stalled)
+            # with other bytes, and ours may have landed over its objects: ours go again, last
+            tqdm.write(f"cache-teachers: unit (shard {shard}, block {block}) was committed by another "
+                       "process meanwhile with other bytes; writing this process's again", file=sys.stderr)
+            views, teachers = self._write_objects(item, acc)
+            self.store.commit_unit(shard, block, len(acc["keys"]), views, teachers, True)
         self.committed += 1
         if lease is not None and self.leases is not None:
             self.renewer.drop(lease)
             self.leases.release(lease)
+
+    def _write_objects(self, item: UnitGroup, acc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Write the unit's new components; their checksums beside those already committed."""
+        shard, block, prior = item.shard, item.block, item.prior
+        views = prior["views"] if prior else {}
+        teachers = dict(prior["teachers"]) if prior else {}
+        if acc["new_views"]:
+            views = self.store.write_views(shard, block, acc["keys"], acc["labels"], acc["records"])
+        for name, parts in acc["teachers"].items():
+            teachers[name] = self.store.write_teacher(name, shard, block, np.stack(parts["logits"]),
+                                                      np.stack(parts["indices"]), np.stack(parts["lse"]))
+        return views, teachers
 
     def check(self) -> None:
         """Raise the error a write met, if any."""
@@ -190,7 +205,7 @@ def plan_units(store: CacheStore, teacher_names: list[str], info: DistInfo, clai
     world size. Committed components whose chunk files are missing (or, with ``repair``, that
     fail their checksums) are un-committed first, so exactly they are recomputed."""
     mine = [u for i, u in enumerate(store.units()) if claim or i % info.world_size == info.rank]
-    scan = scan_cache(store, mine)
+    scan = scan_cache(store, mine, save_index=info.is_main)
     plan = Plan({}, list(scan.unreadable))
     for unit in scan.units:
         damaged = dict(unit.lost)
@@ -238,7 +253,7 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
     plan = plan_units(store, names, info, job.claim, job.repair)
     for note in plan.notes:
         tqdm.write(f"cache-teachers: {note}", file=sys.stderr)
-    leases = Leases(store.root, this_process(), job.lease_seconds) if job.claim else None
+    leases = Leases(store.objects, this_process(), job.lease_seconds) if job.claim else None
     renewer = _Renewer(leases)
     renewer.start()
     writer = _Writer(store, leases, renewer)
@@ -258,7 +273,8 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
                 break
             # what is left is held by other processes: wait until it is committed or its lease
             # can be taken over, so that this returns only when every unit is committed
-            units = [u for u in units if unit_needs(store.unit_record(*u), names)]
+            records = store.commits.all()
+            units = [u for u in units if unit_needs(records.get(u), names)]
             if units:
                 writer.check()  # a failed write would leave its unit leased by us for ever
                 time.sleep(min(5.0, leases.seconds / 4))
@@ -271,6 +287,8 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
                 leases.release(lease)  # type: ignore[union-attr]
     elapsed = time.perf_counter() - start
     barrier(info)
+    if info.is_main:  # the next start-up reads every record in a request or two
+        store.commits.all(save_index=True)
     return {"units": writer.committed, "views": done, "seconds": elapsed,
             "views_per_s": done / elapsed if elapsed > 0 else 0.0, "rank": info.rank}
 

@@ -68,7 +68,7 @@ class StudentJob:
     manifest: Path
     val_manifest: Path
     out: Path
-    cache: Path | None = None
+    cache: Path | str | None = None  # a folder, or an s3:// / gs:// prefix
     model: str = "civt_tiny"
     epochs: int = 300
     teachers: str = "both"

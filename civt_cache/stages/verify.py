@@ -21,7 +21,7 @@ from civt_cache.views.records import LAM, LAM_ONE, MIX_MODE, MIX_NONE, PARTNER
 INSPECT_MAX_UNITS = 64
 
 
-def inspect_cache(root: Path) -> str:
+def inspect_cache(root: Path | str) -> str:
     """A human-readable report on a cache (see the ``inspect`` command)."""
     store = CacheStore.open(root)
     s = store.spec
@@ -109,7 +109,7 @@ def _agreement(store: CacheStore, units: list, teachers: list[str]) -> list[str]
     return out
 
 
-def cached_teacher_specs(root: Path, stored: dict[str, dict], overrides: list[str]) -> list[str]:
+def cached_teacher_specs(root: Path | str, stored: dict[str, dict], overrides: list[str]) -> list[str]:
     """``NAME=ARCH:CKPT`` of every cached teacher: from the path the cache recorded, or from
     ``overrides`` (``--teacher``) for files that moved. The file's sha256 is checked later."""
     given = {parse_teacher_spec(spec)[0]: spec for spec in overrides}
@@ -129,7 +129,7 @@ def cached_teacher_specs(root: Path, stored: dict[str, dict], overrides: list[st
     return specs
 
 
-def verify_cache(root: Path, manifest_path: Path | None, teacher_specs: list[str], samples: int,
+def verify_cache(root: Path | str, manifest_path: Path | None, teacher_specs: list[str], samples: int,
                  seed: int, device_pref: str = "auto") -> tuple[str, bool]:
     """Rebuild ``samples`` random committed views through the same view function, check their
     records regenerate identically, rerun every cached teacher and compare with the stored top-k.
@@ -199,7 +199,7 @@ def verify_cache(root: Path, manifest_path: Path | None, teacher_specs: list[str
     return report, ok
 
 
-def verify_full(root: Path) -> tuple[str, bool]:
+def verify_full(root: Path | str) -> tuple[str, bool]:
     """Check every committed unit's chunks (present, CRC32C, commit-record checksums) without
     running any teacher, and that every unit is committed for every teacher; list the damaged
     and the missing units and how to finish them."""

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from civt_cache.bench.cli import bench_app
-from civt_cache.data.manifest import default_manifest_path
+from civt_cache.data.manifest import data_location, default_manifest_path
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,  # help texts show [defaults] literally
@@ -26,11 +26,11 @@ DATA_KEYS = frozenset({"src", "shards", "name", "shard_size", "manifest", "seed"
 @app.command("make-shards")
 def make_shards_cmd(
     src: Optional[str] = typer.Argument(None, help="ImageFolder root (one folder per class) or 'digits' [[data] src]."),
-    out_dir: Optional[Path] = typer.Argument(None, help="Folder for the .tar shards [[data] shards]."),
+    out_dir: Optional[str] = typer.Argument(None, help="Folder (or s3:// / gs:// prefix) for the .tar shards [[data] shards]."),
     pipeline: Optional[Path] = PIPELINE_OPT,
     name: Optional[str] = typer.Option(None, help="Dataset name; shards are NAME-000000.tar ... [[data] name]."),
     shard_size: Optional[int] = typer.Option(None, help="Samples per shard [1000]."),
-    manifest: Optional[Path] = typer.Option(None, help="Manifest path [data_manifests/NAME.json]."),
+    manifest: Optional[str] = typer.Option(None, help="(a file or URL) Manifest path [data_manifests/NAME.json]."),
     seed: Optional[int] = typer.Option(None, help="Seed of the shuffle across shards [0]."),
     skip_bad: Optional[bool] = typer.Option(None, "--skip-bad/--no-skip-bad", help="Record undecodable files under 'skipped' and go on [off]."),
     workers: Optional[int] = typer.Option(None, help="Encoding processes [0: min(8, cores)]."),
@@ -39,16 +39,18 @@ def make_shards_cmd(
     from civt_cache.config import load_pipeline, need, setting
     from civt_cache.data.writer import image_folder_items, write_shards
     from civt_cache.errors import ConfigError
+    from civt_cache.fsutil import refuse_url
 
     cfg = load_pipeline(pipeline)
     unknown = set(cfg.get("data", {})) - DATA_KEYS
     if unknown:
         raise ConfigError(f"{pipeline}: [data] has unknown keys {sorted(unknown)}; known: {sorted(DATA_KEYS)}")
     src = need(setting(cfg, "data.src", src, str, pipeline), "SRC", "[data] src")
-    out_dir = need(setting(cfg, "data.shards", out_dir, Path, pipeline), "OUT_DIR", "[data] shards")
+    refuse_url(src, "SRC")
+    out_dir = data_location(need(setting(cfg, "data.shards", out_dir, str, pipeline), "OUT_DIR", "[data] shards"))
     name = need(setting(cfg, "data.name", name, str, pipeline), "--name", "[data] name")
     shard_size = setting(cfg, "data.shard_size", shard_size, int, pipeline, 1000)
-    manifest = setting(cfg, "data.manifest", manifest, Path, pipeline)
+    manifest = setting(cfg, "data.manifest", manifest, str, pipeline)
     seed = setting(cfg, "data.seed", seed, int, pipeline, 0)
     skip_bad = setting(cfg, "data.skip_bad", skip_bad, bool, pipeline, False)
     workers = setting(cfg, "data.workers", workers, int, pipeline, 0)
@@ -57,14 +59,14 @@ def make_shards_cmd(
 
         for split, (classes, items) in digits_items().items():
             split_name = f"{name}-{split}"
-            path = (manifest.parent / f"{manifest.stem}-{split}.json" if manifest
+            path = (data_location(f"{manifest.removesuffix('.json')}-{split}.json") if manifest
                     else default_manifest_path(split_name))
             m = write_shards(items, classes, out_dir, split_name, shard_size, seed,
                              "sklearn.datasets.load_digits (32x32 RGB)", path, skip_bad, workers)
             typer.echo(f"{path}: {m.num_samples} samples in {len(m.shards)} shards")
         return
     classes, items = image_folder_items(Path(src))
-    path = manifest or default_manifest_path(name)
+    path = data_location(manifest) if manifest else default_manifest_path(name)
     m = write_shards(items, classes, out_dir, name, shard_size, seed, f"imagefolder:{src}", path,
                      skip_bad, workers)
     typer.echo(f"{path}: {m.num_samples} samples in {len(m.shards)} shards, "
@@ -75,7 +77,7 @@ def make_shards_cmd(
 def scan_shards_cmd(
     pattern: str = typer.Argument(..., help="Directory, brace pattern or glob of .tar shards; or their s3://, gs:// or https:// URLs."),
     name: str = typer.Option(..., help="Dataset name."),
-    manifest: Optional[Path] = typer.Option(None, help="Manifest path [data_manifests/NAME.json]."),
+    manifest: Optional[str] = typer.Option(None, help="(a file or URL) Manifest path [data_manifests/NAME.json]."),
     classes: Optional[Path] = typer.Option(None, help="Text file of class names, one per line."),
 ) -> None:
     """Write a data manifest for WebDataset shards made elsewhere, checking every sample."""
@@ -83,7 +85,7 @@ def scan_shards_cmd(
 
     names = classes.read_text().split("\n") if classes else None
     names = [n for n in names if n.strip()] if names else None
-    path = manifest or default_manifest_path(name)
+    path = data_location(manifest) if manifest else default_manifest_path(name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ShardOrderWarning)
         m = scan_shards(pattern, name, path, names)
@@ -96,7 +98,7 @@ def scan_shards_cmd(
 @app.command("cache-teachers")
 def cache_teachers_cmd(
     pipeline: Optional[Path] = PIPELINE_OPT,
-    manifest: Optional[Path] = typer.Option(None, help="Data manifest of the training shards."),
+    manifest: Optional[str] = typer.Option(None, help="(a file or URL) Data manifest of the training shards."),
     teacher: list[str] = typer.Option([], help="NAME=ARCH:CHECKPOINT (repeat), e.g. conv=regnety_006:r.pth"),
     epochs: Optional[int] = typer.Option(None, help="Epochs of views to cache."),
     epochs_per_unit: Optional[int] = typer.Option(None, help="Epochs per unit of work (decode once per unit)."),
@@ -148,7 +150,7 @@ def inspect_cmd(cache: Optional[str] = typer.Argument(None, help="Cache: folder 
 def verify_cmd(
     cache: Optional[str] = typer.Argument(None, help="Cache: folder or s3:// / gs:// prefix [[cache] out]."),
     pipeline: Optional[Path] = PIPELINE_OPT,
-    manifest: Optional[Path] = typer.Option(None, help="Data manifest [the one the cache recorded]."),
+    manifest: Optional[str] = typer.Option(None, help="(a file or URL) Data manifest [the one the cache recorded]."),
     teacher: list[str] = typer.Option([], help="NAME=ARCH:CHECKPOINT for a cached teacher whose file moved [recorded path]."),
     samples: int = typer.Option(32, min=1, help="Random (epoch, row) views to rebuild and rerun."),
     seed: int = typer.Option(0, help="Seed of the sample choice."),
@@ -169,8 +171,8 @@ def verify_cmd(
 @app.command("train-student")
 def train_student_cmd(
     pipeline: Optional[Path] = PIPELINE_OPT,
-    manifest: Optional[Path] = typer.Option(None, help="Training data manifest."),
-    val_manifest: Optional[Path] = typer.Option(None, help="Validation data manifest."),
+    manifest: Optional[str] = typer.Option(None, help="(a file or URL) Training data manifest."),
+    val_manifest: Optional[str] = typer.Option(None, help="(a file or URL) Validation data manifest."),
     cache: Optional[str] = typer.Option(None, help="Teacher cache from cache-teachers (folder or s3:// / gs:// prefix)."),
     model: Optional[str] = typer.Option(None, help="Student: civt_micro | civt_tiny | civt_small | civt_base."),
     img_size: Optional[int] = typer.Option(None, help="View size, overriding [recipe] img_size; must match the cache's [224]."),
@@ -220,8 +222,8 @@ def train_student_cmd(
 def train_teacher_cmd(
     pipeline: Optional[Path] = PIPELINE_OPT,
     name: Optional[str] = typer.Option(None, help="The pipeline's [teachers.NAME] table to train (arch, checkpoint, epochs, ...)."),
-    manifest: Optional[Path] = typer.Option(None, help="Training data manifest [[student] manifest]."),
-    val_manifest: Optional[Path] = typer.Option(None, help="Validation data manifest [[student] val_manifest]."),
+    manifest: Optional[str] = typer.Option(None, help="(a file or URL) Training data manifest [[student] manifest]."),
+    val_manifest: Optional[str] = typer.Option(None, help="(a file or URL) Validation data manifest [[student] val_manifest]."),
     arch: Optional[str] = typer.Option(None, help="timm architecture (e.g. resnet18, regnety_006, rednet26)."),
     epochs: Optional[int] = typer.Option(None, help="Epochs [30]."),
     img_size: Optional[int] = typer.Option(None, help="Training image size [[recipe] img_size, or 224]."),
@@ -271,7 +273,7 @@ def need_table(cfg: dict, group: str, name: str, pipeline: Optional[Path]) -> di
 def eval_cmd(
     pipeline: Optional[Path] = PIPELINE_OPT,
     name: Optional[str] = typer.Option(None, help="Evaluate the pipeline's [teachers.NAME] checkpoint [the student's model_best.pt]."),
-    manifest: Optional[Path] = typer.Option(None, help="Validation data manifest [[student] val_manifest]."),
+    manifest: Optional[str] = typer.Option(None, help="(a file or URL) Validation data manifest [[student] val_manifest]."),
     arch: Optional[str] = typer.Option(None, help="Architecture of the checkpoint."),
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint file."),
     img_size: Optional[int] = typer.Option(None, help="Image size [[recipe] img_size, else the checkpoint's]."),
@@ -293,7 +295,8 @@ def eval_cmd(
         arch = arch or student.get("model")
         if checkpoint is None and "out" in student:
             checkpoint = Path(student["out"]) / "model_best.pt"
-    manifest = need(setting(cfg, "student.val_manifest", manifest, Path, pipeline), "--manifest", "[student] val_manifest")
+    manifest = data_location(need(setting(cfg, "student.val_manifest", manifest, str, pipeline), "--manifest",
+                                  "[student] val_manifest"))
     metrics = evaluate_checkpoint(manifest, need(arch, "--arch", "[teachers.NAME] arch or [student] model"),
                                   Path(need(checkpoint, "--checkpoint", "[teachers.NAME] checkpoint or [student] out")),
                                   img_size if img_size is not None else setting(cfg, "recipe.img_size", None, int, pipeline),

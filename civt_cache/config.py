@@ -43,15 +43,23 @@ def load_pipeline(path: Path | None) -> dict[str, Any]:
     return cfg
 
 
-#: Pipeline keys that name a cache, which may live in object storage.
-_CACHE_KEYS = {("cache", "out"), ("student", "cache")}
+#: Pipeline keys that may hold a URL: a cache or shards being written (s3://, gs://), a manifest
+#: (read from those or https://; written to s3://, gs://).
+_WRITABLE_KEYS = {("cache", "out"), ("student", "cache"), ("data", "shards")}
+_MANIFEST_KEYS = {"manifest", "val_manifest"}
+
+
+def _url_schemes(keys: tuple[str, ...]) -> tuple[str, ...]:
+    if keys[-2:] in _WRITABLE_KEYS:
+        return CACHE_SCHEMES
+    return REMOTE_SCHEMES if keys and keys[-1] in _MANIFEST_KEYS else ()
 
 
 def _refuse_urls(node: Any, source: str, keys: tuple[str, ...]) -> None:
-    """Refuse a URL anywhere in a pipeline but where a cache is named, naming its table and key."""
+    """Refuse a URL anywhere in a pipeline but where one may be, naming its table and key."""
     if isinstance(node, str):
         where = f"[{'.'.join(keys[:-1])}] {keys[-1]}" if len(keys) > 1 else ".".join(keys)
-        refuse_url(node, f"{source}: {where}", CACHE_SCHEMES if keys in _CACHE_KEYS else ())
+        refuse_url(node, f"{source}: {where}", _url_schemes(keys))
     elif isinstance(node, dict):
         for key, value in node.items():
             _refuse_urls(value, source, (*keys, key))
@@ -62,8 +70,9 @@ def _refuse_urls(node: Any, source: str, keys: tuple[str, ...]) -> None:
 
 def refuse_misplaced_urls(args: list[str]) -> None:
     """Refuse a URL in every path-like argument, before typer makes a Path of it (``s3:/b``),
-    except where one may be: scan-shards' shard pattern (read-only schemes too), a cache
-    (cache-teachers --out, train-student --cache, verify / inspect CACHE: s3:// and gs://)."""
+    except where one may be: scan-shards' shard pattern and any --manifest / --val-manifest
+    (read-only schemes too), a cache (cache-teachers --out, train-student --cache, verify /
+    inspect CACHE, bench requests CACHE) and make-shards' output folder (s3:// and gs://)."""
     command = args[0] if args else ""
     cache_option = {"cache-teachers": "--out", "train-student": "--cache"}.get(command)
     for i, arg in enumerate(args):
@@ -72,9 +81,10 @@ def refuse_misplaced_urls(args: list[str]) -> None:
             i == 1 or not args[i - 1].startswith("-") or "=" in args[i - 1])
         named = arg.split("=", 1)[0] if arg.startswith("--") else (args[i - 1] if i else "")
         allowed: tuple[str, ...] = ()
-        if command == "scan-shards" and positional:
+        if (command == "scan-shards" and positional) or named in ("--manifest", "--val-manifest"):
             allowed = REMOTE_SCHEMES
-        elif (command in ("verify", "inspect") and positional) or (cache_option and named == cache_option):
+        elif (positional and (command in ("verify", "inspect", "make-shards") or args[:2] == ["bench", "requests"])
+              or (cache_option and named == cache_option)):
             allowed = CACHE_SCHEMES
         refuse_url(arg.split("=", 1)[-1] if arg.startswith("--") else arg, "argument", allowed)
 

@@ -32,10 +32,9 @@ def refuse_url(text: str, where: str, allowed: tuple[str, ...] = ()) -> None:
     """Refuse a URL where a filesystem path is needed, in one line (a URL taken as a path would
     silently become a local folder named ``s3:``); URLs of the ``allowed`` schemes pass."""
     if is_url(text) and text.split("://", 1)[0].lower() not in allowed:
-        raise ConfigError(f"{where}: {text!r} is a URL here; shards may be read from s3://, gs:// "
-                          "and https:// URLs (listed in a manifest, or given to scan-shards) and a "
-                          "cache may live under s3:// or gs:// (cache-teachers --out, train-student "
-                          "--cache, verify, inspect), but manifests, checkpoints and runs are files")
+        raise ConfigError(f"{where}: {text!r} is a URL here; URLs may name shards and manifests "
+                          "(s3://, gs://, https://), caches and make-shards' output (s3://, gs://), "
+                          "but checkpoints, pipelines and run folders are files")
 
 
 def _process_umask() -> int:
@@ -79,9 +78,14 @@ def atomic_write_with(path: str | Path, writer: Callable[[Any], Any]) -> None:
         raise
 
 
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as the indented JSON every file of this tool is written in."""
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Serialise `obj` as indented JSON and write it atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def sha256_file(path: str | Path) -> str:

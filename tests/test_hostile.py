@@ -403,8 +403,8 @@ def test_a_url_is_refused_never_made_a_local_folder(world, tmp_path) -> None:
     from civt_cache.errors import ConfigError
     from civt_cache.fsutil import refuse_url
 
-    refused(run_cli("make-shards", "digits", "s3://bucket/shards", "--name", "dg", cwd=tmp_path, check=False),
-            "argument: 's3://bucket/shards' is a URL")
+    refused(run_cli("make-shards", "digits", "https://host/shards", "--name", "dg", cwd=tmp_path, check=False),
+            "argument: 'https://host/shards' is a URL")  # shards are written to s3:// or gs:// only
     for url in ("pipe:curl -s https://h/x-{000..009}.tar", "gs://bucket/cache", "https://h/m.json"):
         with pytest.raises(ConfigError, match="is a URL"):
             refuse_url(url, "argument")
@@ -418,8 +418,10 @@ def test_a_url_is_refused_never_made_a_local_folder(world, tmp_path) -> None:
     (tmp_path / "m.json").write_text(json.dumps(raw))
     with pytest.raises(ConfigError, match="m.json: shard 0: 'ftp://host/.*' is a URL"):
         load_manifest(tmp_path / "m.json")
-    refused(run_cli("cache-teachers", "--manifest", "s3://bucket/m.json", cwd=tmp_path, check=False),
-            "'s3://bucket/m.json' is a URL", "manifests, checkpoints and runs are files")
+    refused(run_cli("cache-teachers", "--manifest", "ftp://bucket/m.json", cwd=tmp_path, check=False),
+            "'ftp://bucket/m.json' is a URL")
+    refused(run_cli("train-student", "--out", "s3://bucket/run", cwd=tmp_path, check=False),
+            "'s3://bucket/run' is a URL", "checkpoints, pipelines and run folders are files")
     refused(run_cli("cache-teachers", "--out", "https://h/cache", cwd=tmp_path, check=False),
-            "'https://h/cache' is a URL here", "a cache may live under s3:// or gs://")
+            "'https://h/cache' is a URL here", "caches and make-shards' output (s3://, gs://)")
     assert not any(p.name.endswith(":") for p in tmp_path.rglob("*"))

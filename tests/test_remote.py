@@ -99,6 +99,13 @@ def test_both_stages_from_s3_shards_with_the_cache_in_s3_equal_the_local_runs(wo
     assert not s3["fs"].exists(f"{BUCKET}/caches/both/leases")
     assert "4 in all; views committed in 4" in run_cli("inspect", cache).stdout
     assert "all 4 unit(s) complete, all sound -> OK" in run_cli("verify", cache, "--full").stdout
+    report = run_cli("bench", "requests", cache).stdout
+    assert "4 units, 1 teacher(s)" in report and "6.0 array objects per unit" in report
+    records = int(re.search(r"the records \(.*\): (\d+) requests", report).group(1))
+    assert records <= 8, report  # a listing, the index, the group's metadata: not one per unit
+    everything = int(re.search(r"stage two's check.*: (\d+) requests", report).group(1))
+    assert everything <= records + 40, report  # + a listing and the metadata of each array
+    assert "stage two, epoch 1 of 2 shard(s)" in report
     runs = {}
     for where, manifest, source in (("local", world["manifest"], world["ref"]), ("s3", s3_manifest, cache)):
         student = student_args(world, source, tmp_path / where, "--workers", "0")
@@ -190,6 +197,32 @@ def test_failed_puts_are_retried_and_never_committed_wrong(world, s3, monkeypatc
     state["left"] = 0
     cache_teachers(job)
     assert_same_cache(world["ref"], job.out)
+
+
+def test_make_shards_into_a_bucket_and_manifests_read_from_urls(world, s3, tmp_path) -> None:
+    """make-shards writes shards and manifests to s3:// (the same bytes as on a disk: the
+    world's val shards were made with these settings); stage one reads that manifest by its URL
+    and makes the reference cache; a manifest in a bucket that lists shards by relative names
+    finds them beside itself."""
+    made, staging = f"s3://{BUCKET}/made", tmp_path / "tmp"
+    staging.mkdir()
+    run_cli("make-shards", "digits", made, "--name", "digits", "--shard-size", "256", "--seed", "0",
+            "--workers", "1", "--manifest", f"{made}/digits.json", env={**os.environ, "TMPDIR": str(staging)})
+    remote_m, local = load_manifest(f"{made}/digits-val.json"), load_manifest(world["manifest"])
+    assert remote_m.fingerprint() == local.fingerprint()
+    assert all(s.path.startswith(f"{made}/digits-val-") for s in remote_m.shards)
+    assert not list(staging.iterdir())  # the local staging folder is gone
+    args = cache_args(world["root"], tmp_path / "c")
+    args[args.index("--manifest") + 1] = f"{made}/digits-val.json"
+    run_cli(*args)
+    assert_same_cache(world["ref"], tmp_path / "c")
+    raw = json.loads(Path(world["manifest"]).read_text())
+    for shard in raw["shards"]:
+        shard["path"] = Path(shard["path"]).name  # relative: beside the manifest
+    s3["fs"].pipe(f"{BUCKET}/val/relative.json", json.dumps(raw).encode())
+    beside = load_manifest(f"s3://{BUCKET}/val/relative.json")
+    assert beside.shard_path(1) == f"s3://{BUCKET}/val/{raw['shards'][1]['path']}"
+    assert [x.key for x in read_shard(beside, 1)] == [x.key for x in read_shard(local, 1)]
 
 
 def test_a_missing_or_changed_object_is_named(world, s3, s3_manifest, tmp_path) -> None:

@@ -74,3 +74,11 @@ def bench_imagenet_cmd(
     from civt_cache.bench.imagenet import bench_imagenet
 
     typer.echo(bench_imagenet(samples, device, workers, teacher_batch, student_batch, steps, online))
+
+
+@bench_app.command("requests")
+def bench_requests_cmd(cache: str = typer.Argument(..., help="An s3:// cache.")) -> None:
+    """Objects per unit, start-up requests and the bytes one epoch reads, of an s3:// cache."""
+    from civt_cache.bench.requests import bench_requests
+
+    typer.echo(bench_requests(cache))

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from civt_cache.data.remote import REMOTE_SCHEMES, remote_scheme
+from civt_cache.data.remote import REMOTE_SCHEMES, read_remote, remote_scheme, write_remote
 from civt_cache.errors import ManifestError
-from civt_cache.fsutil import atomic_write_json, canonical_sha256, refuse_url
+from civt_cache.fsutil import atomic_write_bytes, canonical_sha256, json_bytes, refuse_url
 
 ROW_ALIGN = 64
 MANIFEST_VERSION = 1
@@ -25,6 +25,13 @@ MANIFEST_VERSION = 1
 MAX_CLASSES = 1 << 20
 MAX_SHARD_SAMPLES = 10_000_000
 MAX_SHARD_BYTES = 1 << 44
+MAX_MANIFEST_BYTES = 1 << 30
+
+
+def data_location(text: str | Path) -> Path | str:
+    """Where a manifest or shard is: a URL of a scheme shards are read from stays text (a Path
+    would fold ``s3://b`` into ``s3:/b``), anything else is a Path."""
+    return text if isinstance(text, str) and remote_scheme(text) else Path(text)
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,7 @@ class DataManifest:
     seed: int | None = None
     encoding: dict[str, Any] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
-    location: Path | None = None  # the manifest file this was read from / written to
+    location: Path | str | None = None  # the manifest file (or URL) this was read from / written to
 
     # ---- identity -------------------------------------------------------------------------
     @property
@@ -101,9 +108,11 @@ class DataManifest:
     # ---- files ----------------------------------------------------------------------------
     def shard_path(self, shard: int) -> Path | str:
         """Absolute path of a shard (manifest paths are relative to the manifest's folder), or
-        its URL."""
+        its URL (a relative path in a manifest read from a URL is relative to that URL)."""
         if remote_scheme(self.shards[shard].path):
             return self.shards[shard].path
+        if isinstance(self.location, str):
+            return f"{self.location.rsplit('/', 1)[0]}/{self.shards[shard].path}"
         p = Path(self.shards[shard].path)
         if not p.is_absolute() and self.location is not None:
             p = self.location.parent / p
@@ -144,20 +153,33 @@ class DataManifest:
         }
 
     def save(self, path: str | Path) -> None:
-        """Write atomically, so no reader ever sees a manifest for shards not fully written."""
-        self.location = Path(path).resolve()
-        atomic_write_json(self.location, self.to_json())
+        """Write atomically (a file renamed into place, or one PUT), so no reader ever sees a
+        manifest for shards not fully written."""
+        where = data_location(path)
+        self.location = where if isinstance(where, str) else where.resolve()
+        if isinstance(self.location, str):
+            write_remote(self.location, json_bytes(self.to_json()))
+        else:
+            atomic_write_bytes(self.location, json_bytes(self.to_json()))
 
 
-def load_manifest(path: str | Path) -> DataManifest:
-    """Read and validate a manifest; errors name the file and the problem."""
-    path = Path(path)
+def _manifest_bytes(path: Path | str) -> bytes:
+    if isinstance(path, str):
+        return read_remote(path, MAX_MANIFEST_BYTES)  # a missing object: "no such object"
     try:
-        raw = json.loads(path.read_text())
+        return path.read_bytes()
     except FileNotFoundError:
         raise ManifestError(f"{path}: manifest not found") from None
     except IsADirectoryError:
         raise ManifestError(f"{path}: is a directory, not a manifest file") from None
+
+
+def load_manifest(path: str | Path) -> DataManifest:
+    """Read and validate a manifest (a file, or an s3:// / gs:// / https:// URL); errors name
+    it and the problem."""
+    path = data_location(path)
+    try:
+        raw = json.loads(_manifest_bytes(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
@@ -180,7 +202,8 @@ def load_manifest(path: str | Path) -> DataManifest:
         m = DataManifest(name=str(raw["name"]), classes=classes, shards=shards,
                          source=str(raw.get("source", "")), seed=raw.get("seed"),
                          encoding=dict(raw.get("encoding", {})),
-                         skipped=list(raw.get("skipped", [])), location=path.resolve())
+                         skipped=list(raw.get("skipped", [])),
+                         location=path if isinstance(path, str) else path.resolve())
     except (KeyError, TypeError, ValueError) as e:
         raise ManifestError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
     if "num_samples" in raw and raw["num_samples"] != m.num_samples:
@@ -189,7 +212,7 @@ def load_manifest(path: str | Path) -> DataManifest:
     return m
 
 
-def _count(path: Path, where: str, value: Any, high: int) -> int:
+def _count(path: Path | str, where: str, value: Any, high: int) -> int:
     """A whole number in 1..high, or a one-line refusal (JSON's 1e400 is a float, infinity)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ManifestError(f"{path}: {where} is {value!r}, not a whole number")
@@ -198,7 +221,7 @@ def _count(path: Path, where: str, value: Any, high: int) -> int:
     return value
 
 
-def _shard_entry(path: Path, i: int, entry: Any) -> ShardInfo:
+def _shard_entry(path: Path | str, i: int, entry: Any) -> ShardInfo:
     if not isinstance(entry, dict):
         raise ManifestError(f"{path}: shard {i} is not an object")
     try:
@@ -215,7 +238,7 @@ def _shard_entry(path: Path, i: int, entry: Any) -> ShardInfo:
                      _count(path, f"shard {i} ({name}) bytes", size, MAX_SHARD_BYTES), digest)
 
 
-def _refuse_duplicates(path: Path, shards: list[ShardInfo]) -> None:
+def _refuse_duplicates(path: Path | str, shards: list[ShardInfo]) -> None:
     """A shard listed twice (same file, or the same bytes under two names) would train every
     sample in it twice per epoch."""
     seen: dict[str, int] = {}

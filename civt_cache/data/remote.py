@@ -1,4 +1,4 @@
-"""Shards in object storage or on a web server (``s3://``, ``gs://``, ``https://``), read through
+"""Shards and manifests in object storage or on a web server (``s3://``, ``gs://``, ``https://``), read through
 fsspec (s3fs, gcsfs, its HTTP filesystem), which take the endpoint and credentials from the
 standard environment every tool of those stores reads (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``; ``GOOGLE_APPLICATION_CREDENTIALS``).
@@ -78,6 +78,16 @@ def remote_size(url: str) -> int:
 def read_remote(url: str, limit: int) -> bytes:
     """At most ``limit`` bytes of the object from its start, in one request."""
     return with_retries("read", url, lambda: _fs(url).cat_file(url, start=0, end=limit))
+
+
+def write_remote(url: str, data: bytes) -> None:
+    """Write the object whole, in one request (a reader sees the old object or the new one)."""
+    with_retries("write", url, lambda: _fs(url).pipe_file(url, data))
+
+
+def upload_file(local: str, url: str) -> None:
+    """Copy a finished local file to the object ``url`` (multipart when large)."""
+    with_retries("upload", url, lambda: _fs(url).put_file(local, url))
 
 
 def expand_remote(pattern: str) -> list[str]:

@@ -4,6 +4,9 @@
 Shards are first written under temporary names and only renamed into place, followed by the
 manifest, once every shard is complete. A bad image or a full disk therefore leaves any earlier
 dataset of the same name untouched and never produces a manifest that claims unwritten shards.
+Shards for a bucket (``s3://``, ``gs://``) are written to a local temporary folder one at a time,
+each uploaded (and its local copy removed) as soon as it is complete; the manifest still comes
+last, so it never lists a shard that is not there.
 """
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import glob
 import hashlib
 import io
 import os
+import shutil
 import tarfile
+import tempfile
 import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -25,7 +30,7 @@ from PIL import Image
 
 from civt_cache.data.imageio import check_image_size, to_rgb
 from civt_cache.data.manifest import MAX_CLASSES, MAX_SHARD_BYTES, DataManifest, ShardInfo
-from civt_cache.data.remote import expand_remote, remote_scheme
+from civt_cache.data.remote import expand_remote, remote_scheme, upload_file
 from civt_cache.data.shards import iter_tar_samples, read_shard_bytes
 from civt_cache.errors import BadImageError, ConfigError, ShardError
 from civt_cache.fsutil import sha256_bytes, sha256_file
@@ -110,39 +115,88 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def write_shards(items: Sequence[SourceItem], classes: list[str], out_dir: Path, name: str,
-                 shard_size: int, seed: int, source: str, manifest_path: Path,
+def _listed_path(path: Path, manifest_path: Path | str) -> str:
+    """How a manifest lists a local shard: relative to a manifest file's folder, absolute for a
+    manifest in a bucket."""
+    if isinstance(manifest_path, str):
+        return str(path.resolve())
+    return os.path.relpath(path.resolve(), manifest_path.resolve().parent)
+
+
+class _ShardSink:
+    """The shards being written: tar files under temporary names in ``folder``. A complete shard
+    bound for a ``bucket`` is uploaded at once (its local copy removed); local ones are renamed
+    into place only by ``finish``, once every shard is complete."""
+
+    def __init__(self, folder: Path, name: str, bucket: str | None) -> None:
+        self.folder, self.name, self.bucket = folder, name, bucket
+        self.partials: list[tuple[Path, Path, int]] = []  # (temp path, final path, samples)
+        self.uploaded: dict[Path, ShardInfo] = {}  # shards already in the bucket
+        self.writer: tarfile.TarFile | None = None
+
+    def add(self, key: str, jpeg: bytes, label: int, shard_size: int) -> None:
+        if self.writer is None or self.partials[-1][2] == shard_size:
+            self.close()
+            final = self.folder / f"{self.name}-{len(self.partials):06d}.tar"
+            self.partials.append((self.folder / f".{final.name}.partial", final, 0))
+            self.writer = tarfile.open(self.partials[-1][0], "w", format=tarfile.USTAR_FORMAT)
+        for ext, payload in (("jpg", jpeg), ("cls", str(label).encode())):
+            self.writer.addfile(_tarinfo(f"{key}.{ext}", len(payload)), io.BytesIO(payload))
+        tmp, final, n = self.partials[-1]
+        self.partials[-1] = (tmp, final, n + 1)
+
+    def close(self, complete: bool = True) -> None:
+        """Close the shard being written; a complete one bound for a bucket goes there now."""
+        if self.writer is None:
+            return
+        self.writer.close()
+        self.writer = None
+        tmp, final, n = self.partials[-1]
+        if self.bucket and complete and n:
+            url = f"{self.bucket.rstrip('/')}/{final.name}"
+            self.uploaded[final] = ShardInfo(url, n, tmp.stat().st_size, sha256_file(tmp))
+            upload_file(str(tmp), url)
+            tmp.unlink()
+
+    def finish(self, manifest_path: Path | str) -> list[ShardInfo]:
+        """Every shard in place, as the manifest lists them."""
+        self.close()
+        shards = []
+        for tmp, final, n in self.partials:
+            if final in self.uploaded:
+                shards.append(self.uploaded[final])
+                continue
+            os.replace(tmp, final)
+            shards.append(ShardInfo(_listed_path(final, manifest_path), n, final.stat().st_size,
+                                    sha256_file(final)))
+        return shards
+
+    def discard(self) -> None:
+        """After an error: no partial shard is kept (nor uploaded)."""
+        self.close(complete=False)
+        for tmp, _, _ in self.partials:
+            tmp.unlink(missing_ok=True)
+
+
+def write_shards(items: Sequence[SourceItem], classes: list[str], out_dir: Path | str, name: str,
+                 shard_size: int, seed: int, source: str, manifest_path: Path | str,
                  skip_bad: bool = False, workers: int = 0) -> DataManifest:
-    """Shuffle ``items`` with ``seed``, write them as shards of ``shard_size`` and the manifest.
+    """Shuffle ``items`` with ``seed``, write them as shards of ``shard_size`` (into a folder or
+    an s3:// / gs:// prefix) and the manifest (a file or a URL).
 
     See the module docstring for the all-or-nothing guarantee.
     """
     if shard_size < 1:
         raise ConfigError(f"make-shards: --shard-size {shard_size}: must be >= 1")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    bucket = out_dir if isinstance(out_dir, str) else None
+    folder = Path(tempfile.mkdtemp(prefix="civt-shards-")) if bucket else Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
     order = np.random.default_rng(seed).permutation(len(items))
     shuffled = [items[i] for i in order]
     workers = workers or min(8, os.cpu_count() or 1)
     skipped: list[dict[str, str]] = []
     counts = {"jpeg_as_is": 0, f"reencoded_jpeg_q{JPEG_QUALITY}": 0}
-    partials: list[tuple[Path, Path, int]] = []  # (temp path, final path, samples)
-    writer: tarfile.TarFile | None = None
-    in_shard = 0
-
-    def close_current() -> None:
-        nonlocal writer
-        if writer is not None:
-            writer.close()
-            writer = None
-
-    def open_next() -> None:
-        nonlocal writer, in_shard
-        final = out_dir / f"{name}-{len(partials):06d}.tar"
-        tmp = out_dir / f".{final.name}.partial"
-        partials.append((tmp, final, 0))
-        writer = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
-        in_shard = 0
-
+    sink = _ShardSink(folder, name, bucket)
     pool = ProcessPoolExecutor(workers) if workers > 1 and len(items) > 64 else None
     try:
         encoded: Iterable = (pool.map(_encode_item, shuffled, chunksize=16) if pool
@@ -157,32 +211,19 @@ def write_shards(items: Sequence[SourceItem], classes: list[str], out_dir: Path,
                 continue
             jpeg, as_is = result
             counts["jpeg_as_is" if as_is else f"reencoded_jpeg_q{JPEG_QUALITY}"] += 1
-            if writer is None or in_shard == shard_size:
-                close_current()
-                open_next()
-            assert writer is not None
-            for ext, payload in (("jpg", jpeg), ("cls", str(item.label).encode())):
-                writer.addfile(_tarinfo(f"{item.key}.{ext}", len(payload)), io.BytesIO(payload))
-            in_shard += 1
-            tmp, final, _ = partials[-1]
-            partials[-1] = (tmp, final, in_shard)
+            sink.add(item.key, jpeg, item.label, shard_size)
         bar.close()
-        close_current()
-        if not partials:
+        if not sink.partials:
             raise BadImageError(f"{source}: no readable images")
-        shards = []
-        for tmp, final, n in partials:
-            os.replace(tmp, final)
-            shards.append(ShardInfo(os.path.relpath(final, manifest_path.resolve().parent), n,
-                                    final.stat().st_size, sha256_file(final)))
+        shards = sink.finish(manifest_path)
     except BaseException:
-        close_current()
-        for tmp, _, _ in partials:
-            tmp.unlink(missing_ok=True)
+        sink.discard()
         raise
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
+        if bucket:
+            shutil.rmtree(folder, ignore_errors=True)
     manifest = DataManifest(name=name, classes=classes, shards=shards, source=source, seed=seed,
                             encoding=counts, skipped=skipped)
     manifest.save(manifest_path)
@@ -206,7 +247,7 @@ def expand_shard_pattern(pattern: str) -> list[Path]:
     return paths
 
 
-def scan_shards(pattern: str, name: str, manifest_path: Path,
+def scan_shards(pattern: str, name: str, manifest_path: Path | str,
                 classes: list[str] | None = None) -> DataManifest:
     """Count and check every sample of existing shards and write their manifest."""
     remote = remote_scheme(pattern) is not None
@@ -223,7 +264,7 @@ def scan_shards(pattern: str, name: str, manifest_path: Path,
         if n == 0:
             raise ShardError(f"{path}: holds no samples")
         label_counts.append(counts)
-        where = str(path) if remote else os.path.relpath(Path(path).resolve(), manifest_path.resolve().parent)
+        where = str(path) if remote else _listed_path(Path(path), manifest_path)
         shards.append(ShardInfo(where, n, len(data), sha256_bytes(data)))
         bar.update(1)
     bar.close()

@@ -18,7 +18,7 @@ from civt_cache.cache.scan import scan_cache
 from civt_cache.cache.store import CacheStore
 from civt_cache.data.manifest import DataManifest, load_manifest
 from civt_cache.distributed import pick_device
-from civt_cache.errors import CacheMismatchError, ConfigError
+from civt_cache.errors import CacheMismatchError, ConfigError, CorruptUnitError
 from civt_cache.fsutil import sha256_file
 from civt_cache.loader.batches import (
     EpochSource,
@@ -76,8 +76,16 @@ def check_student_cache(store: CacheStore, manifest: DataManifest, manifest_path
                                      f"not {arch}:{ckpt}")
     needed = {e % s.epochs for e in range(epochs)}
     blocks = sorted({e // s.epochs_per_unit for e in needed})
-    # one listing and the index: the records alone (a lost object is named when its epoch is read)
-    scan = scan_cache(store, [(shard, b) for b in blocks for shard in range(s.num_shards)], chunks=False)
+    # the records (a listing and the index) and one listing per array: a lost object is refused
+    # here, before any step, not when its epoch comes (its read would also refuse it)
+    scan = scan_cache(store, [(shard, b) for b in blocks for shard in range(s.num_shards)])
+    for unit in scan.units:
+        gone = [(c, why) for c, why in unit.lost.items() if c in ("views", *names)]
+        if gone:
+            component, why = gone[0]
+            raise CorruptUnitError(f"{cache}: unit (shard {unit.shard}, block {unit.block}) {component}: {why}",
+                                   "Rerun `civt-cache cache-teachers` with the cache's settings to "
+                                   "recompute it (`civt-cache inspect` lists what is damaged)")
     for why in scan.unreadable:
         log(why)
     incomplete = {e for u in scan.incomplete(names) for e in store.block_epochs(u.block) if e in needed}

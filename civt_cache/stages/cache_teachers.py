@@ -46,7 +46,7 @@ from civt_cache.views.recipe import Recipe
 class CacheJob:
     """Everything ``cache-teachers`` needs; built from flags and/or a pipeline TOML."""
 
-    manifest: Path
+    manifest: Path | str  # a file, or an s3:// gs:// https:// URL
     teachers: list[str]
     out: Path | str  # a folder, or an s3:// / gs:// prefix
     epochs: int = 1

@@ -65,8 +65,8 @@ TEACHER_SETS = {"both": ("conv", "inv"), "conv": ("conv",), "inv": ("inv",), "no
 class StudentJob:
     """Every setting of ``train-student`` (flags and/or the pipeline's [student] table)."""
 
-    manifest: Path
-    val_manifest: Path
+    manifest: Path | str  # a file, or an s3:// gs:// https:// URL
+    val_manifest: Path | str
     out: Path
     cache: Path | str | None = None  # a folder, or an s3:// / gs:// prefix
     model: str = "civt_tiny"

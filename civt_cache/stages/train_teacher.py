@@ -34,8 +34,8 @@ from civt_cache.views.recipe import Recipe
 
 @dataclass
 class TeacherJob:
-    manifest: Path
-    val_manifest: Path
+    manifest: Path | str  # a file, or an s3:// gs:// https:// URL
+    val_manifest: Path | str
     arch: str
     out: Path
     epochs: int = 30

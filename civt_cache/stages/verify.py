@@ -10,7 +10,7 @@ import torch
 from civt_cache.cache.scan import scan_cache
 from civt_cache.cache.spec import FP16_LOWEST
 from civt_cache.cache.store import CacheStore
-from civt_cache.data.manifest import load_manifest
+from civt_cache.data.manifest import data_location, load_manifest
 from civt_cache.distributed import pick_device
 from civt_cache.errors import CacheMismatchError, CorruptUnitError
 from civt_cache.loader.units import ShardRead
@@ -129,15 +129,15 @@ def cached_teacher_specs(root: Path | str, stored: dict[str, dict], overrides: l
     return specs
 
 
-def verify_cache(root: Path | str, manifest_path: Path | None, teacher_specs: list[str], samples: int,
+def verify_cache(root: Path | str, manifest_path: Path | str | None, teacher_specs: list[str], samples: int,
                  seed: int, device_pref: str = "auto") -> tuple[str, bool]:
     """Rebuild ``samples`` random committed views through the same view function, check their
     records regenerate identically, rerun every cached teacher and compare with the stored top-k.
     The data manifest and checkpoints are found where the cache recorded them unless given."""
     store = CacheStore.open(root)
     if manifest_path is None:
-        manifest_path = Path(store.spec.manifest_path)
-        if not store.spec.manifest_path or not manifest_path.is_file():
+        manifest_path = data_location(store.spec.manifest_path)
+        if not store.spec.manifest_path or (isinstance(manifest_path, Path) and not manifest_path.is_file()):
             raise CacheMismatchError(f"{root}: its data manifest {store.spec.manifest_path or '(not recorded)'} "
                                      "is not there now; give --manifest PATH")
     manifest = load_manifest(manifest_path)

@@ -72,7 +72,7 @@ def plain_logits(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"": model(x)}
 
 
-def evaluate_checkpoint(manifest_path: Path, arch: str, checkpoint: Path, img_size: int | None,
+def evaluate_checkpoint(manifest_path: Path | str, arch: str, checkpoint: Path, img_size: int | None,
                         device: str = "auto", batch_size: int = 128) -> dict[str, float]:
     """Top-1/top-5 of a checkpoint on a manifest (for CivT: each head and their mean)."""
     with distributed_session(device) as info:

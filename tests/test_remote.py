@@ -199,6 +199,46 @@ def test_failed_puts_are_retried_and_never_committed_wrong(world, s3, monkeypatc
     assert_same_cache(world["ref"], job.out)
 
 
+def test_failed_gets_are_retried_then_named_and_repair_works_in_a_bucket(world, s3, monkeypatch) -> None:
+    """A read of a cache in S3: throttled GETs are retried (the same arrays), GETs that keep
+    failing are named as failed reads (not as damage); a flipped byte in an object is found by
+    verify --full and recomputed by --repair, as on a disk."""
+    import s3fs
+
+    monkeypatch.setattr(remote.time, "sleep", lambda s: None)
+    url, prefix = f"s3://{BUCKET}/caches/copied", f"{BUCKET}/caches/copied"
+    s3["fs"].put(str(world["ref"]), prefix, recursive=True)
+    store = CacheStore.open(url)
+    record = store.unit_record(0, 1)
+    want = CacheStore.open(world["ref"]).read_epoch(0, 1, record, ["conv"])
+    real = s3fs.S3FileSystem._cat_file
+    state = {"left": 2}
+
+    async def flaky(self, path, *args, **kwargs):
+        if "/c/" in path and state["left"] > 0:
+            state["left"] -= 1
+            raise OSError("503 Service Unavailable: SlowDown")
+        return await real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", flaky)
+    got = store.read_epoch(0, 1, record, ["conv"])
+    assert state["left"] == 0 and all(np.array_equal(a, b) for a, b in zip(got[:3], want[:3]))
+    assert all(np.array_equal(a, b) for a, b in zip(got[3]["conv"], want[3]["conv"]))
+    state["left"] = 10**6
+    with pytest.raises(CacheMismatchError, match=f"{url}/views/params/c/1/0/0: read failed after 4 tries"):
+        CacheStore.open(url).read_epoch(0, 1, record, ["conv"])
+    state["left"] = 0
+    chunk = f"{prefix}/teachers/conv/logprobs/c/1/0/0"
+    blob = bytearray(s3["fs"].cat_file(chunk))
+    blob[len(blob) // 2] ^= 0x5A
+    s3["fs"].pipe_file(chunk, bytes(blob))
+    failed = run_cli("verify", url, "--full", check=False)
+    assert failed.returncode == 1 and "unit (shard 0, block 1) conv" in failed.stdout
+    proc = run_cli(*cache_args(world["root"], url, "--repair"))
+    assert "unit (shard 0, block 1) conv" in proc.stderr and "rank 0: 1 unit(s)" in proc.stdout
+    assert_same_cache(world["ref"], url)
+
+
 def test_make_shards_into_a_bucket_and_manifests_read_from_urls(world, s3, tmp_path) -> None:
     """make-shards writes shards and manifests to s3:// (the same bytes as on a disk: the
     world's val shards were made with these settings); stage one reads that manifest by its URL

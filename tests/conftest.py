@@ -86,10 +86,11 @@ def student_items(dataset, recipe) -> list[dict]:
 TINY = str(Path(__file__).parent / "data" / "tiny.toml")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def world(digits, tmp_path_factory) -> dict[str, Path]:
     """Own copy of the val shards + manifest, a conv teacher, and a reference cache built
-    uninterrupted (2 shards x 2 epochs = 4 units)."""
+    uninterrupted (2 shards x 2 epochs = 4 units); one for the whole session, so every test
+    treats it as read-only (tests that damage a cache or shards copy them first)."""
     root = tmp_path_factory.mktemp("faults")
     shutil.copytree(load_manifest(digits["val"]).shard_path(0).parent, root / "shards")
     raw = json.loads(digits["val"].read_text())

@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# The test suite in two tiers: `make test` (782 s on 2 idle cores, 177 tests, incl. a local S3
-# server) and the slow tier (the soak, kill and whole-cache fault tests, 498 s more); CI runs both.
+# The test suite in two tiers: `make test` (852 s on 2 idle cores, 184 tests, incl. a local S3
+# server) and the slow tier (the soak, kill and whole-cache fault tests, 512 s more); CI runs both.
 test: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 

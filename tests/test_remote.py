@@ -19,10 +19,12 @@ import pytest
 import torch
 
 from civt_cache import load_manifest
+from civt_cache.cache.spec import CacheSpec
 from civt_cache.cache.store import CacheStore
 from civt_cache.data import remote
 from civt_cache.data.shards import read_shard
 from civt_cache.errors import CacheMismatchError, ManifestError
+from civt_cache.views.recipe import Recipe
 from tests.conftest import TINY, cache_args, refused, run_cli, student_args
 from tests.test_faults import arrays, assert_same_cache
 
@@ -307,3 +309,15 @@ def test_transient_failures_are_retried_then_named(monkeypatch) -> None:
     with pytest.raises(ManifestError, match="s3://b/x.tar: access denied"):
         remote.read_remote("s3://b/x.tar", 5)
     assert denied.calls == 1  # not retried: it will not get better
+
+
+def test_a_second_teacher_added_in_the_same_process_is_seen(world, s3) -> None:
+    """s3fs caches listings unless told not to: a teacher added to a cache in a bucket must be
+    listed by the very process that added it (the two-teacher stage one depends on it)."""
+    manifest = load_manifest(world["manifest"])
+    spec = CacheSpec.for_manifest(manifest, Recipe(img_size=32), 0, 2, 1, 5)
+    store = CacheStore.create_or_open(f"s3://{BUCKET}/caches/two-teachers", spec)
+    for name in ("conv", "inv"):
+        store.ensure_teacher({"name": name, "arch": "resnet10t", "checkpoint_sha256": name * 8,
+                              "num_classes": manifest.num_classes})
+    assert list(store.teachers()) == ["conv", "inv"]

@@ -24,6 +24,7 @@ from typing import Any
 
 from civt_cache.cache.objects import CacheRoot
 from civt_cache.cache.spec import CacheSpec
+from civt_cache.fsutil import json_bytes
 
 _RECORD = re.compile(r"^progress/s(\d{6})-b(\d{4})\.json$")
 INDEX_KEY = "progress/index.json.gz"
@@ -47,7 +48,7 @@ class Commits:
 
     def _parse(self, shard: int, block: int, data: bytes | None) -> dict[str, Any] | None:
         """The record in ``data``; None when absent, unreadable (noted in ``unreadable``) or
-        made for other epochs than the unit's now (before the cache grew)."""
+        made for other epochs than the unit's now."""
         if data is None:
             return None
         try:
@@ -58,6 +59,10 @@ class Commits:
             self.unreadable[(shard, block)] = (f"{self.objects.name(record_key(shard, block))}: unreadable "
                                                f"commit record ({e}); the unit counts as not committed")
             return None
+        return self._current(block, rec)
+
+    def _current(self, block: int, rec: dict[str, Any]) -> dict[str, Any] | None:
+        """``rec``, unless it was made for other epochs than the block's now (before the cache grew)."""
         return rec if rec.get("epochs") == list(self.spec.block_epochs(block)) else None
 
     def read(self, shard: int, block: int) -> dict[str, Any] | None:
@@ -77,7 +82,7 @@ class Commits:
             unit = (int(m.group(1)), int(m.group(2)))
             entry = index.get(key)
             if entry is not None and entry[0] == stamp:
-                rec = self._parse(*unit, json.dumps(entry[1]).encode())
+                rec = self._current(unit[1], entry[1])
             else:
                 raw = self.objects.read(key)
                 rec = self._parse(*unit, raw)
@@ -103,10 +108,11 @@ class Commits:
         """Commit the unit. ``replaces``: the caller holds a record of it and replaces it (more
         teachers, or fewer after a repair). Otherwise a conditional create: None when it made
         the record, else the record another process committed first."""
-        key, body = record_key(shard, block), (json.dumps(record, indent=1) + "\n").encode()
-        if replaces or self.objects.create(key, body):
-            if replaces:
-                self.objects.write(key, body)
+        key, body = record_key(shard, block), json_bytes(record)
+        if replaces:
+            self.objects.write(key, body)
+            return None
+        if self.objects.create(key, body):
             return None
         existing = self.read(shard, block)
         if existing is None:  # a record from before the cache grew, or unreadable: ours replaces it

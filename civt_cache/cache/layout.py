@@ -75,10 +75,10 @@ def build_teacher(path: Path, spec: CacheSpec, identity: dict[str, Any]) -> None
                    dtype="float32", fill_value=float("nan"), compressors=_VALUES)
 
 
-def publish(objects: CacheRoot, prefix: str, build: Callable[[Path], None]) -> bool:
+def publish(objects: CacheRoot, prefix: str, build: Callable[[Path], None]) -> None:
     """Make a zarr group at ``prefix`` of ``objects``: built by ``build(path)`` in a temp folder,
     its array metadata written, then its ``zarr.json`` created conditionally (last, so a group
-    is there only whole). False when another process created the group first."""
+    is there only whole); when another process created it first, its group is kept."""
     with tempfile.TemporaryDirectory(prefix="civt-cache-new-") as tmp:
         build(Path(tmp))
         files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
@@ -86,6 +86,6 @@ def publish(objects: CacheRoot, prefix: str, build: Callable[[Path], None]) -> b
         for f in files:
             if f != top:
                 objects.write(f"{prefix}{f.relative_to(tmp).as_posix()}", f.read_bytes())
-        return objects.create(f"{prefix}zarr.json", top.read_bytes())
+        objects.create(f"{prefix}zarr.json", top.read_bytes())
 
 

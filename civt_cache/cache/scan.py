@@ -66,14 +66,14 @@ class CacheScan:
 
 
 def scan_cache(store: CacheStore, units: Iterable[tuple[int, int]] | None = None,
-               chunks: bool = True, leases: bool = False, save_index: bool = False) -> CacheScan:
+               chunks: bool = True, leases: bool = False) -> CacheScan:
     """The commit record of each of ``units`` (default all, in canonical order), read at once
-    (``Commits.all``: a listing and the index; ``save_index`` refreshes the index); with
+    (``Commits.all``: a listing and the index); with
     ``chunks`` every committed component's objects are looked up in one listing per array
     (zarr reads a missing object as fill values, so a lost one must be found before anything
     trusts the record); with ``leases`` the current lease of each unit not committed."""
     held = Leases(store.objects, owner="").all() if leases else {}
-    records = store.commits.all(save_index)
+    records = store.commits.all()
     present = store.chunk_keys() if chunks else set()
     out = CacheScan([], [])
     for shard, block in (store.units() if units is None else units):

@@ -80,8 +80,6 @@ class CacheStore:
         grow it when ``spec`` asks for more epochs of it, or create it."""
         objects = CacheRoot(root)
         if not objects.exists("zarr.json"):
-            if objects.local:
-                Path(objects.location).parent.mkdir(parents=True, exist_ok=True)
             publish(objects, "", lambda tmp: build_cache(tmp, spec))
         store = cls.open(root, mode="r+")
         if store.spec.grows_to(spec):

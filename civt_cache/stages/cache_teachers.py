@@ -205,7 +205,7 @@ def plan_units(store: CacheStore, teacher_names: list[str], info: DistInfo, clai
     world size. Committed components whose chunk files are missing (or, with ``repair``, that
     fail their checksums) are un-committed first, so exactly they are recomputed."""
     mine = [u for i, u in enumerate(store.units()) if claim or i % info.world_size == info.rank]
-    scan = scan_cache(store, mine, save_index=info.is_main)
+    scan = scan_cache(store, mine)
     plan = Plan({}, list(scan.unreadable))
     for unit in scan.units:
         damaged = dict(unit.lost)
@@ -242,6 +242,8 @@ def _open(job: CacheJob, manifest: Any, info: DistInfo) -> tuple[CacheStore, lis
         if job.compile:
             t.model = torch.compile(t.model)
         t.model = device_layout(t.model, info.device)
+    if info.is_main:  # a fresh index before the others scan: each reads it, not every record
+        store.commits.all(save_index=True)
     barrier(info)
     return store, teachers
 
@@ -271,10 +273,8 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
             done += _compute(job, info, store, teachers, loader, writer, renewer, bar)
             if leases is None:
                 break
-            # what is left is held by other processes: wait until it is committed or its lease
-            # can be taken over, so that this returns only when every unit is committed
-            records = store.commits.all()
-            units = [u for u in units if unit_needs(records.get(u), names)]
+            # the rest is held by others: wait until committed or takeable (return only when all are)
+            units = [u for u in units if unit_needs(store.unit_record(*u), names)]
             if units:
                 writer.check()  # a failed write would leave its unit leased by us for ever
                 time.sleep(min(5.0, leases.seconds / 4))

@@ -57,12 +57,12 @@ def test_flipped_bytes_in_a_committed_chunk(world, tmp_path, where) -> None:
     raw Blosc error before): the read fails naming unit, array and file; verify --full lists
     the unit; --repair recomputes exactly it."""
     cache = copy_cache(world, tmp_path)
-    chunk = CacheStore.open(cache).chunk_path("teachers/conv/logprobs", 1, 0)
+    chunk = CacheStore.open(cache).chunk_path("teachers/conv/targets", 1, 0)
     flip(chunk, chunk.stat().st_size // 2 if where == "middle" else 20)
     before = {p.name: p.read_bytes() for p in (cache / "progress").glob("s*.json") if p.name != "s000001-b0000.json"}
     run = tmp_path / "run"
     line = refused(run_cli(*student_args(world, cache, run), check=False),
-                   "unit (shard 1, epochs 0-0)", "teachers/conv/logprobs", str(chunk), "--repair")
+                   "unit (shard 1, epochs 0-0)", "teachers/conv/targets", str(chunk), "--repair")
     assert "does not decode" in line or "checksum" in line
     assert not (run / "metrics.jsonl").exists()  # the epoch never finished on damaged targets
     proc = run_cli("verify", str(cache), "--full", check=False)
@@ -78,7 +78,7 @@ def test_flipped_bytes_in_a_committed_chunk(world, tmp_path, where) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("array", ["teachers/conv/logprobs", "teachers/conv/indices", "views/params"])
+@pytest.mark.parametrize("array", ["teachers/conv/targets", "views/samples", "views/params"])
 def test_deleted_chunk_is_never_read_as_fill_values(world, tmp_path, array) -> None:
     """Row 3: a deleted chunk: train-student refuses naming the file, inspect calls the unit
     damaged, and a plain rerun of cache-teachers recomputes it."""
@@ -129,6 +129,35 @@ def test_shard_changed_after_caching_is_refused_by_train_student(world, tmp_path
     run = tmp_path / "run"
     refused(run_cli(*student_args(w, world["ref"], run), check=False), str(shard), "sha256")
     assert not (run / "metrics.jsonl").exists()
+
+
+def test_an_epoch_read_checks_its_shard_without_reading_the_stored_samples(world, monkeypatch) -> None:
+    """Stage two's read of one epoch reads that epoch's records and targets only: its shard is
+    checked against the unit's samples checksum; a shard that differs (a label, a key) reads
+    the stored samples to name the sample, and a damaged samples object is a damaged unit."""
+    from dataclasses import replace
+
+    from civt_cache import load_manifest
+    from civt_cache.data.shards import read_shard
+    from civt_cache.errors import CacheMismatchError, CorruptUnitError
+
+    store, manifest = CacheStore.open(world["ref"]), load_manifest(world["manifest"])
+    samples, record = read_shard(manifest, 1), store.unit_record(1, 1)
+    real, read = store._read, []
+    monkeypatch.setattr(store, "_read", lambda array, *a: read.append(array) or real(array, *a))
+    recs, targets = store.read_epoch(1, 1, record, ["conv"])
+    store.check_samples(1, 1, record, manifest, samples)
+    assert read == ["views/params", "teachers/conv/targets"] and len(recs) == len(samples)
+    relabelled = samples[:3] + [replace(samples[3], label=(samples[3].label + 1) % 10)] + samples[4:]
+    with pytest.raises(CacheMismatchError, match=f"sample {samples[3].key!r} has label {relabelled[3].label}"):
+        store.check_samples(1, 1, record, manifest, relabelled)
+    assert read[-1] == "views/samples"
+    renamed = [replace(samples[0], key="other")] + samples[1:]
+    with pytest.raises(CacheMismatchError, match="sample 0 has key 'other'"):
+        store.check_samples(1, 1, record, manifest, renamed)
+    damaged = dict(record, views=dict(record["views"], samples="0" * 32))
+    with pytest.raises(CorruptUnitError, match="views/samples"):
+        store.check_samples(1, 1, damaged, manifest, samples)
 
 
 @pytest.mark.parametrize("kind", ["device", "fifo"])
@@ -278,8 +307,7 @@ def test_soak_kills_corruption_and_repair(world, tmp_path) -> None:
 
     store = CacheStore.open(cache)
     units = store.units()
-    arrays_ = ["views/params", "views/labels", "teachers/conv/logprobs", "teachers/conv/indices",
-               "teachers/conv/lse"]
+    arrays_ = ["views/params", "views/samples", "teachers/conv/targets"]
     picks = rng.choice(len(units) * len(arrays_), size=7, replace=False)
     damaged = set()
     for i, pick in enumerate(picks):

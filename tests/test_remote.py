@@ -102,12 +102,13 @@ def test_both_stages_from_s3_shards_with_the_cache_in_s3_equal_the_local_runs(wo
     assert "4 in all; views committed in 4" in run_cli("inspect", cache).stdout
     assert "all 4 unit(s) complete, all sound -> OK" in run_cli("verify", cache, "--full").stdout
     report = run_cli("bench", "requests", cache).stdout
-    assert "4 units, 1 teacher(s)" in report and "6.0 array objects per unit" in report
+    assert "4 units, 1 teacher(s)" in report and "3.0 array objects per unit" in report  # views: 2
     records = int(re.search(r"the records \(.*\): (\d+) requests", report).group(1))
     assert records <= 8, report  # a listing, the index, the group's metadata: not one per unit
     everything = int(re.search(r"stage two's check.*: (\d+) requests", report).group(1))
     assert everything <= records + 40, report  # + a listing and the metadata of each array
-    assert "stage two, epoch 1 of 2 shard(s)" in report
+    read_per_stored = float(re.search(r"stage two, epoch 1 of 2 shard\(s\): .*read / stored ([\d.]+)", report).group(1))
+    assert read_per_stored <= 1.05, report  # the epoch's chunks and the shards' indexes: nothing else
     runs = {}
     for where, manifest, source in (("local", world["manifest"], world["ref"]), ("s3", s3_manifest, cache)):
         student = student_args(world, source, tmp_path / where, "--workers", "0")
@@ -189,8 +190,8 @@ def test_failed_puts_are_retried_and_never_committed_wrong(world, s3, monkeypatc
     assert state["left"] == 0
     assert_same_cache(world["ref"], job.out)
     job.out = f"s3://{BUCKET}/caches/down"
-    state.update(left=10**6, match="teachers/conv/lse/c/0/1")  # unit (shard 1, block 0): always 503
-    with pytest.raises(CacheMismatchError, match=f"s3://{BUCKET}/caches/down/teachers/conv/lse/c/0/1: "
+    state.update(left=10**6, match="teachers/conv/targets/c/0/1/0")  # unit (shard 1, block 0): always 503
+    with pytest.raises(CacheMismatchError, match=f"s3://{BUCKET}/caches/down/teachers/conv/targets/c/0/1/0: "
                                                  "write failed after 4 tries"):
         cache_teachers(job)
     assert CacheStore.open(job.out).unit_record(1, 0) is None  # never committed
@@ -224,13 +225,13 @@ def test_failed_gets_are_retried_then_named_and_repair_works_in_a_bucket(world, 
 
     monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", flaky)
     got = store.read_epoch(0, 1, record, ["conv"])
-    assert state["left"] == 0 and all(np.array_equal(a, b) for a, b in zip(got[:3], want[:3]))
-    assert all(np.array_equal(a, b) for a, b in zip(got[3]["conv"], want[3]["conv"]))
+    assert state["left"] == 0 and np.array_equal(got[0], want[0])
+    assert all(np.array_equal(a, b) for a, b in zip(got[1]["conv"], want[1]["conv"]))
     state["left"] = 10**6
     with pytest.raises(CacheMismatchError, match=f"{url}/views/params/c/1/0/0: read failed after 4 tries"):
         CacheStore.open(url).read_epoch(0, 1, record, ["conv"])
     state["left"] = 0
-    chunk = f"{prefix}/teachers/conv/logprobs/c/1/0/0"
+    chunk = f"{prefix}/teachers/conv/targets/c/1/0/0"
     blob = bytearray(s3["fs"].cat_file(chunk))
     blob[len(blob) // 2] ^= 0x5A
     s3["fs"].pipe_file(chunk, bytes(blob))

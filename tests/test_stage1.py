@@ -18,7 +18,9 @@ import torch
 import zarr
 
 from civt_cache import CacheMismatchError, ManifestError, load_manifest
+from civt_cache.cache.layout import unpack_targets
 from civt_cache.cache.store import CacheStore
+from civt_cache.data.shards import read_shard
 from civt_cache.loader.batches import EpochSource, StudentBatches
 from civt_cache.loader.units import UnitReader
 from civt_cache.stages.cache_teachers import CacheJob, cache_teachers
@@ -74,12 +76,15 @@ def test_records_independent_of_order_and_grouping() -> None:
 def test_cache_contents_inspect_and_verify(reference, digits, teachers) -> None:
     a = arrays(reference)
     m = load_manifest(digits["val"])
-    assert a["teachers/conv/logprobs"].shape == (2, m.num_rows, 5)
-    assert a["teachers/inv/indices"].dtype == np.int16
+    assert a["teachers/conv/targets"].shape == (2, m.num_rows, 2 * 5 + 1)  # log-probs, indices, lse
     n0 = m.shards[0].num_samples
-    logprobs = a["teachers/conv/logprobs"][:, :n0].astype(np.float32)
+    logprobs, indices, lse = unpack_targets(a["teachers/conv/targets"][:, :n0])
     assert (np.diff(logprobs, axis=2) <= 0).all()  # top-k descending
-    assert (logprobs <= 0).all() and np.isfinite(a["teachers/conv/lse"][:, :n0]).all()
+    assert np.array_equal(logprobs, logprobs.astype(np.float16).astype(np.float32))  # float16 values
+    assert ((indices >= 0) & (indices < m.num_classes)).all() and (indices.min(2) != indices.max(2)).all()
+    assert (logprobs <= 0).all() and np.isfinite(lse).all()
+    samples = a["views/samples"][0, :n0]
+    assert samples[:, 1].tolist() == [s.label for s in read_shard(m, 0)]
     report = inspect_cache(reference)
     assert "units: 4 in all; views committed in 4; conv in 4, inv in 4" in report
     bpv = float(report.split("bytes per view: ")[1].split()[0])

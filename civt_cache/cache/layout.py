@@ -7,15 +7,20 @@ Layout (E epochs, R = manifest rows incl. padding, U = epoch blocks, F = record 
     CACHE/zarr.json                  group attributes: schema, views version, manifest / recipe
                                      fingerprints, seed, epochs, epochs_per_unit, k, classes
     CACHE/views/params   int32 [E, R, F]  view records (civt_cache.views layout)
-    CACHE/views/keys     uint64 [U, R]    hash of each sample's __key__, per epoch block
-    CACHE/views/labels   int32 [U, R]     each sample's label (inspect, alignment checks)
+    CACHE/views/samples  uint64 [U, R, 2] per epoch block: hash of each sample's __key__, its
+                                          label (inspect, alignment checks)
     CACHE/teachers/NAME/ (attrs: arch, checkpoint sha256, normalisation)
-        logprobs float16 [E, R, k]   top-k log-probabilities (logit - lse), descending, >= -65504
-        indices  int16|int32 [E, R, k]
-        lse      float32 [E, R]      log-sum-exp of the full logits (the logits are logprobs + lse)
+        targets  float32 [E, R, 2k+1]  per view: top-k log-probabilities (logit - lse; float16
+                                       values, >= -65504), descending; their k class indices;
+                                       the log-sum-exp of all logits (logits = logprobs + lse)
     CACHE/progress/sSSSSSS-bBBBB.json  commit record of one unit (shard, epoch block): ``cache.commits``
     CACHE/progress/index.json.gz       the records read at start-up in one request
     CACHE/leases/sSSSSSS-bBBBB.gGGGG.json  who computes a unit now (``--claim``; ``cache.leases``)
+
+A unit is 2 + T objects (T teachers) and its commit record: what a view needs from one teacher
+is one float32 row, because float16 log-probabilities, class indices below 2**24 and a float32
+lse are all exact in float32; stored field-major and shuffled, the zeros that the narrower
+values leave in float32 compress away (within ~2 bytes a view of three separate arrays).
 
 Every stored object of an array covers exactly one unit (epochs_per_unit epochs x one shard's
 rows), so no two processes ever write the same object: the per-epoch arrays are zarr *shards*
@@ -31,48 +36,61 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, TransposeCodec
 
 from civt_cache.cache.objects import CacheRoot
-from civt_cache.cache.spec import CacheSpec
+from civt_cache.cache.spec import FP16_LOWEST, CacheSpec
 from civt_cache.views.records import NUM_FIELDS
 
 # Every inner chunk ends in a CRC32C of its compressed bytes (zarr's own v3 codec; the shard
 # index has its own), so a flipped bit fails the read instead of decoding into wrong numbers.
-_VALUES = [BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle), Crc32cCodec()]
 _BITS = [BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle), Crc32cCodec()]
-_RAW = [Crc32cCodec()]
-VIEW_ARRAYS = ("views/params", "views/keys", "views/labels")
-TEACHER_ARRAYS = ("logprobs", "indices", "lse")
+_BYTES = [BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle), Crc32cCodec()]
+_TARGETS = [BloscCodec(cname="zstd", clevel=9, shuffle=BloscShuffle.shuffle), Crc32cCodec()]
+_FIELD_MAJOR = [TransposeCodec(order=(0, 2, 1))]  # a record's fields lie together when shuffled
+VIEW_ARRAYS = ("views/params", "views/samples")
+TEACHER_ARRAYS = ("targets",)
+NO_SAMPLE = np.iinfo(np.uint64).max  # samples' fill value: no key hashes to it, no label is it
 
 
 def build_cache(path: Path, spec: CacheSpec) -> None:
     """The empty cache group for ``spec`` at the folder ``path``."""
     g = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=spec.attrs())
     e, r, b = spec.epochs, spec.num_rows, spec.epochs_per_unit
-    # fill values say "never written": a crop box of width -1, index -1, lse NaN
+    # fill values say "never written": a crop box of width -1, a sample hash and label of 2**64-1
     g.create_array("views/params", shape=(e, r, NUM_FIELDS), shards=(b, spec.row_stride, NUM_FIELDS),
                    chunks=(1, spec.row_stride, NUM_FIELDS), dtype="int32", fill_value=-1,
-                   filters=[TransposeCodec(order=(0, 2, 1))], compressors=_BITS)
-    g.create_array("views/keys", shape=(spec.num_blocks, r), chunks=(1, spec.row_stride),
-                   dtype="uint64", fill_value=0, compressors=_RAW)
-    g.create_array("views/labels", shape=(spec.num_blocks, r), chunks=(1, spec.row_stride),
-                   dtype="int32", fill_value=-1, compressors=_BITS)
+                   filters=_FIELD_MAJOR, compressors=_BITS)
+    g.create_array("views/samples", shape=(spec.num_blocks, r, 2), chunks=(1, spec.row_stride, 2),
+                   dtype="uint64", fill_value=int(NO_SAMPLE), filters=_FIELD_MAJOR, compressors=_BYTES)
     g.require_group("teachers")
 
 
 def build_teacher(path: Path, spec: CacheSpec, identity: dict[str, Any]) -> None:
-    """A teacher's empty group (its identity as attributes) at the folder ``path``."""
+    """A teacher's empty group (its identity as attributes) at the folder ``path``; its targets'
+    fill value NaN is no log-probability, index or lse a teacher writes."""
     s = spec
     g = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=identity)
-    shards, inner = (s.epochs_per_unit, s.row_stride, s.topk), (1, s.row_stride, s.topk)
-    g.create_array("logprobs", shape=(s.epochs, s.num_rows, s.topk), shards=shards, chunks=inner,
-                   dtype="float16", fill_value=float("nan"), compressors=_VALUES)
-    g.create_array("indices", shape=(s.epochs, s.num_rows, s.topk), shards=shards, chunks=inner,
-                   dtype=s.index_dtype, fill_value=-1, compressors=_BITS)
-    g.create_array("lse", shape=(s.epochs, s.num_rows), shards=shards[:2], chunks=inner[:2],
-                   dtype="float32", fill_value=float("nan"), compressors=_VALUES)
+    width = 2 * s.topk + 1
+    g.create_array("targets", shape=(s.epochs, s.num_rows, width), shards=(s.epochs_per_unit, s.row_stride, width),
+                   chunks=(1, s.row_stride, width), dtype="float32", fill_value=float("nan"),
+                   filters=_FIELD_MAJOR, compressors=_TARGETS)
+
+
+def pack_targets(logprobs: np.ndarray, indices: np.ndarray, lse: np.ndarray) -> np.ndarray:
+    """A teacher's top-k log-probabilities and indices [..., k] and lse [...] as the stored
+    float32 rows [..., 2k+1]: log-probabilities clamped to float16 (<= 0, >= its lowest)."""
+    lp = np.clip(logprobs, FP16_LOWEST, 0.0).astype(np.float16).astype(np.float32)
+    return np.concatenate([lp, indices.astype(np.float32), lse.astype(np.float32)[..., None]], axis=-1)
+
+
+def unpack_targets(targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stored float32 rows [..., 2k+1] -> (log-probabilities [..., k] float32, indices [..., k]
+    int64, lse [...] float32)."""
+    k = (targets.shape[-1] - 1) // 2
+    return targets[..., :k], targets[..., k:2 * k].astype(np.int64), targets[..., 2 * k]
 
 
 def publish(objects: CacheRoot, prefix: str, build: Callable[[Path], None]) -> None:

@@ -18,12 +18,16 @@ from civt_cache.fsutil import canonical_sha256
 from civt_cache.views.recipe import Recipe
 from civt_cache.views.records import VIEWS_VERSION
 
-SCHEMA_VERSION = 4  # 2: crc32c on every chunk, fill values no real entry can have; 3: log-probs;
-# 4: per-epoch arrays sharded one object per unit (an inner chunk per epoch), per-epoch checksums
+SCHEMA_VERSION = 5  # 2: crc32c on every chunk, fill values no real entry can have; 3: log-probs;
+# 4: per-epoch arrays sharded one object per unit (an inner chunk per epoch), per-epoch checksums;
+# 5: one array per teacher (log-probs, indices, lse as float32 rows), key hashes with labels
 # Teachers' top-k are stored as log-probabilities, logit - lse <= 0, so no finite logit overflows
 # float16 (a logit of 1e5 would be +inf); a log-probability below float16's lowest is clamped
 # there, where exp() is 0 in any float type anyway.
 FP16_LOWEST = float(np.finfo(np.float16).min)
+#: The most classes a cache holds: a teacher's class indices are stored exactly in float32
+#: (``cache.layout``), which holds every integer up to 2**24.
+MAX_CLASSES = 2 ** 24
 
 def key_hash(key: str) -> int:
     """64-bit hash of a sample key, stored per row so readers can assert alignment."""
@@ -86,6 +90,9 @@ class CacheSpec:
             raise CacheMismatchError(f"epochs ({epochs}) and epochs_per_unit ({epochs_per_unit}) must be >= 1")
         if not 1 <= topk <= manifest.num_classes:
             raise CacheMismatchError(f"topk {topk} must be between 1 and the {manifest.num_classes} classes")
+        if manifest.num_classes > MAX_CLASSES:
+            raise CacheMismatchError(f"{manifest.location or manifest.name}: {manifest.num_classes} classes; "
+                                     f"a cache holds at most {MAX_CLASSES:,} (class indices are float32)")
         return cls(manifest.name, manifest.fingerprint(), len(manifest.shards), manifest.row_stride,
                    recipe, seed, epochs, min(epochs_per_unit, epochs), topk, manifest.num_classes,
                    str(manifest.location or ""))
@@ -102,10 +109,6 @@ class CacheSpec:
         """The epochs of block ``block`` (the last block of a cache may be short)."""
         b = self.epochs_per_unit
         return range(block * b, min((block + 1) * b, self.epochs))
-
-    @property
-    def index_dtype(self) -> str:
-        return "int16" if self.num_classes <= 32767 else "int32"
 
     def attrs(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "kind": "civt-cache", "views_version": VIEWS_VERSION,

@@ -9,15 +9,25 @@ import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import zarr
 
 from civt_cache.cache.commits import Commits, committed_components
-from civt_cache.cache.layout import TEACHER_ARRAYS, VIEW_ARRAYS, build_cache, build_teacher, publish
+from civt_cache.cache.layout import (
+    TEACHER_ARRAYS,
+    VIEW_ARRAYS,
+    build_cache,
+    build_teacher,
+    pack_targets,
+    publish,
+    unpack_targets,
+)
 from civt_cache.cache.objects import CacheRoot
-from civt_cache.cache.spec import FP16_LOWEST, SCHEMA_VERSION, VIEWS_VERSION, CacheSpec, key_hash
+from civt_cache.cache.spec import SCHEMA_VERSION, VIEWS_VERSION, CacheSpec, check_alignment, key_hash
+from civt_cache.data.manifest import DataManifest
+from civt_cache.data.shards import Sample
 from civt_cache.errors import CacheMismatchError, CorruptUnitError
 from civt_cache.views.records import NUM_FIELDS
 
@@ -29,11 +39,23 @@ def _checksum(*arrays: np.ndarray) -> str:
     return h.hexdigest()[:32]
 
 
-def _sums(epochs: list[tuple[np.ndarray, ...]], shared: tuple[np.ndarray, ...] = ()) -> dict[str, Any]:
+def _sums(epochs: list[tuple[np.ndarray, ...]], samples: np.ndarray | None = None) -> dict[str, Any]:
     """A component's checksums: ``sha256`` of the whole unit (every epoch's arrays stacked, then
-    the ``shared`` per-block ones) and ``epochs``, one per epoch (its arrays, then ``shared``)."""
+    the unit's ``samples``), ``epochs``, one per epoch (its arrays alone), and ``samples``, the
+    samples' own: a reader of one epoch checks what it reads and no more, and checks that its
+    shard is the cached one without reading the stored samples (``CacheStore.check_samples``)."""
     stacked = tuple(np.stack([e[i] for e in epochs]) for i in range(len(epochs[0])))
-    return {"sha256": _checksum(*stacked, *shared), "epochs": [_checksum(*e, *shared) for e in epochs]}
+    shared = () if samples is None else (samples,)
+    out: dict[str, Any] = {"sha256": _checksum(*stacked, *shared), "epochs": [_checksum(*e) for e in epochs]}
+    if samples is not None:
+        out["samples"] = _checksum(samples)
+    return out
+
+
+def sample_ids(keys: Sequence[str], labels: Sequence[int] | np.ndarray) -> np.ndarray:
+    """What ``views/samples`` stores of a unit's samples: [n, 2] uint64 (key hash, label)."""
+    return np.stack([np.array([key_hash(k) for k in keys], dtype=np.uint64),
+                     np.asarray(labels, dtype=np.uint64)], axis=1).reshape(len(keys), 2)
 
 
 class CacheStore:
@@ -98,9 +120,7 @@ class CacheStore:
         old = self.spec
         g = self.group
         g["views/params"].resize((epochs, old.num_rows, NUM_FIELDS))
-        blocks = replace(old, epochs=epochs).num_blocks
-        for name in ("views/keys", "views/labels"):
-            g[name].resize((blocks, old.num_rows))
+        g["views/samples"].resize((replace(old, epochs=epochs).num_blocks, old.num_rows, 2))
         for teacher in self.teachers():
             for name in TEACHER_ARRAYS:
                 array = g[f"teachers/{teacher}/{name}"]
@@ -194,23 +214,19 @@ class CacheStore:
                     records: np.ndarray) -> dict[str, Any]:
         """Write a unit's records [B, n, F], key hashes and labels; returns their checksums."""
         ep, rows = self.block_epochs(block), self._rows(shard)
-        hashes = np.array([key_hash(k) for k in keys], dtype=np.uint64)
-        labels = np.asarray(labels, dtype=np.int32)
+        samples = sample_ids(keys, labels)
         self._write("views/params", shard, block, (slice(ep.start, ep.stop), rows), self._pad(records))
-        self._write("views/keys", shard, block, (slice(block, block + 1), rows), self._pad(hashes[None]))
-        self._write("views/labels", shard, block, (slice(block, block + 1), rows), self._pad(labels[None]))
-        return _sums([(r,) for r in records], (hashes, labels))
+        self._write("views/samples", shard, block, (slice(block, block + 1), rows), self._pad(samples[None]))
+        return _sums([(r,) for r in records], samples)
 
     def write_teacher(self, name: str, shard: int, block: int, logprobs: np.ndarray,
                       indices: np.ndarray, lse: np.ndarray) -> dict[str, Any]:
         """Write a unit's top-k log-probabilities / indices [B, n, k] and lse [B, n]; returns
         their checksums."""
         ep, rows = self.block_epochs(block), self._rows(shard)
-        stored = (np.clip(logprobs, FP16_LOWEST, 0.0).astype(np.float16),
-                  indices.astype(self.spec.index_dtype), lse.astype(np.float32))
-        for array, values in zip(TEACHER_ARRAYS, stored):
-            self._write(f"teachers/{name}/{array}", shard, block, (slice(ep.start, ep.stop), rows), self._pad(values))
-        return _sums(list(zip(*stored)))
+        targets = pack_targets(logprobs, indices, lse)
+        self._write(f"teachers/{name}/targets", shard, block, (slice(ep.start, ep.stop), rows), self._pad(targets))
+        return _sums([(t,) for t in targets])
 
     # ---- checked reads ------------------------------------------------------------------------
     # Every read of a committed unit goes through these: each inner chunk must decode (CRC32C)
@@ -270,48 +286,62 @@ class CacheStore:
                            lambda: self._array(array).__setitem__(sel, values))
 
     def _check_sum(self, shard: int, block: int, component: str, expected: str | None,
-                   arrays: tuple[np.ndarray, ...]) -> None:
+                   arrays: tuple[np.ndarray, ...], read: list[str] | None = None) -> None:
+        """``arrays`` (read from the objects of ``read``, by default all of the component's)
+        must hash to ``expected``, or the unit is damaged: the error names the object."""
         if expected is None:
             raise CacheMismatchError(f"{self.root}: unit (shard {shard}, block {block}) has no "
                                      f"committed {component}; run cache-teachers to finish it")
         if _checksum(*arrays) == expected:
             return
-        for array in self._arrays(component):  # a missing object reads as fill values: say so
+        read = read or self._arrays(component)
+        for array in read:  # a missing object reads as fill values: say so
             if not self.objects.exists(self.chunk_key(array, shard, block)):
                 raise self._unit_error(shard, block, array, "chunk file is missing")
-        name = "views/params" if component == "views" else f"teachers/{component}/logprobs"
-        raise self._unit_error(shard, block, name, f"{component} arrays do not match the "
+        raise self._unit_error(shard, block, read[0], f"{component} arrays do not match the "
                                "checksum of the unit's commit record")
 
     def _views(self, shard: int, block: int, record: dict[str, Any], epochs: slice) -> tuple[
-            np.ndarray, np.ndarray, np.ndarray]:
+            np.ndarray, np.ndarray]:
+        """(records [B, n, F], samples [n, 2]: key hash, label) of a unit, as stored."""
         rows, n = self._rows(shard), record["num_samples"]
         recs = self._read("views/params", shard, block, (epochs, rows))[:, :n]
-        keys = self._read("views/keys", shard, block, (block, rows))[:n]
-        labels = self._read("views/labels", shard, block, (block, rows))[:n]
-        return recs, keys, labels
+        return recs, self._read("views/samples", shard, block, (block, rows))[:n]
 
-    def _teacher(self, name: str, shard: int, block: int, record: dict[str, Any], epochs: slice) -> tuple[
-            np.ndarray, ...]:
+    def _targets(self, name: str, shard: int, block: int, record: dict[str, Any], epochs: slice) -> np.ndarray:
         rows, n = self._rows(shard), record["num_samples"]
-        return tuple(self._read(f"teachers/{name}/{a}", shard, block, (epochs, rows))[:, :n]
-                     for a in TEACHER_ARRAYS)
+        return self._read(f"teachers/{name}/targets", shard, block, (epochs, rows))[:, :n]
 
     def read_unit_views(self, shard: int, block: int, record: dict[str, Any]) -> tuple[
             np.ndarray, np.ndarray, np.ndarray]:
-        """Checked (records [B, n, F], key hashes [n], labels [n]) of a committed unit."""
+        """Checked (records [B, n, F], key hashes [n] uint64, labels [n]) of a committed unit."""
         ep = self.block_epochs(block)
-        out = self._views(shard, block, record, slice(ep.start, ep.stop))
-        self._check_sum(shard, block, "views", (record.get("views") or {}).get("sha256"), out)
-        return out
+        recs, samples = self._views(shard, block, record, slice(ep.start, ep.stop))
+        self._check_sum(shard, block, "views", (record.get("views") or {}).get("sha256"), (recs, samples))
+        return recs, samples[:, 0], samples[:, 1].astype(np.int64)
+
+    def check_samples(self, shard: int, block: int, record: dict[str, Any], manifest: DataManifest,
+                      samples: Sequence[Sample]) -> None:
+        """Refuse a shard whose samples are not the ones a unit was cached from: their (key hash,
+        label) must hash to the unit's ``samples`` checksum. Only when they do not are the stored
+        ones read (checked), to name the first sample that differs."""
+        expected = (record.get("views") or {}).get("samples")
+        if _checksum(sample_ids([s.key for s in samples], [s.label for s in samples])) == expected:
+            return
+        rows = self._rows(shard)
+        stored = self._read("views/samples", shard, block, (block, rows))[:record["num_samples"]]
+        self._check_sum(shard, block, "views", expected, (stored,), ["views/samples"])
+        check_alignment(self.root, manifest, shard, samples, stored[:, 0], stored[:, 1])
+        raise CacheMismatchError(f"{manifest.shard_path(shard)}: holds {len(samples)} samples, the "
+                                 f"cache {self.root} was built from {len(stored)}; the shard changed after caching")
 
     def read_unit_teacher(self, name: str, shard: int, block: int, record: dict[str, Any]) -> tuple[
             np.ndarray, np.ndarray, np.ndarray]:
-        """Checked (logprobs [B, n, k] float16, indices [B, n, k], lse [B, n] float32) of a unit."""
+        """Checked (logprobs [B, n, k], indices [B, n, k] int64, lse [B, n]) of a unit."""
         ep = self.block_epochs(block)
-        out = self._teacher(name, shard, block, record, slice(ep.start, ep.stop))
-        self._check_sum(shard, block, name, record["teachers"].get(name, {}).get("sha256"), out)
-        return out  # type: ignore[return-value]
+        targets = self._targets(name, shard, block, record, slice(ep.start, ep.stop))
+        self._check_sum(shard, block, name, record["teachers"].get(name, {}).get("sha256"), (targets,))
+        return unpack_targets(targets)
 
     def check_unit(self, shard: int, block: int, record: dict[str, Any]) -> dict[str, str]:
         """Damaged components of a committed unit -> what is wrong (empty when sound)."""
@@ -327,25 +357,25 @@ class CacheStore:
         return bad
 
     def read_epoch(self, shard: int, epoch: int, record: dict[str, Any], teachers: list[str]) -> tuple[
-            np.ndarray, np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, ...]]]:
+            np.ndarray, dict[str, tuple[np.ndarray, ...]]]:
         """One (shard, epoch) of a committed unit, checked against that epoch's checksums:
-        records [n, F], key hashes [n], labels [n], and per teacher (logprobs [n, k] float32,
-        indices [n, k] int64, lse [n]). Only the epoch's inner chunks are read."""
+        records [n, F] and per teacher (logprobs [n, k] float32, indices [n, k] int64, lse [n]).
+        Only the epoch's inner chunks are read; ``check_samples`` checks the shard against it."""
         block = epoch // self.spec.epochs_per_unit
         j = epoch - self.block_epochs(block).start
         one = slice(epoch, epoch + 1)
 
         def expected(sums: dict[str, Any] | None) -> str | None:
             return sums["epochs"][j] if sums else None
-        recs, keys, labels = self._views(shard, block, record, one)
-        self._check_sum(shard, block, "views", expected(record.get("views")), (recs[0], keys, labels))
+        rows, n = self._rows(shard), record["num_samples"]
+        recs = self._read("views/params", shard, block, (one, rows))[0, :n]
+        self._check_sum(shard, block, "views", expected(record.get("views")), (recs,), ["views/params"])
         out = {}
         for name in teachers:
-            logprobs, indices, lse = self._teacher(name, shard, block, record, one)
-            self._check_sum(shard, block, name, expected(record["teachers"].get(name)),
-                            (logprobs[0], indices[0], lse[0]))
-            out[name] = (logprobs[0].astype(np.float32), indices[0].astype(np.int64), lse[0].astype(np.float32))
-        return recs[0], keys, labels, out
+            targets = self._targets(name, shard, block, record, one)[0]
+            self._check_sum(shard, block, name, expected(record["teachers"].get(name)), (targets,))
+            out[name] = unpack_targets(targets)
+        return recs, out
 
     def disk_bytes(self, chunks_only: bool = False) -> dict[str, int]:
         """Bytes stored per top-level component (views, each teacher, progress); with

@@ -16,7 +16,7 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from civt_cache.cache.leases import Lease, Leases, claim_units, unit_needs
-from civt_cache.cache.spec import CacheSpec, check_alignment
+from civt_cache.cache.spec import CacheSpec
 from civt_cache.cache.store import CacheStore
 from civt_cache.data.manifest import DataManifest
 from civt_cache.data.shards import read_shard, sample_name
@@ -54,8 +54,8 @@ class ShardRead:
 
     def cached_records(self, store: CacheStore, block: int, record: dict[str, Any]) -> np.ndarray:
         """A committed unit's records [epochs of the block, n, F], checked, of this very shard."""
-        recs, hashes, labels = store.read_unit_views(self.shard, block, record)
-        check_alignment(store.root, self.manifest, self.shard, self.samples, hashes, labels)
+        recs = store.read_unit_views(self.shard, block, record)[0]
+        store.check_samples(self.shard, block, record, self.manifest, self.samples)
         return recs
 
     def cached_epoch(self, store: CacheStore, epoch: int, teachers: list[str]) -> tuple[
@@ -66,8 +66,8 @@ class ShardRead:
         if record is None:
             raise CacheMismatchError(f"{store.root}: unit (shard {self.shard}, block {block}) is not "
                                      "committed; run cache-teachers to finish it")
-        recs, hashes, labels, out = store.read_epoch(self.shard, epoch, record, teachers)
-        check_alignment(store.root, self.manifest, self.shard, self.samples, hashes, labels)
+        recs, out = store.read_epoch(self.shard, epoch, record, teachers)
+        store.check_samples(self.shard, block, record, self.manifest, self.samples)
         return recs, out
 
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from civt_cache.bench.op_counts import count_ops
+from civt_cache.views import engine
 from civt_cache.views import records as V
 from civt_cache.views.engine import decode_images, eval_views, gpu_op_stream, render_encoded, worker_image
 from civt_cache.views.ops import erase, erase_noise, erase_params
@@ -126,14 +127,18 @@ def _render(items: list, recs: np.ndarray, recipe: Recipe) -> torch.Tensor:
     return next(render_encoded(items, [recs], list(range(len(items))), recipe, torch.device("cpu")))
 
 
-def test_cpu_stream_equals_gpu_stream() -> None:
+def test_cpu_stream_equals_gpu_stream(monkeypatch) -> None:
     """The CPU's chunked passes and Pillow resize give the very views of the whole-batch op
-    stream a GPU runs (here on the CPU): the CPU tests test the GPU's numbers."""
+    stream a GPU runs (here on the CPU): the CPU tests test the GPU's numbers. A CPU pass takes
+    up to 196 views of 64 px, so the chunk is shrunk to 16 of them here, splitting 40 views into
+    16, 16 and 8 as it splits views of 224 px."""
     items, recs, recipe = _batch(40, 64)
+    whole = _render(items, recs, recipe)
+    monkeypatch.setattr(engine, "_CPU_CHUNK_PIXELS", 16 * 64 * 64)
     cpu = _render(items, recs, recipe)
     with gpu_op_stream():
         gpu = _render(items, recs, recipe)
-    assert torch.equal(cpu, gpu)
+    assert torch.equal(cpu, gpu) and torch.equal(whole, gpu)
     images = decode_images(items[:6], torch.device("cpu"))
     with gpu_op_stream():
         assert torch.equal(eval_views(images, recipe), eval_views(images, recipe))

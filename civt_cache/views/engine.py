@@ -267,10 +267,12 @@ def crop_resize(images: Sequence[torch.Tensor], recs: np.ndarray, s: int) -> tor
                     kernel="gather" if _gpu_stream[0] else None)
 
 
-#: Views per pass on a CPU: 16, whose float views (10 MB at 224 px) stay in cache across the
-#: dozen passes where a whole batch would be fetched from memory by each (measured 2-3x
-#: faster). Per-view results do not depend on the pass (see the batch-independence test).
-_CPU_CHUNK = 16
+#: Pixels per pass on a CPU: 16 views at 224 px, whose float views (10 MB) stay in cache across
+#: the dozen passes where a whole batch would be fetched from memory by each (measured 2-3x
+#: faster); smaller views go more to a pass (a whole batch of 32 px views is one), so their
+#: passes are not all per-op overhead. Per-view results do not depend on the pass (see the
+#: batch-independence test).
+_CPU_CHUNK_PIXELS = 16 * 224 * 224
 _gpu_stream = [False]
 
 
@@ -291,7 +293,8 @@ def _render(crops: torch.Tensor, recs: np.ndarray, plan: _Plan, recipe: Recipe) 
     on the whole batch (on a GPU; in cache-sized chunks on a CPU) with its per-sample numbers
     sent in one transfer."""
     device = crops.device
-    step = _CPU_CHUNK if device.type == "cpu" and not _gpu_stream[0] else 1 << 30
+    side = crops.shape[-1]
+    step = max(1, _CPU_CHUNK_PIXELS // (side * side)) if device.type == "cpu" and not _gpu_stream[0] else 1 << 30
     needed = recs[plan.needed]
     base = _joined([_base_views(crops[i:i + step], needed[i:i + step], recipe)
                     for i in range(0, len(needed), step)])

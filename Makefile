@@ -24,8 +24,8 @@ $(STAMP): pyproject.toml
 # kill and whole-cache fault tests); CI runs both. Every test process runs one intra-op thread
 # (tests/conftest.py), so the tests are spread over TEST_WORKERS processes (pytest-xdist): the
 # fast tier a file per worker at a time (a file's module fixtures are built once), the slow tier
-# (few files, long tests) a test at a time. On 2 cores: make test 482-504 s (852 s in one
-# process), make test-slow 325 s (512 s).
+# (few files, long tests) a test at a time. On 2 idle cores from a fresh clone: make test 483 s
+# (852 s in one process), make test-slow 294 s (512 s).
 TEST_WORKERS ?= 2
 
 test: setup

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from civt_cache import load_manifest
 from civt_cache.cache.leases import Leases, claim_units, this_process
@@ -206,3 +207,22 @@ def test_start_up_reads_the_records_in_one_listing_and_the_index(world, tmp_path
     records = store.commits.all()
     assert reads == ["progress/index.json.gz", "progress/s000001-b0001.json"]
     assert records[(1, 1)]["teachers"] == {} and records[(0, 0)]["teachers"].keys() == {"conv"}
+
+
+def test_a_cache_created_twice_at_once_with_other_settings_is_refused(world, tmp_path) -> None:
+    """Two processes create one cache at once with other settings: both write their array
+    metadata, then one creates the group. When the loser's metadata landed last, the winner's
+    cache is refused naming the array, before any unit is written in the wrong shape."""
+    from civt_cache.cache.layout import build_cache, publish
+    from civt_cache.errors import CacheMismatchError
+
+    manifest = load_manifest(world["manifest"])
+    mine = CacheSpec.for_manifest(manifest, Recipe(img_size=32), 0, 2, 1, 5)
+    theirs = CacheSpec.for_manifest(manifest, Recipe(img_size=32), 0, 4, 2, 5)
+    root = tmp_path / "c"
+    store = CacheStore.create_or_open(root, mine)
+    publish(store.objects, "late/", lambda tmp: build_cache(tmp, theirs))  # their metadata, landed last
+    for name in ("views/params/zarr.json", "views/samples/zarr.json"):
+        (root / name).write_bytes((root / "late" / name).read_bytes())
+    with pytest.raises(CacheMismatchError, match=r"views/params is int32 \(4, .*two processes created it"):
+        CacheStore.create_or_open(root, mine)

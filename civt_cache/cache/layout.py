@@ -28,7 +28,9 @@ of one unit, each holding one inner chunk per epoch (its own CRC32C), so stage t
 the epoch it trains on (a ranged read of the shard's index, one of the epoch's chunk). A unit is
 committed by writing its objects and then conditionally creating its commit record.
 New caches and new teachers are made by writing their array metadata and then conditionally
-creating the group's ``zarr.json``, so several processes may race to create them.
+creating the group's ``zarr.json``, so several processes may race to create them; one that
+raced with other settings is refused, and so is the winner if the loser's array metadata
+landed over its own (``layout_differences``).
 """
 from __future__ import annotations
 
@@ -55,17 +57,41 @@ TEACHER_ARRAYS = ("targets",)
 NO_SAMPLE = np.iinfo(np.uint64).max  # samples' fill value: no key hashes to it, no label is it
 
 
+def _view_arrays(spec: CacheSpec) -> dict[str, dict[str, Any]]:
+    """The views' arrays of a cache for ``spec``: name -> ``zarr.create_array`` settings. Fill
+    values say "never written": a crop box of width -1, a sample hash and label of 2**64-1."""
+    e, r, b, stride = spec.epochs, spec.num_rows, spec.epochs_per_unit, spec.row_stride
+    return {"views/params": dict(shape=(e, r, NUM_FIELDS), shards=(b, stride, NUM_FIELDS),
+                                 chunks=(1, stride, NUM_FIELDS), dtype="int32", fill_value=-1,
+                                 filters=_FIELD_MAJOR, compressors=_BITS),
+            "views/samples": dict(shape=(spec.num_blocks, r, 2), shards=None, chunks=(1, stride, 2),
+                                  dtype="uint64", fill_value=int(NO_SAMPLE), filters=_FIELD_MAJOR,
+                                  compressors=_BYTES)}
+
+
 def build_cache(path: Path, spec: CacheSpec) -> None:
     """The empty cache group for ``spec`` at the folder ``path``."""
     g = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=spec.attrs())
-    e, r, b = spec.epochs, spec.num_rows, spec.epochs_per_unit
-    # fill values say "never written": a crop box of width -1, a sample hash and label of 2**64-1
-    g.create_array("views/params", shape=(e, r, NUM_FIELDS), shards=(b, spec.row_stride, NUM_FIELDS),
-                   chunks=(1, spec.row_stride, NUM_FIELDS), dtype="int32", fill_value=-1,
-                   filters=_FIELD_MAJOR, compressors=_BITS)
-    g.create_array("views/samples", shape=(spec.num_blocks, r, 2), chunks=(1, spec.row_stride, 2),
-                   dtype="uint64", fill_value=int(NO_SAMPLE), filters=_FIELD_MAJOR, compressors=_BYTES)
+    for name, settings in _view_arrays(spec).items():
+        g.create_array(name, **settings)
     g.require_group("teachers")
+
+
+def layout_differences(group: zarr.Group, spec: CacheSpec) -> list[str]:
+    """How the stored views' arrays differ from those of a cache for ``spec`` (the group's own
+    attributes). Two processes that create one cache with different settings at once both
+    write array metadata before one of them creates the group, so the winner's arrays may be
+    the loser's; its first writes would land in the wrong shapes. An array may hold more
+    epochs than the attributes say: a cache being grown resizes its arrays first."""
+    out = []
+    for name, want in _view_arrays(spec).items():
+        a = group[name]
+        grid = want["shards"] or want["chunks"]
+        if (a.shape[1:], a.shards or a.chunks, a.chunks, str(a.dtype)) != (
+                want["shape"][1:], grid, want["chunks"], want["dtype"]) or a.shape[0] < want["shape"][0]:
+            out.append(f"{name} is {str(a.dtype)} {a.shape} in objects of {a.shards or a.chunks}, "
+                       f"its settings make it {want['dtype']} {want['shape']} in objects of {grid}")
+    return out
 
 
 def build_teacher(path: Path, spec: CacheSpec, identity: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from civt_cache.cache.layout import (
     VIEW_ARRAYS,
     build_cache,
     build_teacher,
+    layout_differences,
     pack_targets,
     publish,
     unpack_targets,
@@ -104,6 +105,11 @@ class CacheStore:
         if not objects.exists("zarr.json"):
             publish(objects, "", lambda tmp: build_cache(tmp, spec))
         store = cls.open(root, mode="r+")
+        torn = layout_differences(store.group, store.spec)
+        if torn:
+            raise CacheMismatchError(f"{root}: its arrays do not match its own settings ({'; '.join(torn)}): "
+                                     "two processes created it with different settings at once; remove it and "
+                                     "run cache-teachers again")
         if store.spec.grows_to(spec):
             store = store.grow(spec.epochs)
             spec = replace(spec, epochs_per_unit=store.spec.epochs_per_unit)

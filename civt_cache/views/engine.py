@@ -296,25 +296,26 @@ def _render(crops: torch.Tensor, recs: np.ndarray, plan: _Plan, recipe: Recipe) 
     side = crops.shape[-1]
     step = max(1, _CPU_CHUNK_PIXELS // (side * side)) if device.type == "cpu" and not _gpu_stream[0] else 1 << 30
     needed = recs[plan.needed]
-    base = _joined([_base_views(crops[i:i + step], needed[i:i + step], recipe)
-                    for i in range(0, len(needed), step)])
+    # each pass writes its rows of the batch's tensors: no copy joins the passes
+    base = torch.empty((len(needed), 3, side, side), device=device)
+    for i in range(0, len(needed), step):
+        _base_views(crops[i:i + step], needed[i:i + step], recipe, out=base[i:i + step])
     at = {p: i for i, p in enumerate(plan.needed)}
     own, partner = [at[o] for o in plan.outputs], [at[q] for q in plan.partners]
     outs = recs[plan.outputs]
-    return _joined([mix(base, to_device(mix_params(outs[i:i + step], own[i:i + step], partner[i:i + step]), device))
-                    for i in range(0, len(outs), step)])
+    views = torch.empty((len(outs), 3, side, side), device=device)
+    for i in range(0, len(outs), step):
+        mix(base, to_device(mix_params(outs[i:i + step], own[i:i + step], partner[i:i + step]), device),
+            out=views[i:i + step])
+    return views
 
 
-def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _base_views(crops: torch.Tensor, recs: np.ndarray, recipe: Recipe) -> torch.Tensor:
-    """Flip, RandAugment, normalise, erase the crops: unmixed views [M, 3, S, S]."""
+def _base_views(crops: torch.Tensor, recs: np.ndarray, recipe: Recipe, out: torch.Tensor) -> None:
+    """Flip, RandAugment, normalise, erase the crops into ``out``: unmixed views [M, 3, S, S]."""
     ra, groups = randaugment_params(recs, recipe.img_size)
     p = to_device({**flip_params(recs), **ra, **erase_params(recs), **_normalize_params(recipe)}, crops.device)
     v = randaugment(flip(crops.float(), p), p, groups, p["fill"].float().view(1, 3, 1, 1))
-    return erase(_normalize(v, p), p)
+    erase(_normalize(v, p, out=out), p)
 
 
 def _normalize_params(recipe: Recipe) -> dict[str, np.ndarray]:
@@ -325,8 +326,9 @@ def _normalize_params(recipe: Recipe) -> dict[str, np.ndarray]:
             "fill": np.array([float(round(255 * m)) for m in recipe.mean])}
 
 
-def _normalize(v: torch.Tensor, p: DeviceArrays) -> torch.Tensor:
-    return torch.addcmul(p["norm_shift"].float().view(1, 3, 1, 1), v, p["norm_scale"].float().view(1, 3, 1, 1))
+def _normalize(v: torch.Tensor, p: DeviceArrays, out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.addcmul(p["norm_shift"].float().view(1, 3, 1, 1), v, p["norm_scale"].float().view(1, 3, 1, 1),
+                         out=out)
 
 
 def eval_views(images: Sequence[torch.Tensor], recipe: Recipe, crop_pct: float = 0.875) -> torch.Tensor:

@@ -89,6 +89,23 @@ def test_cached_step_equals_online_step(digits, full_cache) -> None:
     torch.testing.assert_close(loss_cached, loss_online, rtol=2e-3, atol=2e-3)
 
 
+def test_a_teacher_with_its_own_normalisation_costs_no_transfer_per_batch() -> None:
+    """Re-normalising views for a teacher trained with other mean/std gives the formula's
+    numbers, and after the first batch sends nothing to the device but the views."""
+    from civt_cache.bench.op_counts import count_ops
+    from civt_cache.models.teachers import Teacher
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4)).eval()
+    teacher = Teacher("t", "mlp", "-", "-", model, 4, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    x, cpu = torch.randn(2, 3, 8, 8), torch.device("cpu")
+    mean, std = torch.tensor(RECIPE.mean).view(1, 3, 1, 1), torch.tensor(RECIPE.std).view(1, 3, 1, 1)
+    want = model(((x * std + mean) - 0.5) / 0.25)
+    assert torch.equal(teacher_logits(teacher, x, RECIPE.mean, RECIPE.std, cpu), want.detach())
+    counts = count_ops(lambda: teacher_logits(teacher, x, RECIPE.mean, RECIPE.std, cpu))
+    assert counts.transfers == 1 and counts.reads == 0, counts  # the views' own .to(device)
+
+
 def test_schedule_is_the_official_cosine_over_all_steps() -> None:
     """co-advise's script (Swin's build_scheduler on timm 0.3's CosineLRScheduler) runs the
     cosine over every step, warmup included; the paper's run: 8 x 128, 300 epochs of 1,251

@@ -4,6 +4,7 @@ teacher on a batch of views (bf16 autocast + channels_last on GPU).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,9 +91,16 @@ def teacher_logits(teacher: Teacher, views: torch.Tensor, view_mean: tuple[float
     mean/std (re-normalised to the teacher's own when they differ)."""
     x = views.to(device, non_blocking=True)
     if tuple(teacher.mean) != tuple(view_mean) or tuple(teacher.std) != tuple(view_std):
-        vm, vs = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (view_mean, view_std))
-        tm, ts = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (teacher.mean, teacher.std))
+        vm, vs, tm, ts = _channel_constants((tuple(view_mean), tuple(view_std), tuple(teacher.mean),
+                                             tuple(teacher.std)), str(device))
         x = ((x * vs + vm) - tm) / ts
     x = device_layout(x, device)
     with device_autocast(device):
         return teacher.model(x).float()
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_constants(values: tuple[tuple[float, ...], ...], device: str) -> tuple[torch.Tensor, ...]:
+    """Per-channel constants as [1, 3, 1, 1] tensors on ``device``, made once: a teacher run on
+    every batch would otherwise copy four tiny tensors to the GPU per batch."""
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in values)

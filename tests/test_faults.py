@@ -155,6 +155,9 @@ def test_an_epoch_read_checks_its_shard_without_reading_the_stored_samples(world
     renamed = [replace(samples[0], key="other")] + samples[1:]
     with pytest.raises(CacheMismatchError, match="sample 0 has key 'other'"):
         store.check_samples(1, 1, record, manifest, renamed)
+    for other in (samples[:-1], samples + [replace(samples[0], key="extra")]):  # a sample fewer, one more
+        with pytest.raises(CacheMismatchError, match=f"holds {len(other)} samples, the cache .* from {len(samples)}"):
+            store.check_samples(1, 1, record, manifest, other)
     damaged = dict(record, views=dict(record["views"], samples="0" * 32))
     with pytest.raises(CorruptUnitError, match="views/samples"):
         store.check_samples(1, 1, damaged, manifest, samples)

@@ -56,7 +56,7 @@ def _sums(epochs: list[tuple[np.ndarray, ...]], samples: np.ndarray | None = Non
 def sample_ids(keys: Sequence[str], labels: Sequence[int] | np.ndarray) -> np.ndarray:
     """What ``views/samples`` stores of a unit's samples: [n, 2] uint64 (key hash, label)."""
     return np.stack([np.array([key_hash(k) for k in keys], dtype=np.uint64),
-                     np.asarray(labels, dtype=np.uint64)], axis=1).reshape(len(keys), 2)
+                     np.asarray(labels, dtype=np.uint64)], axis=1)
 
 
 class CacheStore:
@@ -307,12 +307,13 @@ class CacheStore:
         raise self._unit_error(shard, block, read[0], f"{component} arrays do not match the "
                                "checksum of the unit's commit record")
 
-    def _views(self, shard: int, block: int, record: dict[str, Any], epochs: slice) -> tuple[
-            np.ndarray, np.ndarray]:
-        """(records [B, n, F], samples [n, 2]: key hash, label) of a unit, as stored."""
-        rows, n = self._rows(shard), record["num_samples"]
-        recs = self._read("views/params", shard, block, (epochs, rows))[:, :n]
-        return recs, self._read("views/samples", shard, block, (block, rows))[:n]
+    def _records(self, shard: int, block: int, record: dict[str, Any], epochs: slice) -> np.ndarray:
+        """A unit's view records of ``epochs`` [B, n, F], as stored."""
+        return self._read("views/params", shard, block, (epochs, self._rows(shard)))[:, :record["num_samples"]]
+
+    def _samples(self, shard: int, block: int, record: dict[str, Any]) -> np.ndarray:
+        """A unit's samples [n, 2] (key hash, label), as stored."""
+        return self._read("views/samples", shard, block, (block, self._rows(shard)))[:record["num_samples"]]
 
     def _targets(self, name: str, shard: int, block: int, record: dict[str, Any], epochs: slice) -> np.ndarray:
         rows, n = self._rows(shard), record["num_samples"]
@@ -322,7 +323,8 @@ class CacheStore:
             np.ndarray, np.ndarray, np.ndarray]:
         """Checked (records [B, n, F], key hashes [n] uint64, labels [n]) of a committed unit."""
         ep = self.block_epochs(block)
-        recs, samples = self._views(shard, block, record, slice(ep.start, ep.stop))
+        recs = self._records(shard, block, record, slice(ep.start, ep.stop))
+        samples = self._samples(shard, block, record)
         self._check_sum(shard, block, "views", (record.get("views") or {}).get("sha256"), (recs, samples))
         return recs, samples[:, 0], samples[:, 1].astype(np.int64)
 
@@ -334,12 +336,12 @@ class CacheStore:
         expected = (record.get("views") or {}).get("samples")
         if _checksum(sample_ids([s.key for s in samples], [s.label for s in samples])) == expected:
             return
-        rows = self._rows(shard)
-        stored = self._read("views/samples", shard, block, (block, rows))[:record["num_samples"]]
+        stored = self._samples(shard, block, record)
         self._check_sum(shard, block, "views", expected, (stored,), ["views/samples"])
+        if len(samples) != len(stored):
+            raise CacheMismatchError(f"{manifest.shard_path(shard)}: holds {len(samples)} samples, the cache "
+                                     f"{self.root} was built from {len(stored)}; the shard changed after caching")
         check_alignment(self.root, manifest, shard, samples, stored[:, 0], stored[:, 1])
-        raise CacheMismatchError(f"{manifest.shard_path(shard)}: holds {len(samples)} samples, the "
-                                 f"cache {self.root} was built from {len(stored)}; the shard changed after caching")
 
     def read_unit_teacher(self, name: str, shard: int, block: int, record: dict[str, Any]) -> tuple[
             np.ndarray, np.ndarray, np.ndarray]:
@@ -373,8 +375,7 @@ class CacheStore:
 
         def expected(sums: dict[str, Any] | None) -> str | None:
             return sums["epochs"][j] if sums else None
-        rows, n = self._rows(shard), record["num_samples"]
-        recs = self._read("views/params", shard, block, (one, rows))[0, :n]
+        recs = self._records(shard, block, record, one)[0]
         self._check_sum(shard, block, "views", expected(record.get("views")), (recs,), ["views/params"])
         out = {}
         for name in teachers:

@@ -308,10 +308,10 @@ def mix_params(recs: np.ndarray, own_at: list[int], partner_at: list[int]) -> di
             "cut": cut, "cut_box": recs[cut][:, MIX_BOX].astype(np.int64)}
 
 
-def mix(base: torch.Tensor, p: DeviceArrays, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The views [B, 3, S, S] of rows ``own_at`` of ``base`` (into ``out`` when given): Mixup
-    lam own + (1 - lam) partner (``lerp``), CutMix the partner inside the box, each only on its
-    own views."""
+def mix(base: torch.Tensor, p: DeviceArrays, out: torch.Tensor) -> torch.Tensor:
+    """The views [B, 3, S, S] of rows ``own_at`` of ``base``, written into ``out``: Mixup lam own
+    + (1 - lam) partner (``lerp``), CutMix the partner inside the box, each only on its own
+    views."""
     out = torch.index_select(base, 0, p["own_at"], out=out)
     mixup = p["mixup"]
     if mixup.numel():

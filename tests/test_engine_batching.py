@@ -15,7 +15,7 @@ from civt_cache.bench.op_counts import count_ops
 from civt_cache.views import engine
 from civt_cache.views import records as V
 from civt_cache.views.engine import decode_images, eval_views, gpu_op_stream, render_encoded, worker_image
-from civt_cache.views.ops import erase, erase_noise, erase_params
+from civt_cache.views.ops import erase, erase_noise, erase_params, mix, mix_params
 from civt_cache.views.recipe import Recipe
 from civt_cache.views.resample import resample
 from civt_cache.views.transfer import to_device
@@ -59,13 +59,16 @@ def test_gather_resize_is_bit_exact_to_pillow(device) -> None:
     for i, (px, *_) in enumerate(cases):
         hwc = torch.from_numpy(px).to(device)
         images.append(hwc.permute(2, 0, 1) if i % 2 else hwc.permute(2, 0, 1).contiguous())
+    flips = np.arange(len(cases)) % 3 == 1  # mirrored in the resize, as a view's flip is
     got = resample(images, np.array([c[1] for c in cases]), np.array([c[2] for c in cases]),
-                   np.array([c[3] for c in cases]), 224, kernel="gather").cpu()
+                   np.array([c[3] for c in cases]), 224, kernel="gather", flips=flips).cpu()
     for i, (px, box, out, window) in enumerate(cases):
-        ref = torch.from_numpy(_pillow_crop_resize(px, box, out, window, 224)).permute(2, 0, 1)
+        ref = _pillow_crop_resize(px, box, out, window, 224)
+        ref = torch.from_numpy(np.ascontiguousarray(ref[:, ::-1] if flips[i] else ref)).permute(2, 0, 1)
         assert torch.equal(got[i], ref), (i, box, out)
     pil = resample([im.cpu() for im in images], np.array([c[1] for c in cases]),
-                   np.array([c[2] for c in cases]), np.array([c[3] for c in cases]), 224, kernel="pillow")
+                   np.array([c[2] for c in cases]), np.array([c[3] for c in cases]), 224, kernel="pillow",
+                   flips=flips)
     assert torch.equal(pil, got)
 
 
@@ -81,9 +84,14 @@ def test_random_crops_bit_exact_to_pillow() -> None:
             cw, ch = int(rng.integers(1, w + 1)), int(rng.integers(1, h + 1))
             boxes.append((int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1)), cw, ch))
         n = len(images)
-        got = resample(images, np.array(boxes), np.full((n, 2), s), np.zeros((n, 2)), s, kernel="gather")
-        ref = resample(images, np.array(boxes), np.full((n, 2), s), np.zeros((n, 2)), s, kernel="pillow")
+        flips = rng.random(n) < 0.5
+        got = resample(images, np.array(boxes), np.full((n, 2), s), np.zeros((n, 2)), s, kernel="gather",
+                       flips=flips)
+        ref = resample(images, np.array(boxes), np.full((n, 2), s), np.zeros((n, 2)), s, kernel="pillow",
+                       flips=flips)
         assert torch.equal(got, ref)
+        plain = resample(images, np.array(boxes), np.full((n, 2), s), np.zeros((n, 2)), s, kernel="pillow")
+        assert torch.equal(torch.where(torch.from_numpy(flips).view(-1, 1, 1, 1), plain.flip(-1), plain), ref)
 
 
 def test_batched_erasing_equals_one_box_at_a_time() -> None:
@@ -104,6 +112,48 @@ def test_batched_erasing_equals_one_box_at_a_time() -> None:
                                                           torch.device("cpu"))
     got = erase(views, to_device(erase_params(recs), torch.device("cpu")))
     assert torch.equal(got, expected)
+
+
+def test_mixing_equals_each_view_mixed_alone() -> None:
+    """The one-lerp mix (per-pixel weight lam, or 0 / 1 around a CutMix box) gives, bit for bit,
+    each view mixed on its own: Mixup as lerp(partner, own, lam), CutMix as the partner's pixels
+    pasted inside the box, an unmixed view its own base view; from rows in any order."""
+    rng = np.random.default_rng(5)
+    s, n, m = 32, 11, 14
+    base = torch.randn(m, 3, s, s) * 2
+    recs = np.zeros((n, V.NUM_FIELDS), np.int64)
+    own, partner = rng.permutation(m)[:n].tolist(), rng.integers(0, m, n).tolist()
+    for i in range(n):
+        recs[i, V.MIX_MODE] = (V.MIX_MIXUP, V.MIX_CUTMIX, V.MIX_NONE)[i % 3]
+        recs[i, V.LAM] = int(rng.integers(0, V.LAM_ONE + 1))
+        x0, y0 = (int(v) for v in rng.integers(0, s, 2))
+        recs[i, V.MIX_BOX] = (x0, y0, int(rng.integers(x0, s + 1)), int(rng.integers(y0, s + 1)))
+    expected = base[own].clone()
+    for i in range(n):
+        o, p = base[own[i]], base[partner[i]]
+        if recs[i, V.MIX_MODE] == V.MIX_MIXUP:
+            expected[i] = torch.lerp(p, o, torch.tensor(recs[i, V.LAM] / V.LAM_ONE, dtype=torch.float32))
+        elif recs[i, V.MIX_MODE] == V.MIX_CUTMIX:
+            x0, y0, x1, y1 = (int(v) for v in recs[i, V.MIX_BOX])
+            expected[i, :, y0:y1, x0:x1] = p[:, y0:y1, x0:x1]
+    out = torch.full((n, 3, s, s), float("nan"))
+    got = mix(base, to_device(mix_params(recs, own, partner), torch.device("cpu")), out, torch.empty(2, n, 3, s, s))
+    assert got is out and torch.equal(got, expected)
+
+
+def test_results_outlive_the_reused_workspace() -> None:
+    """A CPU keeps one workspace per thread between batches: a batch's views are its own tensor,
+    untouched by the next batches (larger, the same size, smaller), and the same batch renders
+    the same again."""
+    big_items, big_recs, recipe = _batch(40, 48, seed=8)
+    _render(big_items, big_recs, recipe)  # the workspace is at its largest from here on
+    items, recs, _ = _batch(12, 48, seed=7)
+    first = _render(items, recs, recipe)
+    kept = first.clone()
+    _render(*_batch(12, 48, seed=9)[:2], recipe)
+    _render(big_items, big_recs, recipe)
+    _render(items[:4], V.sample_shard_records(recipe, 3, 0, 0, list(range(4)), [(48, 48)] * 4), recipe)
+    assert torch.equal(first, kept) and torch.equal(_render(items, recs, recipe), kept)
 
 
 def _batch(n: int, s: int, seed: int = 0) -> tuple[list, np.ndarray, Recipe]:

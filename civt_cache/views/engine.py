@@ -14,13 +14,16 @@ exception, the CPU's resize kernel, gives the same bytes and is tested against t
 What a record renders is defined by PIL (the reference the tests hold every op against: timm's
 RandAugment ops on uint8 images). The ops:
 
-- crop + resize: Pillow's antialiased bicubic resize, bit-exact on every device (``resample``);
-- flip, RandAugment, normalisation, erasing and Mixup/CutMix (``view_ops``).
+- crop + resize + flip: Pillow's antialiased bicubic resize, bit-exact on every device
+  (``resample``);
+- RandAugment, normalisation, erasing and Mixup/CutMix (``ops``), in place on the batch's
+  float tensor.
 """
 from __future__ import annotations
 
 import io
 import math
+import threading
 import warnings
 from contextlib import contextmanager
 from typing import Iterator, Sequence
@@ -32,18 +35,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from civt_cache.data.imageio import check_image_size, pixels_from_env, to_rgb
 from civt_cache.errors import BadImageError, OutOfMemoryError
-from civt_cache.views.ops import (
-    erase,
-    erase_params,
-    flip,
-    flip_params,
-    mix,
-    mix_params,
-    randaugment,
-    randaugment_params,
-)
+from civt_cache.views.ops import erase, erase_params, mix, mix_params, randaugment, randaugment_params
 from civt_cache.views.recipe import Recipe
-from civt_cache.views.records import CROP, PARTNER
+from civt_cache.views.records import CROP, FLIP, PARTNER
 from civt_cache.views.resample import resample
 from civt_cache.views.transfer import DeviceArrays, to_device
 
@@ -261,10 +255,11 @@ class _Plan:
 
 
 def crop_resize(images: Sequence[torch.Tensor], recs: np.ndarray, s: int) -> torch.Tensor:
-    """Each image's record crop, resized to S x S: uint8 [N, 3, S, S] (the first op of a view)."""
+    """Each image's record crop, resized to S x S and flipped where the record says: uint8
+    [N, 3, S, S] (the first ops of a view)."""
     n = len(images)
     return resample(images, recs[:, CROP], np.full((n, 2), s), np.zeros((n, 2)), s,
-                    kernel="gather" if _gpu_stream[0] else None)
+                    kernel="gather" if _gpu_stream[0] else None, flips=recs[:, FLIP] != 0)
 
 
 #: Pixels per pass on a CPU: 16 views at 224 px, whose float views (10 MB) stay in cache across
@@ -289,33 +284,60 @@ def gpu_op_stream() -> Iterator[None]:
 
 def _render(crops: torch.Tensor, recs: np.ndarray, plan: _Plan, recipe: Recipe) -> torch.Tensor:
     """The views of ``plan.outputs`` from the crops of ``plan.needed`` (in that order): base
-    views (flip, RandAugment, normalise, erase), then mixing, each pass a fixed number of ops
+    views (RandAugment, normalise, erase), then mixing, each pass a fixed number of ops
     on the whole batch (on a GPU; in cache-sized chunks on a CPU) with its per-sample numbers
     sent in one transfer."""
     device = crops.device
     side = crops.shape[-1]
     step = max(1, _CPU_CHUNK_PIXELS // (side * side)) if device.type == "cpu" and not _gpu_stream[0] else 1 << 30
     needed = recs[plan.needed]
-    # each pass writes its rows of the batch's tensors: no copy joins the passes
-    base = torch.empty((len(needed), 3, side, side), device=device)
+    outs = recs[plan.outputs]
+    # each pass writes its rows of the batch's tensors (no copy joins the passes) and gathers
+    # rows into two scratch tensors, all in one workspace: no tensor of the size of a pass is
+    # made per op
+    chunk = min(step, max(len(needed), len(outs)))
+    ws = _workspace((len(needed) + 2 * chunk) * 3 * side * side, device)
+    base = ws[:len(needed) * 3 * side * side].view(len(needed), 3, side, side)
+    scratch = ws[len(needed) * 3 * side * side:].view(2, chunk, 3, side, side)
+    views = torch.empty((len(outs), 3, side, side), device=device)
     for i in range(0, len(needed), step):
-        _base_views(crops[i:i + step], needed[i:i + step], recipe, out=base[i:i + step])
+        _base_views(crops[i:i + step], needed[i:i + step], recipe, base[i:i + step], scratch[0])
     at = {p: i for i, p in enumerate(plan.needed)}
     own, partner = [at[o] for o in plan.outputs], [at[q] for q in plan.partners]
-    outs = recs[plan.outputs]
-    views = torch.empty((len(outs), 3, side, side), device=device)
     for i in range(0, len(outs), step):
         mix(base, to_device(mix_params(outs[i:i + step], own[i:i + step], partner[i:i + step]), device),
-            out=views[i:i + step])
+            views[i:i + step], scratch)
     return views
 
 
-def _base_views(crops: torch.Tensor, recs: np.ndarray, recipe: Recipe, out: torch.Tensor) -> None:
-    """Flip, RandAugment, normalise, erase the crops into ``out``: unmixed views [M, 3, S, S]."""
+#: A CPU keeps each thread's per-batch working tensors (base views and scratch, never returned)
+#: between batches, up to this many float32 values (1 GiB): a fresh 77 MB tensor costs its page
+#: faults, 20-40 ms per 128 views at 224 px, more than some of the ops that fill it. A GPU's
+#: caching allocator already reuses its blocks, so there the tensors are allocated per batch.
+_WORKSPACE_MAX = 1 << 28
+_workspaces = threading.local()
+
+
+def _workspace(numel: int, device: torch.device) -> torch.Tensor:
+    """``numel`` float32 values for one batch's internal tensors: on a CPU the calling thread's
+    kept buffer (grown when too small), elsewhere or when larger than the cap a fresh tensor."""
+    if device.type != "cpu" or numel > _WORKSPACE_MAX:
+        return torch.empty(numel, device=device)
+    buf = getattr(_workspaces, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _workspaces.buf = torch.empty(numel)
+    return buf[:numel]
+
+
+def _base_views(crops: torch.Tensor, recs: np.ndarray, recipe: Recipe, out: torch.Tensor,
+                scratch: torch.Tensor) -> None:
+    """The unmixed views [M, 3, S, S] of the (flipped) crops, built in ``out``: one copy makes
+    them float (and contiguous, whatever the crops' layout), then RandAugment (gathering into
+    ``scratch``, at least M rows), normalisation and erasing run in place."""
     ra, groups = randaugment_params(recs, recipe.img_size)
-    p = to_device({**flip_params(recs), **ra, **erase_params(recs), **_normalize_params(recipe)}, crops.device)
-    v = randaugment(flip(crops.float(), p), p, groups, p["fill"].float().view(1, 3, 1, 1))
-    erase(_normalize(v, p, out=out), p)
+    p = to_device({**ra, **erase_params(recs), **_normalize_params(recipe)}, crops.device)
+    randaugment(out.copy_(crops), p, groups, p["fill"].float().view(1, 3, 1, 1), scratch)
+    erase(_normalize(out, p, out=out), p)
 
 
 def _normalize_params(recipe: Recipe) -> dict[str, np.ndarray]:
@@ -344,4 +366,5 @@ def eval_views(images: Sequence[torch.Tensor], recipe: Recipe, crop_pct: float =
         windows.append((int(round((nw - s) / 2.0)), int(round((nh - s) / 2.0))))
         boxes.append((0, 0, w, h))
     crops = resample(images, np.array(boxes), np.array(sizes), np.array(windows), s)
-    return _normalize(crops.float(), to_device(_normalize_params(recipe), crops.device))
+    views = torch.empty(crops.shape, device=crops.device).copy_(crops)
+    return _normalize(views, to_device(_normalize_params(recipe), crops.device), out=views)

@@ -7,17 +7,17 @@ loop over samples and no read of a device value. Pixel values stay on the 0..255
 between ops, rounded or truncated where PIL rounds or truncates (PIL, through timm's RandAugment
 ops, is the reference the tests hold every op against):
 
-- RandAugment, one op slot at a time: the batch is permuted once so that each op's samples are
-  one contiguous slice (geometric ops together), each op runs once on its slice, and the batch
-  is permuted back. The five geometric ops are ONE inverse-affine warp (``grid_sample``, per-
-  sample matrices) with PIL's pixel-centre convention, edge taps clamped and the mean colour
-  outside; its bicubic kernel is a = -0.75 where Pillow's transform uses a = -1 (0.5-0.8 levels
-  mean absolute difference, at a tenth of the cost of gathering 16 taps). Colour ops are PIL's
-  blends with its degenerate images and truncation; equalize is PIL's histogram LUT, batched;
-  sharpness blends with PIL's smoothing filter;
+- RandAugment, one op slot at a time, in place: the slot's samples are gathered once so that
+  each op's samples are one contiguous slice (geometric ops together), each op writes its
+  result over its slice, and they are put back. The five geometric ops are ONE inverse-affine
+  warp (``grid_sample``, per-sample matrices) with PIL's pixel-centre convention, edge taps
+  clamped and the mean colour outside; its bicubic kernel is a = -0.75 where Pillow's
+  transform uses a = -1 (0.5-0.8 levels mean absolute difference, at a tenth of the cost of
+  gathering 16 taps). Colour ops are PIL's blends with its degenerate images and truncation;
+  equalize is PIL's histogram LUT, batched; sharpness blends with PIL's smoothing filter;
 - random erasing: normal noise from a counter-based hash of (erase seed, pixel), the same
   numbers on every device, for all erased views at once;
-- Mixup / CutMix with the partner's base view from the same batch.
+- Mixup / CutMix with the partner's base view from the same batch, as one weighted ``lerp``.
 """
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ from civt_cache.views.recipe import RA_MAX_OPS
 from civt_cache.views.records import (
     ERASE,
     ERASE_SEED,
-    FLIP,
     LAM,
     LAM_ONE,
     MAG_SCALE,
@@ -49,18 +48,6 @@ _GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 _GEOMETRIC_IDS = np.array([RA_OPS.index(n) for n in _GEOMETRIC])
 _ENHANCERS = ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing")
 Groups = list[tuple[str, int, int]]  # (op name or "geometric", start, stop) in a slot's order
-
-
-# ---- flip ----------------------------------------------------------------------------------------
-def flip_params(recs: np.ndarray) -> dict[str, np.ndarray]:
-    return {"flip": np.flatnonzero(recs[:, FLIP])}
-
-
-def flip(v: torch.Tensor, p: DeviceArrays) -> torch.Tensor:
-    idx = p["flip"]
-    if idx.numel():
-        v[idx] = v[idx].flip(-1)
-    return v
 
 
 # ---- RandAugment --------------------------------------------------------------------------------
@@ -112,20 +99,23 @@ def _op_arguments(names: list[str], level: np.ndarray, sign: np.ndarray) -> np.n
     return arg
 
 
-def randaugment(v: torch.Tensor, p: DeviceArrays, groups: list[Groups], fill: torch.Tensor) -> torch.Tensor:
-    """Each op slot in turn: permute, run each op on its slice, permute back."""
+def randaugment(v: torch.Tensor, p: DeviceArrays, groups: list[Groups], fill: torch.Tensor,
+                scratch: torch.Tensor) -> torch.Tensor:
+    """Each op slot in turn, in place: gather the slot's samples in op order into ``scratch``
+    (one copy), each op writes its result over its slice, scatter them back (one copy)."""
     for k, slot in enumerate(groups):
         if not slot:
             continue
         order = p[f"ra{k}_order"]
-        sub = v[order]
+        sub = torch.index_select(v, 0, order, out=scratch[:len(p.host(f"ra{k}_order"))])
         arg = p[f"ra{k}_arg"].float()
         for name, a, b in slot:
+            part = sub[a:b]
             if name == "geometric":
-                sub[a:b] = _warp_affine(sub[a:b], p[f"ra{k}_affine"].float(), fill)
+                _warp_affine(part, p[f"ra{k}_affine"].float(), fill, out=part)
             else:
-                sub[a:b] = _colour_op(name, sub[a:b], arg[a:b].view(-1, 1, 1, 1))
-        v[order] = sub
+                _colour_op(name, part, arg[a:b].view(-1, 1, 1, 1), out=part)
+        v.index_copy_(0, order, sub)
     return v
 
 
@@ -148,20 +138,23 @@ def _affine_matrix(name: str, level: float, sign: float, s: int) -> np.ndarray:
     return np.array([1.0, 0.0, 0.0, 0.0, 1.0, sign * 0.45 * level * s])  # TranslateYRel
 
 
-def _warp_affine(v: torch.Tensor, mats: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+def _warp_affine(v: torch.Tensor, mats: torch.Tensor, fill: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """One batched inverse-affine warp [G, 3, S, S] with per-sample matrices [G, 6], as PIL's
-    ``Image.transform(AFFINE, BICUBIC, fillcolor)``: an output pixel whose centre maps outside
-    the image gets ``fill`` ([1, 3, 1, 1]); inside, bicubic taps clamped at the edges."""
+    ``Image.transform(AFFINE, BICUBIC, fillcolor)``, into ``out`` (which may be ``v``): an output
+    pixel whose centre maps outside the image gets ``fill`` ([1, 3, 1, 1]); inside, bicubic taps
+    clamped at the edges."""
     g, c, h, w = v.shape
     ys, xs = torch.meshgrid(torch.arange(h, device=v.device, dtype=torch.float32) + 0.5,
                             torch.arange(w, device=v.device, dtype=torch.float32) + 0.5, indexing="ij")
     m = mats.view(g, 6, 1, 1)
     xin = m[:, 0] * xs + m[:, 1] * ys + m[:, 2]
     yin = m[:, 3] * xs + m[:, 4] * ys + m[:, 5]
-    grid = torch.stack((2 * xin / w - 1, 2 * yin / h - 1), dim=-1)
-    out = F.grid_sample(v, grid, mode="bicubic", padding_mode="border", align_corners=False)
+    grid = torch.empty((g, h, w, 2), device=v.device)  # (2 x / w - 1, 2 y / h - 1), op for op
+    for pixel, size, coord in ((xin, w, grid[..., 0]), (yin, h, grid[..., 1])):
+        torch.mul(pixel, 2, out=coord).div_(size).sub_(1)
+    warped = F.grid_sample(v, grid, mode="bicubic", padding_mode="border", align_corners=False)
     inside = (xin >= 0) & (xin < w) & (yin >= 0) & (yin < h)
-    return torch.where(inside[:, None], out.round().clamp(0, 255), fill)
+    return torch.where(inside[:, None], warped.round_().clamp_(0, 255), fill, out=out)
 
 
 def _gray(v: torch.Tensor) -> torch.Tensor:
@@ -169,37 +162,38 @@ def _gray(v: torch.Tensor) -> torch.Tensor:
     return torch.floor((19595 * v[:, 0:1] + 38470 * v[:, 1:2] + 7471 * v[:, 2:3] + 32768) / 65536)
 
 
-def _blend(degenerate: torch.Tensor, v: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def _blend(degenerate: torch.Tensor, v: torch.Tensor, factor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """PIL's Image.blend: degenerate + f (image - degenerate), clipped and truncated."""
-    return torch.floor((degenerate + factor * (v - degenerate)).clamp(0, 255))
+    return torch.floor((degenerate + factor * (v - degenerate)).clamp_(0, 255), out=out)
 
 
-def _colour_op(name: str, v: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
-    """One non-geometric op on its slice; ``arg`` [B, 1, 1, 1] from ``_op_arguments``."""
+def _colour_op(name: str, v: torch.Tensor, arg: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """One non-geometric op on its slice, into ``out`` (which may be ``v``: every op reads a
+    pixel before it writes it); ``arg`` [B, 1, 1, 1] from ``_op_arguments``."""
     if name == "AutoContrast":
         lo = v.amin(dim=(2, 3), keepdim=True)
         hi = v.amax(dim=(2, 3), keepdim=True)
         scale = 255.0 / (hi - lo).clamp(min=1)
-        return torch.where(hi > lo, torch.trunc(v * scale - lo * scale).clamp(0, 255), v)
+        return torch.where(hi > lo, torch.trunc(v * scale - lo * scale).clamp_(0, 255), v, out=out)
     if name == "Equalize":
-        return _equalize(v)
+        return out.copy_(_equalize(v))
     if name == "Invert":
-        return 255.0 - v
+        return torch.neg(v, out=out).add_(255.0)
     if name == "PosterizeIncreasing":
-        return torch.floor(v / arg) * arg
+        return torch.mul(torch.floor(v / arg), arg, out=out)
     if name == "SolarizeIncreasing":
-        return torch.where(v < arg, v, 255.0 - v)
+        return torch.where(v < arg, v, 255.0 - v, out=out)
     if name == "SolarizeAdd":
-        return torch.where(v < 128, (v + arg).clamp(max=255), v)
+        return torch.where(v < 128, (v + arg).clamp_(max=255), v, out=out)
     if name == "ColorIncreasing":
-        return _blend(_gray(v).expand_as(v), v, arg)
+        return _blend(_gray(v).expand_as(v), v, arg, out)
     if name == "ContrastIncreasing":
         mean = torch.floor(_gray(v).double().mean(dim=(1, 2, 3)) + 0.5).float()
-        return _blend(mean.view(-1, 1, 1, 1).expand_as(v), v, arg)
-    if name == "BrightnessIncreasing":
-        return _blend(torch.zeros_like(v), v, arg)
+        return _blend(mean.view(-1, 1, 1, 1).expand_as(v), v, arg, out)
+    if name == "BrightnessIncreasing":  # a black degenerate: 0 + f (v - 0) is f v, exactly
+        return torch.floor(torch.mul(v, arg).clamp_(0, 255), out=out)
     if name == "SharpnessIncreasing":
-        return _blend(_smooth(v), v, arg)
+        return _blend(_smooth(v), v, arg, out)
     raise ValueError(f"unknown RandAugment op {name!r}")
 
 
@@ -215,7 +209,7 @@ def _smooth(v: torch.Tensor) -> torch.Tensor:
 
 def _equalize(v: torch.Tensor) -> torch.Tensor:
     """PIL's ImageOps.equalize for a batch: per image and channel a 256-bin histogram, and the
-    look-up table PIL builds from it (identity when one level or a zero step)."""
+    look-up table PIL builds from it (identity when one level or a zero step); int64 levels."""
     b = v.shape[0]
     levels = v.to(torch.int64) + 256 * torch.arange(3 * b, device=v.device).view(b, 3, 1, 1)
     flat = levels.view(-1)
@@ -228,7 +222,7 @@ def _equalize(v: torch.Tensor) -> torch.Tensor:
     lut = (step // 2 + hist.cumsum(dim=1) - hist) // step.clamp(min=1)
     identity = (used.sum(dim=1, keepdim=True) <= 1) | (step == 0)
     lut = torch.where(identity, bins, lut.clamp(max=255))
-    return lut.view(-1).gather(0, flat).view_as(v).to(v.dtype)
+    return lut.view(-1).gather(0, flat).view_as(v)
 
 
 # ---- random erasing ------------------------------------------------------------------------------
@@ -236,28 +230,30 @@ _MASK32 = 0xFFFFFFFF
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for x < 2^32 in int64, split in 16-bit halves so nothing overflows."""
-    lo = x * (c & 0xFFFF)
-    hi = ((x * (c >> 16)) & 0xFFFF) << 16
-    return (lo + hi) & _MASK32
+    """(x * c) mod 2^32 for x < 2^32 in int64, split in 16-bit halves so nothing overflows;
+    in place on ``x`` (every op after the first in this hash works in place: a fresh tensor per
+    op costs its allocation, on a CPU more than the op)."""
+    hi = torch.mul(x, c >> 16).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    return x.mul_(c & 0xFFFF).add_(hi).bitwise_and_(_MASK32)
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer finaliser (lowbias32): counter -> well-mixed bits, exact on any device."""
     x = x & _MASK32
-    x = x ^ (x >> 16)
+    x ^= x >> 16
     x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
+    x ^= x >> 15
     x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    x ^= x >> 16
+    return x
 
 
 def _normal(key: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Standard normal numbers from (hashed seed, pixel index): Box-Muller on two hashed 24-bit
-    uniforms."""
-    u1 = ((_hash32(key ^ (2 * idx)) >> 8).float() + 0.5) / 16777216.0
-    u2 = ((_hash32(key ^ (2 * idx + 1)) >> 8).float() + 0.5) / 16777216.0
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+    uniforms, sqrt(-2 log u1) cos(2 pi u2)."""
+    u1 = (_hash32(key ^ (2 * idx)) >> 8).float().add_(0.5).div_(16777216.0)
+    u2 = (_hash32(key ^ (2 * idx + 1)) >> 8).float().add_(0.5).div_(16777216.0)
+    return u1.log_().mul_(-2.0).sqrt_().mul_(u2.mul_(2.0 * math.pi).cos_())
 
 
 def erase_noise(seed: int, box: tuple[int, int, int, int], size: int, device: torch.device) -> torch.Tensor:
@@ -270,18 +266,20 @@ def erase_noise(seed: int, box: tuple[int, int, int, int], size: int, device: to
 
 
 def erase_params(recs: np.ndarray) -> dict[str, np.ndarray]:
-    """The erased views' positions, boxes, seeds and where each box's pixels start in a flat
-    list of all boxes' pixels (its size is known here, so the device never reports it)."""
+    """The erased views' positions, box sizes and origins, seeds and where each box's pixels
+    start in a flat list of all boxes' pixels (its size is known here, so the device never
+    reports it)."""
     at = np.flatnonzero(recs[:, ERASE][:, 2] > 0)
-    boxes = recs[at][:, ERASE].astype(np.int64)
-    pixels = 3 * boxes[:, 2] * boxes[:, 3]
-    return {"erase_at": at, "erase_box": boxes, "erase_seed": recs[at, ERASE_SEED].astype(np.int64),
-            "erase_start": np.concatenate([[0], np.cumsum(pixels)]).astype(np.int64)}
+    x, y, w, h = recs[at][:, ERASE].astype(np.int64).T
+    return {"erase_at": at, "erase_x": x, "erase_y": y, "erase_w": w, "erase_hw": w * h,
+            "erase_seed": recs[at, ERASE_SEED].astype(np.int64),
+            "erase_start": np.concatenate([[0], np.cumsum(3 * w * h)]).astype(np.int64)}
 
 
 def erase(v: torch.Tensor, p: DeviceArrays) -> torch.Tensor:
     """Random erasing of every erased view at once: each pixel of the boxes' flat list finds its
-    box (``searchsorted``), its channel, row and column, and gets its keyed noise."""
+    box (``searchsorted``), takes the box's numbers (one row gather each), finds its channel,
+    row and column, and gets its keyed noise."""
     start = p["erase_start"]
     if start.numel() <= 1:
         return v
@@ -289,39 +287,44 @@ def erase(v: torch.Tensor, p: DeviceArrays) -> torch.Tensor:
     s = v.shape[-1]
     t = torch.arange(total, device=v.device)
     box = torch.searchsorted(start[1:], t, right=True)
-    x, y, w, h = p["erase_box"].unbind(1)
-    local = t - start[box]
-    wb, hwb = w[box], (w * h)[box]
-    rem = local % hwb
-    idx = ((local // hwb) * s + rem // wb + y[box]) * s + rem % wb + x[box]
-    noise = _normal(_hash32(p["erase_seed"])[box], idx)
-    v.view(-1).index_put_((p["erase_at"][box] * (3 * s * s) + idx,), noise)
+    per_box = {"start": start[:-1], "w": p["erase_w"], "hw": p["erase_hw"],
+               "origin": p["erase_y"] * s + p["erase_x"], "key": _hash32(p["erase_seed"]),
+               "view": p["erase_at"] * (3 * s * s)}
+    b = {name: values.index_select(0, box) for name, values in per_box.items()}
+    local = t - b["start"]
+    channel = local // b["hw"]
+    rem = local - channel * b["hw"]
+    row = rem // b["w"]
+    idx = (channel * s + row) * s + (rem - row * b["w"]) + b["origin"]
+    v.view(-1).index_put_((b["view"] + idx,), _normal(b["key"], idx))
     return v
 
 
 # ---- mixing --------------------------------------------------------------------------------------
 def mix_params(recs: np.ndarray, own_at: list[int], partner_at: list[int]) -> dict[str, np.ndarray]:
+    """Each view's base row and its partner's (its own when unmixed), and its weight of its own
+    row: Mixup's lam, 1 for CutMix (0 inside the box, ``mix_box``, empty for the rest) and for an
+    unmixed view."""
     mode = recs[:, MIX_MODE]
-    mixup, cut = np.flatnonzero(mode == MIX_MIXUP), np.flatnonzero(mode == MIX_CUTMIX)
-    return {"own_at": np.asarray(own_at, np.int64), "partner_at": np.asarray(partner_at, np.int64),
-            "mixup": mixup, "lam": recs[mixup, LAM] / LAM_ONE,
-            "cut": cut, "cut_box": recs[cut][:, MIX_BOX].astype(np.int64)}
+    mixup, cut = mode == MIX_MIXUP, mode == MIX_CUTMIX
+    own = np.asarray(own_at, np.int64)
+    return {"own": own, "partner": np.where(mixup | cut, np.asarray(partner_at, np.int64), own),
+            "lam": np.where(mixup, recs[:, LAM] / LAM_ONE, 1.0),
+            "mix_box": np.where(cut[:, None], recs[:, MIX_BOX], 0).astype(np.int64)}
 
 
-def mix(base: torch.Tensor, p: DeviceArrays, out: torch.Tensor) -> torch.Tensor:
-    """The views [B, 3, S, S] of rows ``own_at`` of ``base``, written into ``out``: Mixup lam own
-    + (1 - lam) partner (``lerp``), CutMix the partner inside the box, each only on its own
-    views."""
-    out = torch.index_select(base, 0, p["own_at"], out=out)
-    mixup = p["mixup"]
-    if mixup.numel():
-        lam = p["lam"].float().view(-1, 1, 1, 1)
-        out[mixup] = torch.lerp(base[p["partner_at"][mixup]], out[mixup], lam)
-    cut = p["cut"]
-    if cut.numel():
-        b = p["cut_box"].view(-1, 4, 1, 1)
-        ar = torch.arange(out.shape[-1], device=out.device)
-        inside = ((ar.view(1, 1, -1) >= b[:, 0]) & (ar.view(1, 1, -1) < b[:, 2])
-                  & (ar.view(1, -1, 1) >= b[:, 1]) & (ar.view(1, -1, 1) < b[:, 3]))[:, None]
-        out[cut] = torch.where(inside, base[p["partner_at"][cut]], out[cut])
-    return out
+def mix(base: torch.Tensor, p: DeviceArrays, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """The views [B, 3, S, S] from rows of ``base``, written into ``out``: Mixup lam own +
+    (1 - lam) partner, CutMix the partner inside the box, the rest their own base view. All
+    are one ``lerp(partner, own, weight)`` whose per-pixel weight is lam, or 0 inside a CutMix
+    box and 1 elsewhere (a lerp at weight 0 or 1 is exactly its start or its end): two row
+    gathers (own, partner) into ``scratch`` ([2, >= B, ...]) and one pass writing ``out``."""
+    n, s = out.shape[0], out.shape[-1]
+    own = torch.index_select(base, 0, p["own"], out=scratch[0][:n])
+    partner = torch.index_select(base, 0, p["partner"], out=scratch[1][:n])
+    b = p["mix_box"].view(-1, 4, 1, 1)
+    ar = torch.arange(s, device=out.device)
+    inside = ((ar.view(1, 1, -1) >= b[:, 0]) & (ar.view(1, 1, -1) < b[:, 2])
+              & (ar.view(1, -1, 1) >= b[:, 1]) & (ar.view(1, -1, 1) < b[:, 3]))
+    weight = torch.where(inside, 0.0, p["lam"].float().view(-1, 1, 1))
+    return torch.lerp(partner, own, weight.unsqueeze(1), out=out)

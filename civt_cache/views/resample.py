@@ -66,11 +66,15 @@ def coefficients(in_size: np.ndarray, out_size: np.ndarray, first: np.ndarray,
 
 
 def resample(images: Sequence[torch.Tensor], boxes: np.ndarray, out_sizes: np.ndarray,
-             windows: np.ndarray, size: int, kernel: str | None = None) -> torch.Tensor:
+             windows: np.ndarray, size: int, kernel: str | None = None,
+             flips: np.ndarray | None = None) -> torch.Tensor:
     """``images[i]`` (uint8 [3, H, W], one device) cropped to ``boxes[i]`` (x, y, w, h), resized
     to ``out_sizes[i]`` (width, height) by Pillow's bicubic filter, of which the S x S window at
-    ``windows[i]`` (left, top) is returned: uint8 [N, 3, S, S]. A crop-and-resize is window
-    (0, 0) of an S x S output; a centre crop after a resize is its window.
+    ``windows[i]`` (left, top) is returned, mirrored left-right where ``flips[i]``: uint8
+    [N, 3, S, S], in whichever memory layout the kernel writes (channels-last for Pillow's). A
+    crop-and-resize is window (0, 0) of an S x S output; a centre crop after a resize is its
+    window. The flip costs nothing here (the gather kernel reverses its column tables, Pillow's
+    rows are copied out reversed), where a flip of finished views is three passes over them.
 
     Two kernels give the same bytes: ``"gather"``, the batched tensor program above (what a GPU
     runs: ~3 launches per tap, none per image), and ``"pillow"``, Pillow itself per image, which
@@ -81,11 +85,12 @@ def resample(images: Sequence[torch.Tensor], boxes: np.ndarray, out_sizes: np.nd
     boxes = np.asarray(boxes, np.int64).reshape(n, 4)
     out_sizes = np.asarray(out_sizes, np.int64).reshape(n, 2)
     windows = np.asarray(windows, np.int64).reshape(n, 2)
+    flips = np.zeros(n, bool) if flips is None else np.asarray(flips, bool).reshape(n)
     kernel = kernel or ("pillow" if images[0].device.type == "cpu" else "gather")
     if kernel == "pillow":
-        return _pillow(images, boxes, out_sizes, windows, size)
+        return _pillow(images, boxes, out_sizes, windows, size, flips)
     if kernel == "gather":
-        return _gather(images, boxes, out_sizes, windows, size)
+        return _gather(images, boxes, out_sizes, windows, size, flips)
     raise ValueError(f"unknown resize kernel {kernel!r}")
 
 
@@ -101,7 +106,7 @@ def _flat_view(img: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
 
 
 def _pillow(images: Sequence[torch.Tensor], boxes: np.ndarray, out_sizes: np.ndarray,
-            windows: np.ndarray, s: int) -> torch.Tensor:
+            windows: np.ndarray, s: int, flips: np.ndarray) -> torch.Tensor:
     out = torch.empty((len(images), s, s, 3), dtype=torch.uint8)
     pixels = out.numpy()
     for i, img in enumerate(images):
@@ -109,18 +114,22 @@ def _pillow(images: Sequence[torch.Tensor], boxes: np.ndarray, out_sizes: np.nda
         left, top = (int(v) for v in windows[i])
         crop = Image.fromarray(img[:, y:y + h, x:x + w].permute(1, 2, 0).numpy())
         resized = crop.resize((int(out_sizes[i, 0]), int(out_sizes[i, 1])), Image.BICUBIC)
-        pixels[i] = np.asarray(resized.crop((left, top, left + s, top + s)))
-    return out.permute(0, 3, 1, 2).contiguous()
+        if resized.size != (s, s) or left or top:
+            resized = resized.crop((left, top, left + s, top + s))
+        view = np.asarray(resized)
+        pixels[i] = view[:, ::-1] if flips[i] else view
+    return out.permute(0, 3, 1, 2)  # channels-last: the consumer's float copy transposes for free
 
 
 def _gather(images: Sequence[torch.Tensor], boxes: np.ndarray, out_sizes: np.ndarray,
-            windows: np.ndarray, s: int) -> torch.Tensor:
+            windows: np.ndarray, s: int, flips: np.ndarray) -> torch.Tensor:
     n, device = len(images), images[0].device
     flats, strides = zip(*(_flat_view(img) for img in images))
     strides = np.array(strides, np.int64)  # per image (channel, row, column) strides
     offsets = np.concatenate([[0], np.cumsum([f.numel() for f in flats])[:-1]]).astype(np.int64)
 
     xmin, _, wh = coefficients(boxes[:, 2], out_sizes[:, 0], windows[:, 0], s)
+    xmin[flips], wh[flips] = xmin[flips, ::-1], wh[flips, ::-1]  # output columns right to left
     ymin, ycount, wv = coefficients(boxes[:, 3], out_sizes[:, 1], windows[:, 1], s)
     first = ymin[:, 0]  # rows of the crop the vertical pass reads: first .. first + rows
     rows = ymin[:, -1] + ycount[:, -1] - first

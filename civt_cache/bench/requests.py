@@ -12,6 +12,7 @@ import collections
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+from civt_cache.cache.layout import SAMPLES
 from civt_cache.cache.scan import scan_cache
 from civt_cache.cache.store import CacheStore
 from civt_cache.errors import ConfigError
@@ -72,7 +73,7 @@ def bench_requests(cache: str) -> str:
             store.read_epoch(shard, epoch, records[(shard, block)], teachers)
     # the bytes of the epoch's objects: every array but the per-block samples (stage two checks
     # its shard against their checksum in the commit record, reading none of them)
-    per_epoch = sum(listed[k][1] for k in arrays if not k.startswith("views/samples/"))
+    per_epoch = sum(listed[k][1] for k in arrays if not k.startswith(f"{SAMPLES}/"))
     used = per_epoch / store.spec.epochs * len(done) / store.spec.num_shards
     lines.append(f"  stage two, epoch {epoch} of {len(done)} shard(s): {seen['bytes']:,} bytes read in "
                  f"{sum(seen['calls'].values())} requests; the cache stores {used:,.0f} bytes per epoch "

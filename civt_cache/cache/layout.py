@@ -52,7 +52,9 @@ _BITS = [BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle), Cr
 _BYTES = [BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle), Crc32cCodec()]
 _TARGETS = [BloscCodec(cname="zstd", clevel=9, shuffle=BloscShuffle.shuffle), Crc32cCodec()]
 _FIELD_MAJOR = [TransposeCodec(order=(0, 2, 1))]  # a record's fields lie together when shuffled
-VIEW_ARRAYS = ("views/params", "views/samples")
+PARAMS = "views/params"  # [epoch, row, field]: each view's record
+SAMPLES = "views/samples"  # [block, row, 2]: each row's key hash and label, per unit
+VIEW_ARRAYS = (PARAMS, SAMPLES)
 TEACHER_ARRAYS = ("targets",)
 NO_SAMPLE = np.iinfo(np.uint64).max  # samples' fill value: no key hashes to it, no label is it
 
@@ -61,10 +63,10 @@ def _view_arrays(spec: CacheSpec) -> dict[str, dict[str, Any]]:
     """The views' arrays of a cache for ``spec``: name -> ``zarr.create_array`` settings. Fill
     values say "never written": a crop box of width -1, a sample hash and label of 2**64-1."""
     e, r, b, stride = spec.epochs, spec.num_rows, spec.epochs_per_unit, spec.row_stride
-    return {"views/params": dict(shape=(e, r, NUM_FIELDS), shards=(b, stride, NUM_FIELDS),
+    return {PARAMS: dict(shape=(e, r, NUM_FIELDS), shards=(b, stride, NUM_FIELDS),
                                  chunks=(1, stride, NUM_FIELDS), dtype="int32", fill_value=-1,
                                  filters=_FIELD_MAJOR, compressors=_BITS),
-            "views/samples": dict(shape=(spec.num_blocks, r, 2), shards=None, chunks=(1, stride, 2),
+            SAMPLES: dict(shape=(spec.num_blocks, r, 2), shards=None, chunks=(1, stride, 2),
                                   dtype="uint64", fill_value=int(NO_SAMPLE), filters=_FIELD_MAJOR,
                                   compressors=_BYTES)}
 

@@ -16,6 +16,8 @@ import zarr
 
 from civt_cache.cache.commits import Commits, committed_components
 from civt_cache.cache.layout import (
+    PARAMS,
+    SAMPLES,
     TEACHER_ARRAYS,
     VIEW_ARRAYS,
     build_cache,
@@ -125,8 +127,8 @@ class CacheStore:
         may grow a cache to the same epochs at once: every write is the same."""
         old = self.spec
         g = self.group
-        g["views/params"].resize((epochs, old.num_rows, NUM_FIELDS))
-        g["views/samples"].resize((replace(old, epochs=epochs).num_blocks, old.num_rows, 2))
+        g[PARAMS].resize((epochs, old.num_rows, NUM_FIELDS))
+        g[SAMPLES].resize((replace(old, epochs=epochs).num_blocks, old.num_rows, 2))
         for teacher in self.teachers():
             for name in TEACHER_ARRAYS:
                 array = g[f"teachers/{teacher}/{name}"]
@@ -221,8 +223,8 @@ class CacheStore:
         """Write a unit's records [B, n, F], key hashes and labels; returns their checksums."""
         ep, rows = self.block_epochs(block), self._rows(shard)
         samples = sample_ids(keys, labels)
-        self._write("views/params", shard, block, (slice(ep.start, ep.stop), rows), self._pad(records))
-        self._write("views/samples", shard, block, (slice(block, block + 1), rows), self._pad(samples[None]))
+        self._write(PARAMS, shard, block, (slice(ep.start, ep.stop), rows), self._pad(records))
+        self._write(SAMPLES, shard, block, (slice(block, block + 1), rows), self._pad(samples[None]))
         return _sums([(r,) for r in records], samples)
 
     def write_teacher(self, name: str, shard: int, block: int, logprobs: np.ndarray,
@@ -309,11 +311,11 @@ class CacheStore:
 
     def _records(self, shard: int, block: int, record: dict[str, Any], epochs: slice) -> np.ndarray:
         """A unit's view records of ``epochs`` [B, n, F], as stored."""
-        return self._read("views/params", shard, block, (epochs, self._rows(shard)))[:, :record["num_samples"]]
+        return self._read(PARAMS, shard, block, (epochs, self._rows(shard)))[:, :record["num_samples"]]
 
     def _samples(self, shard: int, block: int, record: dict[str, Any]) -> np.ndarray:
         """A unit's samples [n, 2] (key hash, label), as stored."""
-        return self._read("views/samples", shard, block, (block, self._rows(shard)))[:record["num_samples"]]
+        return self._read(SAMPLES, shard, block, (block, self._rows(shard)))[:record["num_samples"]]
 
     def _targets(self, name: str, shard: int, block: int, record: dict[str, Any], epochs: slice) -> np.ndarray:
         rows, n = self._rows(shard), record["num_samples"]
@@ -337,7 +339,7 @@ class CacheStore:
         if _checksum(sample_ids([s.key for s in samples], [s.label for s in samples])) == expected:
             return
         stored = self._samples(shard, block, record)
-        self._check_sum(shard, block, "views", expected, (stored,), ["views/samples"])
+        self._check_sum(shard, block, "views", expected, (stored,), [SAMPLES])
         if len(samples) != len(stored):
             raise CacheMismatchError(f"{manifest.shard_path(shard)}: holds {len(samples)} samples, the cache "
                                      f"{self.root} was built from {len(stored)}; the shard changed after caching")
@@ -376,7 +378,7 @@ class CacheStore:
         def expected(sums: dict[str, Any] | None) -> str | None:
             return sums["epochs"][j] if sums else None
         recs = self._records(shard, block, record, one)[0]
-        self._check_sum(shard, block, "views", expected(record.get("views")), (recs,), ["views/params"])
+        self._check_sum(shard, block, "views", expected(record.get("views")), (recs,), [PARAMS])
         out = {}
         for name in teachers:
             targets = self._targets(name, shard, block, record, one)[0]

@@ -139,6 +139,9 @@ def test_mixing_equals_each_view_mixed_alone() -> None:
     out = torch.full((n, 3, s, s), float("nan"))
     got = mix(base, to_device(mix_params(recs, own, partner), torch.device("cpu")), out, torch.empty(2, n, 3, s, s))
     assert got is out and torch.equal(got, expected)
+    recs[:, V.MIX_MODE] = V.MIX_NONE  # no view mixed: one gather of the own rows
+    unmixed = mix(base, to_device(mix_params(recs, own, partner), torch.device("cpu")), out, torch.empty(0))
+    assert torch.equal(unmixed, base[own])
 
 
 def test_results_outlive_the_reused_workspace() -> None:

@@ -118,7 +118,7 @@ def _pillow(images: Sequence[torch.Tensor], boxes: np.ndarray, out_sizes: np.nda
             resized = resized.crop((left, top, left + s, top + s))
         view = np.asarray(resized)
         pixels[i] = view[:, ::-1] if flips[i] else view
-    return out.permute(0, 3, 1, 2)  # channels-last: the consumer's float copy transposes for free
+    return out.permute(0, 3, 1, 2)  # channels-last: the consumer's float copy transposes it in passing
 
 
 def _gather(images: Sequence[torch.Tensor], boxes: np.ndarray, out_sizes: np.ndarray,

@@ -5,6 +5,7 @@ built with one recipe refuses to train with another. Every part can be switched 
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -54,6 +55,13 @@ class RandAugmentSpec:
         return spec
 
 
+@functools.lru_cache(maxsize=64)
+def _parsed_ra(text: str) -> RandAugmentSpec:
+    """``RandAugmentSpec.parse``, once per text: every sampled record asks for it (the spec is
+    frozen, so one object serves them all)."""
+    return RandAugmentSpec.parse(text)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """All parameters that shape a view. Zero probabilities / alphas switch parts off."""
@@ -84,7 +92,7 @@ class Recipe:
         self.ra_spec()  # validate early
 
     def ra_spec(self) -> RandAugmentSpec | None:
-        return RandAugmentSpec.parse(self.randaugment) if self.randaugment else None
+        return _parsed_ra(self.randaugment) if self.randaugment else None
 
     @property
     def mixing(self) -> bool:

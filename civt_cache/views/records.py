@@ -117,8 +117,8 @@ def sample_record(recipe: Recipe, seed: int, epoch: int, row: int, src_w: int, s
     if spec is not None:
         for k, op in enumerate(rng.integers(0, len(RA_OPS), spec.num_ops)):
             applied = rng.random() < spec.prob
-            mag = float(np.clip(rng.normal(spec.magnitude, spec.magnitude_std)
-                                if spec.magnitude_std > 0 else spec.magnitude, 0.0, 10.0))
+            mag = min(max(float(rng.normal(spec.magnitude, spec.magnitude_std))
+                          if spec.magnitude_std > 0 else spec.magnitude, 0.0), 10.0)
             sign = -1 if rng.random() < 0.5 else 1
             if applied:
                 ra[k] = (op, sign * int(round(mag * MAG_SCALE)))
@@ -137,8 +137,8 @@ def sample_record(recipe: Recipe, seed: int, epoch: int, row: int, src_w: int, s
             cy, cx = int(rng.integers(0, s)), int(rng.integers(0, s))
             # the box's half sides are cut // 2 each, as timm's rand_bbox of co-advise's time
             # (timm 0.3-0.4) computed them; later timm keeps odd sizes whole. Kept on purpose.
-            y0, y1 = np.clip([cy - cut // 2, cy + cut // 2], 0, s)
-            x0, x1 = np.clip([cx - cut // 2, cx + cut // 2], 0, s)
+            y0, y1 = (min(max(v, 0), s) for v in (cy - cut // 2, cy + cut // 2))
+            x0, x1 = (min(max(v, 0), s) for v in (cx - cut // 2, cx + cut // 2))
             rec[MIX_BOX] = (x0, y0, x1, y1)
             lam = 1.0 - (y1 - y0) * (x1 - x0) / (s * s)  # timm's correct_lam
             rec[MIX_MODE] = MIX_CUTMIX

@@ -64,11 +64,11 @@ def _view_arrays(spec: CacheSpec) -> dict[str, dict[str, Any]]:
     values say "never written": a crop box of width -1, a sample hash and label of 2**64-1."""
     e, r, b, stride = spec.epochs, spec.num_rows, spec.epochs_per_unit, spec.row_stride
     return {PARAMS: dict(shape=(e, r, NUM_FIELDS), shards=(b, stride, NUM_FIELDS),
-                                 chunks=(1, stride, NUM_FIELDS), dtype="int32", fill_value=-1,
-                                 filters=_FIELD_MAJOR, compressors=_BITS),
+                         chunks=(1, stride, NUM_FIELDS), dtype="int32", fill_value=-1,
+                         filters=_FIELD_MAJOR, compressors=_BITS),
             SAMPLES: dict(shape=(spec.num_blocks, r, 2), shards=None, chunks=(1, stride, 2),
-                                  dtype="uint64", fill_value=int(NO_SAMPLE), filters=_FIELD_MAJOR,
-                                  compressors=_BYTES)}
+                          dtype="uint64", fill_value=int(NO_SAMPLE), filters=_FIELD_MAJOR,
+                          compressors=_BYTES)}
 
 
 def build_cache(path: Path, spec: CacheSpec) -> None:

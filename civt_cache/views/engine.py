@@ -296,9 +296,8 @@ def _render(crops: torch.Tensor, recs: np.ndarray, plan: _Plan, recipe: Recipe) 
     # rows into two scratch tensors, all in one workspace: no tensor of the size of a pass is
     # made per op
     chunk = min(step, max(len(needed), len(outs)))
-    ws = _workspace((len(needed) + 2 * chunk) * 3 * side * side, device)
-    base = ws[:len(needed) * 3 * side * side].view(len(needed), 3, side, side)
-    scratch = ws[len(needed) * 3 * side * side:].view(2, chunk, 3, side, side)
+    ws = _workspace((len(needed) + 2 * chunk) * 3 * side * side, device).view(-1, 3, side, side)
+    base, scratch = ws[:len(needed)], ws[len(needed):].view(2, chunk, 3, side, side)
     views = torch.empty((len(outs), 3, side, side), device=device)
     for i in range(0, len(needed), step):
         _base_views(crops[i:i + step], needed[i:i + step], recipe, base[i:i + step], scratch[0])

@@ -107,7 +107,7 @@ def randaugment(v: torch.Tensor, p: DeviceArrays, groups: list[Groups], fill: to
         if not slot:
             continue
         order = p[f"ra{k}_order"]
-        sub = torch.index_select(v, 0, order, out=scratch[:len(p.host(f"ra{k}_order"))])
+        sub = torch.index_select(v, 0, order, out=scratch[:order.numel()])
         arg = p[f"ra{k}_arg"].float()
         for name, a, b in slot:
             part = sub[a:b]

@@ -117,7 +117,8 @@ def test_batched_erasing_equals_one_box_at_a_time() -> None:
 def test_mixing_equals_each_view_mixed_alone() -> None:
     """The one-lerp mix (per-pixel weight lam, or 0 / 1 around a CutMix box) gives, bit for bit,
     each view mixed on its own: Mixup as lerp(partner, own, lam), CutMix as the partner's pixels
-    pasted inside the box, an unmixed view its own base view; from rows in any order."""
+    pasted inside the box, an unmixed view its own base view; from rows in any order, and from
+    own rows that are consecutive rows of the base."""
     rng = np.random.default_rng(5)
     s, n, m = 32, 11, 14
     base = torch.randn(m, 3, s, s) * 2
@@ -139,6 +140,13 @@ def test_mixing_equals_each_view_mixed_alone() -> None:
     out = torch.full((n, 3, s, s), float("nan"))
     got = mix(base, to_device(mix_params(recs, own, partner), torch.device("cpu")), out, torch.empty(2, n, 3, s, s))
     assert got is out and torch.equal(got, expected)
+    # own rows consecutive in the base (the stages' order; read in place, not gathered)
+    rest = [r for r in range(m) if r not in own]
+    moved = rest[:2] + own + rest[2:]  # base row -> its old row
+    where = {old: new for new, old in enumerate(moved)}
+    in_place = mix(base[moved], to_device(mix_params(recs, list(range(2, 2 + n)), [where[q] for q in partner]),
+                                          torch.device("cpu")), torch.empty(n, 3, s, s), torch.empty(2, n, 3, s, s))
+    assert torch.equal(in_place, expected)
     recs[:, V.MIX_MODE] = V.MIX_NONE  # no view mixed: one gather of the own rows
     unmixed = mix(base, to_device(mix_params(recs, own, partner), torch.device("cpu")), out, torch.empty(0))
     assert torch.equal(unmixed, base[own])

@@ -92,7 +92,7 @@ gpu-check:
 	@ls $(WHEELS)/*.whl >/dev/null || { echo "no wheels in $(WHEELS): run ../shared/device/wheels.sh pillow==12.3.0 here first"; exit 2; }
 	$(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) $(WHEELS)/*.whl
 	$(GPU_ENV) $(GPU_PY) -m pytest -q -p no:cacheprovider tests/test_view_engine.py tests/test_engine_batching.py
-	$(GPU_ENV) $(GPU_PY) -m civt_cache.cli bench views --samples 1024 --batch 256 --device cuda
+	$(GPU_ENV) $(GPU_PY) -m civt_cache.cli bench views --samples 1024 --batch 256 --device cuda --repeats 3
 	$(GPU_ENV) $(GPU_PY) -m civt_cache.cli bench imagenet --samples 2560 --device cuda --workers 4 --teacher-batch 256 --student-batch 256 --steps 6 --no-online
 
 clean:

@@ -295,8 +295,9 @@ def test_benchmarks_measure_every_mode_side_by_side(digits, full_cache) -> None:
     assert all(v > 0 for v in r["rates"].values())
     assert "x the limit" in format_student(r)
     v = measure_views(samples=6, img_size=48, batch=4, device="cpu", repeats=1, count_batches=(8,))
-    assert set(v["rates"]) == {"PIL path, 1 CPU core", "engine, 1 CPU core"}
-    assert "x the PIL path per core" in format_views(v)
+    assert set(v["rates"]) == {"PIL path per batch, 1 CPU core", "PIL path per row, 1 CPU core",
+                               "engine, 1 CPU core"}
+    assert "x the PIL path per batch" in format_views(v)
 
 
 def test_cached_batches_for_ones_own_loop(digits, full_cache) -> None:

@@ -13,11 +13,12 @@ bench_app = typer.Typer(help="Throughput benchmarks that print ratios measured s
 def bench_views_cmd(samples: int = typer.Option(128, help="Synthetic ImageNet-shaped JPEGs."),
                     img_size: int = typer.Option(224, help="View size."),
                     batch: int = typer.Option(64, help="Engine batch size."),
-                    device: str = typer.Option("auto", help="auto | cpu | cuda (the GPU row)")) -> None:
+                    device: str = typer.Option("auto", help="auto | cpu | cuda (the GPU row)"),
+                    repeats: int = typer.Option(5, help="Timed runs of each path; the best counts.")) -> None:
     """View engine vs the PIL path, views/s per CPU core (and on the GPU)."""
     from civt_cache.bench.views import bench_views
 
-    typer.echo(bench_views(samples, img_size, batch, device))
+    typer.echo(bench_views(samples, img_size, batch, device, repeats))
 
 
 @bench_app.command("cache")

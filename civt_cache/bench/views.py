@@ -17,35 +17,39 @@ from civt_cache.views.engine import gpu_op_stream, render_encoded, worker_image
 from civt_cache.views.recipe import Recipe
 from civt_cache.views.records import PARTNER, image_size, sample_shard_records
 
+PIL_BATCH = "PIL path per batch, 1 CPU core"
+PIL_ROW = "PIL path per row, 1 CPU core"
+
 
 def measure_views(samples: int, img_size: int = 224, batch: int = 64, device: str = "auto",
-                  repeats: int = 3, count_batches: tuple[int, ...] = (256, 512)) -> dict[str, Any]:
+                  repeats: int = 5, count_batches: tuple[int, ...] = (256, 512)) -> dict[str, Any]:
     """Views/s of the PIL path and of the engine on one CPU thread, and of the engine on the
-    GPU (if any), on the same ImageNet-shaped JPEGs and records; best of ``repeats``."""
+    GPU (if any), on the same ImageNet-shaped JPEGs, records and stage-two batches; best of
+    ``repeats``. The PIL path is timed both ways it ran before the engine: per batch, each
+    base view built once (stage one's way, and the fastest a PIL path gets), and per row,
+    each mixed view building its partner's base view again (stage two's per-sample data set)."""
     from civt_cache.bench import pil_reference as ref
 
     recipe = Recipe(img_size=img_size)
     rng = np.random.default_rng(0)
     jpegs = [photo_like_jpeg(rng) for _ in range(samples)]
     recs = sample_shard_records(recipe, 0, 0, 0, list(range(samples)), [image_size(j) for j in jpegs])
+    batches = _batches(recs, batch)
 
-    def pil_path() -> None:
-        images = {r: ref.decode_rgb(j) for r, j in enumerate(jpegs)}
-        records = dict(enumerate(recs))
-        for r in range(samples):
-            ref.apply_records(images, records, [r], recipe)
-
-    order: list[int] = []  # stage two's order: each partner right after its row
-    for r in range(samples):
-        order += [p for p in (r, int(recs[r, PARTNER])) if p not in order]
+    def pil_path(per_row: bool) -> Any:
+        def run() -> None:
+            for rows, size in batches:
+                images = {r: ref.decode_rgb(jpegs[r]) for r in rows}
+                records = {r: recs[r] for r in rows}
+                for part in ([[r] for r in rows[:size]] if per_row else [rows[:size]]):
+                    ref.apply_records(images, records, part, recipe)
+        return run
 
     def engine(dev: torch.device) -> Any:
         def run() -> None:
-            for i in range(0, samples, batch):
-                part = order[i:i + batch]
-                rows = sorted(set(part) | {int(recs[p, PARTNER]) for p in part})  # partners travel along
+            for rows, size in batches:
                 next(render_encoded([worker_image(jpegs[r], str(r)) for r in rows], [recs[rows]], rows,
-                                    recipe, dev, outputs=[rows.index(p) for p in part]))
+                                    recipe, dev, outputs=range(size)))
             sync(dev)
         return run
 
@@ -60,7 +64,7 @@ def measure_views(samples: int, img_size: int = 224, batch: int = 64, device: st
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rates = {"PIL path, 1 CPU core": best(pil_path),
+        rates = {PIL_BATCH: best(pil_path(per_row=False)), PIL_ROW: best(pil_path(per_row=True)),
                  "engine, 1 CPU core": best(engine(torch.device("cpu")))}
     finally:
         torch.set_num_threads(threads)
@@ -70,6 +74,20 @@ def measure_views(samples: int, img_size: int = 224, batch: int = 64, device: st
         rates[f"engine, {torch.cuda.get_device_name(gpu)}"] = best(engine(gpu))
     return {"samples": samples, "img_size": img_size, "batch": batch, "rates": rates,
             "counts": _count_engine(jpegs, recipe, count_batches)}
+
+
+def _batches(recs: np.ndarray, batch: int) -> list[tuple[list[int], int]]:
+    """Stage two's batches over the rows in order, each partner right after its row: a batch's
+    ``batch`` output rows, then the partners it needs from outside it (``StudentBatch``); with
+    its number of outputs."""
+    order: list[int] = []
+    for r in range(len(recs)):
+        order += [p for p in (r, int(recs[r, PARTNER])) if p not in order]
+    batches = []
+    for i in range(0, len(order), batch):
+        part = order[i:i + batch]
+        batches.append((part + sorted({int(recs[p, PARTNER]) for p in part} - set(part)), len(part)))
+    return batches
 
 
 def _count_engine(jpegs: list[bytes], recipe: Recipe, batches: tuple[int, ...] = (256, 512)) -> dict[int, Any]:
@@ -88,11 +106,11 @@ def _count_engine(jpegs: list[bytes], recipe: Recipe, batches: tuple[int, ...] =
 
 
 def format_views(r: dict[str, Any]) -> str:
-    pil = r["rates"]["PIL path, 1 CPU core"]
+    batch, row = r["rates"][PIL_BATCH], r["rates"][PIL_ROW]
     lines = [f"bench views ({r['samples']} ImageNet-shaped JPEGs, co-advise recipe, every view mixed, "
-             f"{r['img_size']}px, engine batches of {r['batch']}; decode included)"]
-    lines += [f"  {k:34s} {v:9.1f} views/s  ({v / pil:.2f}x the PIL path per core)"
-              for k, v in r["rates"].items()]
+             f"{r['img_size']}px, batches of {r['batch']}; decode included)"]
+    lines += [f"  {k:34s} {v:9.1f} views/s  ({v / batch:.2f}x the PIL path per batch, {v / row:.2f}x "
+              "per row, per core)" for k, v in r["rates"].items()]
     lines.append("  per batch, as a GPU runs it (counted on the CPU): kernel launches, host-to-device "
                  "transfers, device reads")
     lines += [f"  {n:5d} views: {c.launches:6d} launches {c.transfers:3d} transfers {c.reads:3d} reads"
@@ -100,5 +118,6 @@ def format_views(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def bench_views(samples: int, img_size: int = 224, batch: int = 64, device: str = "auto") -> str:
-    return format_views(measure_views(samples, img_size, batch, device))
+def bench_views(samples: int, img_size: int = 224, batch: int = 64, device: str = "auto",
+                repeats: int = 5) -> str:
+    return format_views(measure_views(samples, img_size, batch, device, repeats))

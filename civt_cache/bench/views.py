@@ -13,6 +13,7 @@ from civt_cache.bench.op_counts import count_ops
 from civt_cache.bench.probes import sync
 from civt_cache.data.synthetic import photo_like_jpeg
 from civt_cache.distributed import pick_device
+from civt_cache.loader.batches import partners_follow
 from civt_cache.views.engine import gpu_op_stream, render_encoded, worker_image
 from civt_cache.views.recipe import Recipe
 from civt_cache.views.records import PARTNER, image_size, sample_shard_records
@@ -80,9 +81,7 @@ def _batches(recs: np.ndarray, batch: int) -> list[tuple[list[int], int]]:
     """Stage two's batches over the rows in order, each partner right after its row: a batch's
     ``batch`` output rows, then the partners it needs from outside it (``StudentBatch``); with
     its number of outputs."""
-    order: list[int] = []
-    for r in range(len(recs)):
-        order += [p for p in (r, int(recs[r, PARTNER])) if p not in order]
+    order = partners_follow(list(range(len(recs))), recs[:, PARTNER])
     batches = []
     for i in range(0, len(order), batch):
         part = order[i:i + batch]

@@ -186,13 +186,20 @@ class StudentBatches(IterableDataset):
     def _order(self, shard: int, recs: np.ndarray, base: int) -> list[int]:
         """Keyed permutation of positions with each partner placed right after its row."""
         perm = _rng(self.seed, self.source.epoch, shard, _STREAM_ORDER).permutation(len(recs))
-        seen, order = set(), []
-        for pos in perm.tolist():
-            for p in (pos, int(recs[pos, PARTNER]) - base):
-                if p not in seen:
-                    seen.add(p)
-                    order.append(p)
-        return order
+        return partners_follow(perm.tolist(), recs[:, PARTNER] - base)
+
+
+def partners_follow(positions: list[int], partner: np.ndarray) -> list[int]:
+    """``positions`` in order, each followed by its partner (``partner[pos]``, a position) unless
+    already placed: stage two's sample order, so that a batch holds most pairs whole."""
+    seen: set[int] = set()
+    order = []
+    for pos in positions:
+        for p in (pos, int(partner[pos])):
+            if p not in seen:
+                seen.add(p)
+                order.append(p)
+    return order
 
 
 def _make_batch(samples: list[dict[str, Any]]) -> StudentBatch:

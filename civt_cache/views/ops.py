@@ -324,8 +324,9 @@ def mix(base: torch.Tensor, p: DeviceArrays, out: torch.Tensor, scratch: torch.T
     if (p.host("lam") == 1.0).all() and not p.host("mix_box").any():  # nothing mixed: the lerp is own
         return torch.index_select(base, 0, p["own"], out=out)
     n, s = out.shape[0], out.shape[-1]
-    first = int(p.host("own")[0])
-    if (p.host("own") == np.arange(first, first + n)).all():  # stage two's and stage one's order
+    rows = p.host("own")
+    first = int(rows[0])
+    if (rows == np.arange(first, first + n)).all():  # stage two's and stage one's order
         own = base[first:first + n]
     else:
         own = torch.index_select(base, 0, p["own"], out=scratch[0][:n])

@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # extra flags for the CLI targets, e.g. make train-student ARGS=--resume
 ARGS ?=
 
-.PHONY: setup test test-slow timm-tests demo prepare reproduce cache-teachers train-student bench bench-imagenet bench-threads gpu-check clean
+.PHONY: setup test test-slow rehearsal timm-tests demo prepare reproduce cache-teachers train-student bench bench-imagenet bench-threads gpu-check clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,15 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow -n $(TEST_WORKERS) --dist load $(PYTEST_ARGS)
+
+# The job in its real shape, in miniature on the CPU (tests/test_rehearsal.py): NODES torchrun
+# nodes on loopback x RANKS ranks x 2 loader workers, uneven shards and the cache in a local S3
+# server; stage one with claims and a node killed, stage two with a rank killed and the group
+# restarted, checked against uninterrupted runs. Part of test-slow; NODES=2 RANKS=8 on a bigger machine.
+NODES ?= 2
+RANKS ?= 2
+rehearsal: setup
+	NODES=$(NODES) RANKS=$(RANKS) $(PY) -m pytest -q -m slow tests/test_rehearsal.py --durations=0 $(PYTEST_ARGS)
 
 # timm's own model tests (tests/test_models.py of a timm checkout of the installed version) on
 # every rednet* and civt* model: make timm-tests TIMM_SRC=/path/to/pytorch-image-models
@@ -77,19 +86,18 @@ SAMPLES ?= 256
 bench-imagenet: setup
 	$(CLI) bench imagenet --samples $(SAMPLES)
 
-# On a GPU machine: the view engine's CUDA tests (CUDA vs PIL, CUDA vs CPU) and the GPU rows of
-# the benchmarks at the issue's scale (batch 256, 4 workers).
-# Runs on the lent GPU machine as it comes: its python3 holds torch, timm, typer, tqdm and pytest,
-# and it has no network. The packages it lacks travel as wheels (../shared/device/wheels.sh puts
-# them in .whl/); they go into $(GPU_SITE), nothing else is installed, the package runs from the
-# checkout. Then the CUDA tests (CUDA vs PIL, CUDA vs CPU, with the CPU ones beside them) and the
-# GPU rows of the benchmarks at the issue's scale (batch 256, 4 workers), in about 8 minutes.
+# On a GPU machine without network access whose python3 already holds torch, timm, typer, tqdm
+# and pytest: the packages it lacks come as wheels in $(WHEELS) (fetched on a networked machine
+# with `pip download --no-deps --only-binary=:all: -d .whl zarr numcodecs webdataset 'pillow<13' ...`),
+# installed into $(GPU_SITE) only; the package runs from the checkout. Then the view engine's CUDA
+# tests (CUDA vs PIL, CUDA vs CPU) and the GPU rows of the benchmarks at batch 256 with 4 workers,
+# in about 8 minutes.
 GPU_PY   ?= python3
 WHEELS   ?= .whl
 GPU_SITE ?= .gpu-site
 GPU_ENV  := PYTHONPATH=$(abspath $(GPU_SITE)):$(CURDIR)
 gpu-check:
-	@ls $(WHEELS)/*.whl >/dev/null || { echo "no wheels in $(WHEELS): run ../shared/device/wheels.sh pillow==12.3.0 here first"; exit 2; }
+	@ls $(WHEELS)/*.whl >/dev/null || { echo "no wheels in $(WHEELS): download the wheels of zarr, numcodecs, webdataset and pillow<13 there first (see docs/benchmarks.md)"; exit 2; }
 	$(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) $(WHEELS)/*.whl
 	$(GPU_ENV) $(GPU_PY) -m pytest -q -p no:cacheprovider tests/test_view_engine.py tests/test_engine_batching.py
 	$(GPU_ENV) $(GPU_PY) -m civt_cache.cli bench views --samples 1024 --batch 256 --device cuda --repeats 3

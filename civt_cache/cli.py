@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from civt_cache.bench.cli import bench_app
-from civt_cache.data.manifest import data_location, default_manifest_path
+from civt_cache.data.manifest import data_location, default_manifest_path, load_manifest
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,  # help texts show [defaults] literally
@@ -79,16 +79,18 @@ def scan_shards_cmd(
     name: str = typer.Option(..., help="Dataset name."),
     manifest: Optional[str] = typer.Option(None, help="(a file or URL) Manifest path [data_manifests/NAME.json]."),
     classes: Optional[Path] = typer.Option(None, help="Text file of class names, one per line."),
+    like: Optional[str] = typer.Option(None, help="(a file or URL) Another split's manifest (the training one): its classes, and a warning when this split holds fewer."),
 ) -> None:
     """Write a data manifest for WebDataset shards made elsewhere, checking every sample."""
-    from civt_cache.data.writer import ShardOrderWarning, scan_shards
+    from civt_cache.data.writer import ClassesWarning, ShardOrderWarning, scan_shards
 
     names = classes.read_text().split("\n") if classes else None
     names = [n for n in names if n.strip()] if names else None
     path = data_location(manifest) if manifest else default_manifest_path(name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ShardOrderWarning)
-        m = scan_shards(pattern, name, path, names)
+        warnings.simplefilter("always", ClassesWarning)
+        m = scan_shards(pattern, name, path, names, load_manifest(like) if like else None)
     for w in caught:
         typer.echo(f"civt-cache: warning: {w.message}", err=True)
     typer.echo(f"{path}: {m.num_samples} samples in {len(m.shards)} shards, "
@@ -215,7 +217,12 @@ def train_student_cmd(
         model_ema=model_ema, model_ema_decay=model_ema_decay, log=log,
         out=out, resume=resume, force=force, max_steps=max_steps), pipeline)
     res = train_student(job)
-    typer.echo(f"val top-1 {res.get('val_top1', float('nan')):.2f}% -> {job.out}/results.json")
+    if "results_file" in res:  # rank 0, which wrote it
+        typer.echo(f"val top-1 {res.get('val_top1', float('nan')):.2f}% -> {res['results_file']}")
+    elif "stopped_at" in res and res.get("rank", 0) == 0:
+        at = res["stopped_at"]
+        typer.echo(f"stopped by --max-steps at epoch {at['epoch'] + 1} step {at['step']}; "
+                   f"--resume continues from {res['checkpoint']}")
 
 
 @app.command("train-teacher")

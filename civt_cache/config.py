@@ -10,6 +10,7 @@ falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -86,7 +87,8 @@ def refuse_misplaced_urls(args: list[str]) -> None:
         elif (positional and (command in ("verify", "inspect", "make-shards") or args[:2] == ["bench", "requests"])
               or (cache_option and named == cache_option)):
             allowed = CACHE_SCHEMES
-        refuse_url(arg.split("=", 1)[-1] if arg.startswith("--") else arg, "argument", allowed)
+        refuse_url(arg.split("=", 1)[-1] if arg.startswith("--") else arg,
+                   named if named.startswith("--") else "argument", allowed)
 
 
 def build_config(cls: type[T], pipeline: dict[str, Any], section: str, flags: dict[str, Any],
@@ -102,8 +104,13 @@ def build_config(cls: type[T], pipeline: dict[str, Any], section: str, flags: di
     for name, value in table.items():
         check_type(f"{source or 'pipeline'}: [{section}] {name}", value, hints[name])
     values = {**table, **{k: v for k, v in flags.items() if v is not None and v != []}}
+    for name, value in values.items():
+        refuse_non_finite(f"--{name.replace('_', '-')}" if name in flags and flags[name] is not None
+                          else f"{source or 'pipeline'}: [{section}] {name}", value)
     if "recipe" in known:
         recipe = dict(pipeline.get("recipe", {}))
+        for name, value in recipe.items():
+            refuse_non_finite(f"{source or 'pipeline'}: [recipe] {name}", value)
         recipe_hints = typing.get_type_hints(Recipe)
         for name, value in recipe.items():
             if name in recipe_hints:  # unknown keys: Recipe.from_json names them
@@ -125,6 +132,15 @@ def build_config(cls: type[T], pipeline: dict[str, Any], section: str, flags: di
         return cls(**values)
     except TypeError as e:
         raise ConfigError(f"[{section}]: {e}") from None
+
+
+def refuse_non_finite(where: str, value: Any) -> None:
+    """Refuse NaN or infinity in a number setting (or a list of them) at start-up: an infinite
+    learning rate or temperature would otherwise run until the loss turns NaN."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"{where} {item}: must be a finite number")
 
 
 def setting(pipeline: dict[str, Any], path: str, flag: Any, hint: Any, source: Path | None = None,

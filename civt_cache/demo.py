@@ -98,7 +98,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     table = [_summary(label, seeds_rows) for label, seeds_rows in runs.items()]
     (args.out / "table.json").write_text(json.dumps(table, indent=2))
-    lines = _table(table, args.seeds)
+    lines = _table(table, args.seeds) + ["", _claims(runs)]
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     _plot(runs, args.out / "demo.png", args.seeds)
     print("\n".join(lines))
@@ -143,6 +143,35 @@ def _table(table: list[dict], seeds: list[int]) -> list[str]:
                      f"{heads[0]:.1f} / {heads[1]:.1f} / {heads[2]:.1f} | {r['train_seconds']:.0f} | "
                      f"{r['img_per_s']:.0f} |")
     return lines
+
+
+def _claims(runs: dict[str, list[list[dict]]]) -> str:
+    """Which of co-advise's claims the table shows, at its own spread. A student's figure is the
+    mean val top-1 of its last epochs, averaged over seeds; its spread is the std over seeds, or
+    with one seed the std of those last epochs (the epoch-to-epoch swing). Two figures differ
+    when their difference exceeds the root sum of squares of their spreads."""
+    def figure(label: str) -> tuple[float, float]:
+        last = np.array([[r["val_top1"] for r in rows[-LAST_EPOCHS:]] for rows in runs[label]])
+        means = last.mean(1)
+        return float(means.mean()), float(means.std() if len(means) > 1 else last[0].std())
+
+    def compare(a: str, b: str) -> tuple[float, float]:
+        (ma, sa), (mb, sb) = figure(a), figure(b)
+        return ma - mb, float(np.hypot(sa, sb))
+
+    if not {"none", "conv", "inv", "both", "both (online)"} <= set(runs):
+        return ""
+    said = []
+    diff, spread = compare("both", "none")
+    said.append(f"both > none {'holds' if diff > spread else 'does not hold'} ({diff:+.1f} +- {spread:.1f})")
+    best = max(("conv", "inv"), key=lambda label: figure(label)[0])
+    diff, spread = compare("both", best)
+    verdict = "holds" if diff > spread else "cannot be told apart" if diff >= -spread else "does not hold"
+    said.append(f"both >= best single ({best}): {verdict} ({diff:+.1f} +- {spread:.1f})")
+    diff, spread = compare("both", "both (online)")
+    said.append(f"cache = online {'holds' if abs(diff) <= spread else 'does not hold'} "
+                f"({diff:+.1f} +- {spread:.1f})")
+    return f"Claims, on the mean of the last {LAST_EPOCHS} epochs at this spread: " + "; ".join(said) + "."
 
 
 def _plot(runs: dict[str, list[list[dict]]], path: Path, seeds: list[int]) -> None:

@@ -3,15 +3,19 @@ device choice. Stages work unchanged without torchrun (world size 1)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-from civt_cache.errors import ConfigError
+from civt_cache.errors import ConfigError, RankError
+from civt_cache.processes import die_with_parent
 
 T = TypeVar("T", torch.Tensor, torch.nn.Module)
 
@@ -58,17 +62,71 @@ def choose_threads(requested: int = 0, workers: int = 0) -> int:
     return torch.get_num_threads()
 
 
+#: Seconds a rank waits in a collective (a step's gradient all-reduce, a barrier) for the other
+#: ranks before it stops with an error: a rank that died or hung ends the job within this
+#: bound instead of leaving the others waiting for ever. Long enough for rank 0's evaluation
+#: and checkpoint writes, which the others wait for at a barrier.
+TIMEOUT_ENV = "CIVT_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 900.0
+
+
+def collective_timeout() -> timedelta:
+    """The process group's timeout (``CIVT_DIST_TIMEOUT`` seconds, else 900)."""
+    text = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        seconds = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ConfigError(f"{TIMEOUT_ENV}={text!r}: must be a number of seconds") from None
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(f"{TIMEOUT_ENV}={text!r}: must be a positive, finite number of seconds")
+    return timedelta(seconds=seconds)
+
+
+def elastic_run() -> tuple[str | None, int]:
+    """torchrun's run id (``--rdzv-id``, random under ``--standalone``; None outside torchrun
+    or when it is torchrun's default ``none``, which every job shares) and this agent's restart
+    count. The count alone cannot tell a restarted group: an agent restarts its ranks without
+    counting when another node's ranks failed, so a node can rejoin at count 0."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return (run if run and run != "none" else None), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def collective_failure(e: BaseException) -> bool:
+    """Whether a RuntimeError is a collective that lost its peers (gloo's closed connection or
+    timeout, NCCL's watchdog), as opposed to a bug in this process."""
+    text = str(e).lower()
+    return any(k in text for k in ("connection closed by peer", "timed out", "timeout", "connection reset",
+                                   "nccl", "gloo", "broken pipe", "socket"))
+
+
 def init_distributed(device_preference: str = "auto", threads: int = 0, workers: int = 0) -> DistInfo:
     """Join the torchrun process group if launched by torchrun (gloo on CPU, NCCL on GPU), and
     choose this process's threads (``choose_threads``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun rank ends with its agent
+        die_with_parent(os.getppid())
     device = pick_device(device_preference, local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=collective_timeout())
+    if rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 \
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        print("civt-cache: warning: torchrun --max-restarts with its rendezvous store shared with the ranks: "
+              "a restarted group finds the last round's addresses there and cannot connect; start torchrun "
+              "with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", file=sys.stderr, flush=True)
     return DistInfo(rank, world, local, device, choose_threads(threads, workers))
+
+
+def data_parallel(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """``model`` under DDP when launched with several ranks (else itself), as co-advise's
+    main.py runs it: gradients averaged over ranks, while each rank keeps its own BatchNorm
+    statistics (``broadcast_buffers=False``: no buffer sync per forward; the buffers are equal
+    at init, so DDP's one sync there changes nothing)."""
+    if not info.distributed:
+        return model
+    return DistributedDataParallel(model, forward_sync_buffers=False)
 
 
 def device_autocast(device: torch.device) -> torch.autocast:
@@ -115,6 +173,35 @@ def all_reduce_sum(info: DistInfo, values: list[float]) -> list[float]:
                      device=info.device if info.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return t.tolist()
+
+
+def same_steps_on_every_rank(info: DistInfo, what: str, ran: int) -> None:
+    """Each rank says how many steps it ran (``WHAT: rank r of W: N steps``, in its own log under
+    ``torchrun --log-dir``), and the job stops naming every rank's count if they differ: a cheap
+    agreement check where a disagreement would otherwise become a wait in the next collective."""
+    if not info.distributed:
+        return
+    counts = all_gather_objects(info, ran)
+    print(f"{what}: rank {info.rank} of {info.world_size}: {ran} steps", file=sys.stderr, flush=True)
+    if len(set(counts)) > 1:
+        raise RankError(f"{what}: the ranks ran different step counts ("
+                        + ", ".join(f"rank {r}: {n}" for r, n in enumerate(counts)) + ")")
+
+
+@contextmanager
+def lost_ranks_named(info: DistInfo, position: Callable[[], tuple[int, int]]) -> Iterator[None]:
+    """A collective that lost its peers (a rank died, hung past ``collective_timeout``, or ran
+    other steps) becomes one ``RankError`` naming this rank and its (epoch, step) from
+    ``position``, instead of a gloo/NCCL traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not (info.distributed and collective_failure(e)):
+            raise
+        epoch, step = position()
+        raise RankError(f"rank {info.rank} of {info.world_size}: lost the other ranks at epoch {epoch + 1} "
+                        f"step {step + 1} ({str(e).strip().splitlines()[0][:160]}): a rank died, hung past "
+                        "the process-group timeout, or ran other steps; see its own error line") from None
 
 
 def all_gather_objects(info: DistInfo, obj: object) -> list[object]:

@@ -41,6 +41,12 @@ class OutOfMemoryError(CivtError):
     """The device or host ran out of memory: said as such, never blamed on an input file."""
 
 
+class RankError(CivtError):
+    """Ranks of one job that no longer run in step: one ran fewer steps than planned, or stopped
+    answering (died, or hung). Raised within a bounded time instead of an endless wait, naming
+    the rank, the epoch and the step."""
+
+
 class CacheMismatchError(CivtError):
     """A cache that was built for other data, views, teachers or settings than asked for."""
 

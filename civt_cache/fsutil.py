@@ -6,10 +6,12 @@ file or the complete new one, never a torn write, even when the writer is killed
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +37,14 @@ def refuse_url(text: str, where: str, allowed: tuple[str, ...] = ()) -> None:
         raise ConfigError(f"{where}: {text!r} is a URL here; URLs may name shards and manifests "
                           "(s3://, gs://, https://), caches and make-shards' output (s3://, gs://), "
                           "but checkpoints, pipelines and run folders are files")
+    if is_url(text) and not url_host(text):
+        raise ConfigError(f"{where}: {text!r} names no bucket or host; give it whole, e.g. "
+                          f"{text.split('://', 1)[0].lower()}://BUCKET/PATH")
+
+
+def url_host(text: str) -> str:
+    """The bucket (or host) of a URL: what stands between ``://`` and the next ``/``."""
+    return text.split("://", 1)[1].split("/", 1)[0] if "://" in text else ""
 
 
 def _process_umask() -> int:
@@ -70,12 +80,35 @@ def atomic_write_with(path: str | Path, writer: Callable[[Any], Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        full = out_of_space(e, path)
+        if full is not None:
+            raise full from None
         raise
+
+
+def out_of_space(e: BaseException, path: str | Path) -> OSError | None:
+    """A full disk met while writing ``path``, said as one ``OSError`` that names the file and
+    the space left (the CLI prints it in one line), or None for any other error. Writers
+    report it many ways: ``OSError`` ENOSPC / EDQUOT, often without a file name, or torch.save's
+    ``RuntimeError`` of its zip writer ("unexpected pos", "file write failed")."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        code = e.errno
+    elif isinstance(e, RuntimeError) and any(k in str(e) for k in ("unexpected pos", "file write failed",
+                                                                     "No space left")):
+        code = errno.ENOSPC
+    else:
+        return None
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+        left = f"{free / 1e6:,.1f} MB left on its file system"
+    except OSError:
+        left = "free space unknown"
+    return OSError(code, f"{os.strerror(code)}; {left}", str(path))
 
 
 def json_bytes(obj: Any) -> bytes:

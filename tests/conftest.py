@@ -4,8 +4,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -116,6 +120,76 @@ def student_args(world: dict[str, Path], cache: Path, out: Path, *extra: str) ->
             "--val-manifest", str(world["manifest"]), "--cache", str(cache), "--teachers", "conv",
             "--model", "civt_micro", "--epochs", "1", "--batch-size", "32", "--workers", "1",
             "--device", "cpu", "--out", str(out), *extra]
+
+
+@contextmanager
+def moto_s3() -> Iterator[dict[str, str]]:
+    """A moto S3 server on 127.0.0.1 (a real HTTP endpoint every S3 client talks to), with the
+    environment every S3 client reads pointing at it (inherited by CLI subprocesses and
+    torchrun ranks) for the length of the block."""
+    fsspec = pytest.importorskip("fsspec")
+    from moto.server import ThreadedMotoServer
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fsspec.filesystem("s3").invalidate_cache()
+    try:
+        yield env
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a rendezvous endpoint)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """The live processes below ``pid`` (children, grandchildren...), read from /proc."""
+    parent_of = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parent_of[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], {pid}
+    while frontier:
+        frontier = {p for p, parent in parent_of.items() if parent in frontier}
+        found.extend(sorted(frontier))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def assert_gone(pids: list[int], within: float = 10.0) -> None:
+    """Every process of ``pids`` ends within ``within`` seconds (an orphaned loader worker
+    would hold memory and the run's files)."""
+    deadline = time.time() + within
+    while time.time() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.1)
+    left = [p for p in pids if alive(p)]
+    assert not left, f"processes left behind: {left}"
 
 
 def refused(proc: subprocess.CompletedProcess, *needles: str) -> str:

@@ -179,6 +179,7 @@ def test_manifest_pointing_at_a_device_or_fifo(world, tmp_path, kind) -> None:
     proc = subprocess.run([sys.executable, "-m", "civt_cache.cli", *args],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     refused(proc, target, "not a regular file")
+    assert not (tmp_path / "c").exists()  # refused before the cache was created
 
 
 @pytest.mark.slow

@@ -322,7 +322,7 @@ def test_finished_run_resumed_changes_nothing(world, tmp_path) -> None:
 
 def test_a_run_folder_has_one_writer_and_one_run(world, stopped_run, tmp_path) -> None:
     with open(stopped_run / ".lock", "a+") as held:  # another run is writing it
-        fcntl.flock(held, fcntl.LOCK_EX)
+        fcntl.lockf(held, fcntl.LOCK_EX)
         refused(run_cli(*student_args(world, world["ref"], stopped_run, "--resume", "--workers", "0"),
                         check=False), str(stopped_run), "another run is writing this folder")
     run = tmp_path / "run"

@@ -85,6 +85,20 @@ def test_civt_parameter_counts_match_official() -> None:
         assert sum(p.numel() for p in timm.create_model(name).parameters()) == expected
 
 
+def test_the_student_stems_involution_bias_starts_at_zero() -> None:
+    """As the official model initialises it: the kernel-generating conv of the involution in
+    the student's RedNet stem has a zero bias (its weights are random)."""
+    from civt_cache.models.involution import Involution
+
+    torch.manual_seed(0)
+    for name in ("civt_micro", "civt_tiny"):
+        involutions = [m for m in timm.create_model(name).modules() if isinstance(m, Involution)]
+        assert involutions
+        for inv in involutions:
+            assert torch.count_nonzero(inv.conv2.conv.bias) == 0
+            assert torch.count_nonzero(inv.conv2.conv.weight) > 0
+
+
 def test_civt_outputs_and_drop_path() -> None:
     torch.manual_seed(0)
     m = timm.create_model("civt_micro", num_classes=10, drop_path_rate=0.2)

@@ -51,3 +51,19 @@ def test_demo_reuses_only_runs_of_the_same_settings(tmp_path) -> None:
     assert _finished(tmp_path, key)
     assert not _finished(tmp_path, {**key, "views_version": 3})
     assert not _finished(tmp_path, {**key, "teachers": {"conv=a:b": "bad"}})
+
+
+def test_the_demo_says_which_claims_hold_at_its_own_spread() -> None:
+    """The line under the demo's table: a difference counts only beyond the spread (seeds, or
+    with one seed the last epochs' swing); a tie is said as one, a loss as a loss."""
+    from civt_cache.demo import _claims
+
+    def student(*last3: float) -> list[dict]:
+        return [{"val_top1": 10.0}] * 5 + [{"val_top1": v} for v in last3]
+
+    runs = {"none": [student(50, 51, 49)], "conv": [student(66, 65, 67)], "inv": [student(55, 54, 56)],
+            "both": [student(65, 66, 67)], "both (online)": [student(70, 71, 72)]}
+    line = _claims(runs)
+    assert "both > none holds (+16.0" in line
+    assert "both >= best single (conv): cannot be told apart (+0.0" in line
+    assert "cache = online does not hold (-5.0" in line

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from civt_cache.data import remote
 from civt_cache.data.shards import read_shard
 from civt_cache.errors import CacheMismatchError, ManifestError
 from civt_cache.views.recipe import Recipe
-from tests.conftest import TINY, cache_args, refused, run_cli, student_args
+from tests.conftest import TINY, assert_gone, cache_args, descendants, moto_s3, refused, run_cli, student_args
 from tests.test_faults import arrays, assert_same_cache
 
 BUCKET = "civt-test"
@@ -35,30 +34,16 @@ BUCKET = "civt-test"
 def s3(world):
     """A moto S3 server with the world's val shards under s3://civt-test/val/, and the
     environment every S3 client reads pointing at it (inherited by the CLI subprocesses)."""
-    fsspec = pytest.importorskip("fsspec")
-    from moto.server import ThreadedMotoServer
+    import fsspec
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    fsspec.filesystem("s3").invalidate_cache()
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.mkdir(BUCKET)
-    manifest = load_manifest(world["manifest"])
-    for i in range(len(manifest.shards)):
-        local = Path(manifest.shard_path(i))
-        fs.put_file(str(local), f"{BUCKET}/val/{local.name}")
-    yield {"fs": fs, "url": f"s3://{BUCKET}/val"}
-    server.stop()
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    with moto_s3():
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        fs.mkdir(BUCKET)
+        manifest = load_manifest(world["manifest"])
+        for i in range(len(manifest.shards)):
+            local = Path(manifest.shard_path(i))
+            fs.put_file(str(local), f"{BUCKET}/val/{local.name}")
+        yield {"fs": fs, "url": f"s3://{BUCKET}/val"}
 
 
 @pytest.fixture(scope="module")
@@ -126,14 +111,18 @@ def test_claimers_share_an_s3_cache_and_finish_a_killed_ones_units(world, s3, tm
     missing units; two more jobs split what is left (each does some), one takes the dead
     lease over once it expires; verify --full passes and the cache equals the reference."""
     cache = f"s3://{BUCKET}/caches/claimed"
-    cmd = [sys.executable, "-m", "civt_cache.cli", *cache_args(world["root"], cache, "--claim", "--epochs", "4")]
+    cmd = [sys.executable, "-m", "civt_cache.cli",
+           *cache_args(world["root"], cache, "--claim", "--epochs", "4", "--workers", "2")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     fs, leases = s3["fs"], f"{BUCKET}/caches/claimed/leases"
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None and not _listed(fs, leases):
         time.sleep(0.05)
+    workers = descendants(proc.pid)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert workers, "the claims were made without loader workers"
+    assert_gone(workers)  # the loader workers die with their parent
     held = _listed(fs, leases)
     assert held, "the job finished before it could be killed"
     expires = time.time() + 8
@@ -153,6 +142,16 @@ def test_claimers_share_an_s3_cache_and_finish_a_killed_ones_units(world, s3, tm
     for k in ref:  # the 2-epoch reference is the first 2 epochs (blocks) of this cache
         assert np.array_equal(ref[k], got[k][: ref[k].shape[0]], equal_nan=ref[k].dtype.kind == "f"), k
     assert not _listed(fs, leases)
+
+
+def test_a_missing_bucket_is_named_as_such(world, s3, tmp_path) -> None:
+    """A cache or a manifest in a bucket that does not exist: said so, not "no such object"."""
+    args = cache_args(world["root"], "s3://no-such-bucket/c")
+    refused(run_cli(*args, check=False), "the bucket s3://no-such-bucket does not exist")
+    args = cache_args(world["root"], tmp_path / "c")
+    args[args.index("--manifest") + 1] = "s3://no-such-bucket/m.json"
+    refused(run_cli(*args, check=False), "s3://no-such-bucket/m.json", "the bucket s3://no-such-bucket does not exist")
+    assert not (tmp_path / "c").exists()
 
 
 def _listed(fs, prefix: str) -> list[str]:

@@ -21,7 +21,7 @@ from civt_cache import CacheMismatchError, ManifestError, load_manifest
 from civt_cache.cache.layout import unpack_targets
 from civt_cache.cache.store import CacheStore
 from civt_cache.data.shards import read_shard
-from civt_cache.loader.batches import EpochSource, StudentBatches
+from civt_cache.loader.batches import EpochSource, StudentBatches, shards_plan
 from civt_cache.loader.units import UnitReader
 from civt_cache.stages.cache_teachers import CacheJob, cache_teachers
 from civt_cache.stages.verify import inspect_cache, verify_cache
@@ -109,7 +109,7 @@ def test_stage_two_rebuilds_the_same_view_tensors(reference, digits) -> None:
     assert np.array_equal(fresh.records, group.records)
     assert torch.equal(fresh_views, views)
     # stage two yields in its own (keyed) order, in batches of 7 that cut pairs: match by row
-    ds = StudentBatches(m, RECIPE, 0, [1], EpochSource(1, 0, reference, 1, ("conv",)), 7)
+    ds = StudentBatches(m, RECIPE, 0, shards_plan(m, [1], 7), EpochSource(1, 0, reference, 1, ("conv",)))
     items = student_items(ds, RECIPE)
     assert len(items) == 7 * (len(group.rows) // 7)
     position = {r: i for i, r in enumerate(group.rows)}
@@ -123,19 +123,19 @@ def test_views_built_in_cpu_workers_are_the_same(reference, digits) -> None:
 
     m = load_manifest(digits["val"])
     source = EpochSource(1, 0, reference, 1, ("conv",))
-    main = list(StudentBatches(m, RECIPE, 0, [0, 1], source, 16))
-    workers = list(batch_loader(StudentBatches(m, RECIPE, 0, [0, 1], source, 16, views_in_workers=True), 2))
-    by_first_row = {b.rows[0]: b for b in workers}
-    assert len(workers) == len(main)
-    for b in main:
-        w = by_first_row[b.rows[0]]
+    plan = shards_plan(m, [0, 1], 16, workers=2)
+    main = list(StudentBatches(m, RECIPE, 0, plan, source))
+    workers = list(batch_loader(StudentBatches(m, RECIPE, 0, plan, source, views_in_workers=True), 2))
+    assert len(workers) == len(main) == plan.steps
+    for b, w in zip(main, workers):  # the plan's order, whichever process made them
+        assert w.rows == b.rows
         assert w.images == [] and torch.equal(w.views, batch_views(b, RECIPE, torch.device("cpu")))
 
 
 def test_a_batch_never_splits_a_pair(reference, digits) -> None:
     m = load_manifest(digits["val"])
     for size in (7, 16, 33):
-        ds = StudentBatches(m, RECIPE, 3, [0, 1], EpochSource(1, 0, reference, 1, ("conv",)), size)
+        ds = StudentBatches(m, RECIPE, 3, shards_plan(m, [0, 1], size), EpochSource(1, 0, reference, 1, ("conv",)))
         for batch in ds:
             at = {r: i for i, r in enumerate(batch.rows)}
             partners = batch.records[:batch.size, PARTNER].tolist()

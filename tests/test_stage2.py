@@ -16,7 +16,7 @@ import timm
 import torch
 
 from civt_cache import CacheMismatchError, load_manifest
-from civt_cache.loader.batches import EpochSource, StudentBatches, rank_shards, steps_per_epoch
+from civt_cache.loader.batches import EpochSource, StudentBatches, epoch_plan, shard_order, shards_plan, steps_per_epoch
 from civt_cache.loader.soft_targets import mixed_targets, pseudo_logits
 from civt_cache.models.teachers import build_teacher, teacher_logits
 from civt_cache.stages.cache_teachers import CacheJob, cache_teachers
@@ -68,9 +68,9 @@ def test_soft_targets_exact_at_full_k_and_mass_preserved() -> None:
 def test_cached_step_equals_online_step(digits, full_cache) -> None:
     cache, specs = full_cache
     m = load_manifest(digits["val"])
-    items = student_items(StudentBatches(m, RECIPE, 0, [0], EpochSource(1, 0, cache, 1, ("conv", "inv")), 24),
+    items = student_items(StudentBatches(m, RECIPE, 0, shards_plan(m, [0], 24), EpochSource(1, 0, cache, 1, ("conv", "inv"))),
                           RECIPE)[:24]
-    online_items = student_items(StudentBatches(m, RECIPE, 0, [0], EpochSource(1), 24), RECIPE)[:24]  # re-sampled
+    online_items = student_items(StudentBatches(m, RECIPE, 0, shards_plan(m, [0], 24), EpochSource(1)), RECIPE)[:24]  # re-sampled
     x = torch.stack([it["view"] for it in items])
     assert torch.equal(x, torch.stack([it["view"] for it in online_items]))
     torch.manual_seed(0)
@@ -133,11 +133,11 @@ def test_schedule_is_the_official_cosine_over_all_steps() -> None:
 def test_ranks_get_disjoint_shards_and_equal_steps(digits) -> None:
     m = load_manifest(digits["train"])
     for epoch in range(3):
-        parts = [rank_shards(m, 0, epoch, r, 2) for r in range(2)]
-        assert not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == list(range(6))
-    assert rank_shards(m, 0, 0, 0, 1) != rank_shards(m, 0, 1, 0, 1)  # reshuffled per epoch
-    assert steps_per_epoch(m, 0, 0, 2, 64) == min(sum(m.shards[s].num_samples for s in p)
-                                                  for p in [rank_shards(m, 0, 0, r, 2) for r in range(2)]) // 64
+        plans = [epoch_plan(m, 0, epoch, r, 2, 64, 2) for r in range(2)]
+        parts = [{shard for batch in p.batches for shard, _, _ in batch} for p in plans]
+        assert not parts[0] & parts[1]
+        assert plans[0].steps == plans[1].steps == steps_per_epoch(m, 0, epoch, 2, 64) > 0
+    assert shard_order(0, 0, 6) != shard_order(0, 1, 6)  # reshuffled per epoch
 
 
 def test_mismatching_caches_refused(digits, full_cache, tmp_path) -> None:
@@ -259,7 +259,7 @@ def test_one_cache_serves_students_of_any_seed(digits, full_cache, tmp_path) -> 
     m = load_manifest(digits["val"])
     by_seed = {}
     for seed in (0, 7):
-        items = student_items(StudentBatches(m, RECIPE, seed, [0], EpochSource(1, 0, cache, 1, ("conv", "inv")), 16),
+        items = student_items(StudentBatches(m, RECIPE, seed, shards_plan(m, [0], 16), EpochSource(1, 0, cache, 1, ("conv", "inv"))),
                               RECIPE)
         by_seed[seed] = items
     a, b = by_seed[0], by_seed[7]
@@ -314,7 +314,7 @@ def test_cached_batches_for_ones_own_loop(digits, full_cache) -> None:
     got = list(loader)
     assert len(got) == len(loader)
     source = EpochSource(1, 0, cache, 1, ("conv", "inv"))
-    data = StudentBatches(m, RECIPE, 3, rank_shards(m, 3, 1, 0, 1), source, 32)
+    data = StudentBatches(m, RECIPE, 3, epoch_plan(m, 3, 1, 0, 1, 32, 0), source)
     first = next(iter(data))
     x, y, t = batch_inputs(first, RECIPE, 10, 0.1, torch.device("cpu"))
     assert torch.equal(got[0][0], x) and torch.equal(got[0][1], y)

@@ -4,7 +4,7 @@ host-to-device transfers and device reads.
 Why count: a GPU runs one small kernel in a few µs, but each launch costs the host ~4-6 µs and
 each blocking transfer or read of a device value a full synchronisation, so code whose launches
 grow with the batch (a Python loop over samples) is launch-bound however fast the card. These
-counts are exact and the same on a CPU as on a GPU (the code is device-agnostic), so a session
+counts are exact and the same on a CPU as on a GPU (the code is device-agnostic), so a machine
 without a GPU can still see whether a path scales.
 
 - launches: ATen ops in ``torch.profiler``'s CPU trace that run a kernel themselves: not one of

@@ -92,7 +92,7 @@ def _timed_steps(step, batches: list, steps: int, device: torch.device) -> float
 def measure_prebuilt(job: StudentJob, steps: int) -> float:
     """Stage two's limit: the same student and step from the cache's targets, on batches built
     beforehand and already on the device (no data path at all)."""
-    from civt_cache.loader.batches import EpochSource, StudentBatches, batch_inputs
+    from civt_cache.loader.batches import EpochSource, StudentBatches, batch_inputs, shards_plan
     from civt_cache.stages.train_student import TEACHER_SETS
     from civt_cache.train.losses import LossWeights
     from civt_cache.train.step import train_step
@@ -102,8 +102,8 @@ def measure_prebuilt(job: StudentJob, steps: int) -> float:
     names = TEACHER_SETS[job.teachers]
     source = EpochSource(0, CacheStore.open(job.cache).spec.seed, job.cache, 0, names)
     batches = []
-    for batch in StudentBatches(manifest, job.recipe, job.seed, list(range(len(manifest.shards))),
-                                source, job.batch_size):
+    for batch in StudentBatches(manifest, job.recipe, job.seed,
+                                shards_plan(manifest, list(range(len(manifest.shards))), job.batch_size), source):
         x, ce, targets = batch_inputs(batch, job.recipe, manifest.num_classes, job.label_smoothing, device,
                                       job.renormalize)
         batches.append((x, ce, targets))

@@ -25,7 +25,7 @@ from typing import Any
 
 from civt_cache.data.remote import CACHE_SCHEMES, remote_scheme, with_retries
 from civt_cache.errors import CacheMismatchError
-from civt_cache.fsutil import FILE_MODE, atomic_write_bytes
+from civt_cache.fsutil import FILE_MODE, atomic_write_bytes, out_of_space
 
 
 def cache_location(text: str | Path) -> str | Path:
@@ -48,13 +48,27 @@ class CacheRoot:
     def __init__(self, location: str | Path) -> None:
         self.location = cache_location(location)
         self.local = isinstance(self.location, Path)
+        self._fs: Any = None
+        self._fs_pid = 0
         if self.local:
-            self.fs, self.base = None, str(self.location)
+            self.scheme, self.base = "", str(self.location)
         else:
+            self.scheme, _, self.base = str(self.location).partition("://")
+
+    @property
+    def fs(self) -> Any:
+        """This process's fsspec filesystem of the store (None for a folder). Made in the
+        process that uses it: an s3fs / gcsfs client holds an event loop and connections that
+        a forked loader worker must not share (s3fs refuses: "not fork-safe"), so a root
+        handed to a worker makes its own there."""
+        if self.local:
+            return None
+        if self._fs is None or self._fs_pid != os.getpid():
             import fsspec
 
-            scheme, _, rest = str(self.location).partition("://")
-            self.fs, self.base = fsspec.filesystem(scheme, use_listings_cache=False), rest
+            self._fs = fsspec.filesystem(self.scheme, use_listings_cache=False)
+            self._fs_pid = os.getpid()
+        return self._fs
 
     def __str__(self) -> str:
         return str(self.location)
@@ -68,9 +82,16 @@ class CacheRoot:
 
     def retry(self, what: str, key: str, call: Any) -> Any:
         """``call()`` on the object ``key``: in a bucket, transient errors are retried with
-        backoff, then named; a disk's errors (full, read-only) are not transient: raised as they are."""
+        backoff, then named; a disk's errors (full, read-only) are not transient: raised as they
+        are, a full disk with the object's file named (zarr's writes do not name it)."""
         if self.local:
-            return call()
+            try:
+                return call()
+            except (OSError, RuntimeError) as e:
+                full = out_of_space(e, self.name(key))
+                if full is not None:
+                    raise full from None
+                raise
         return with_retries(what, str(self.name(key)), call, error=CacheMismatchError)
 
     def read(self, key: str) -> bytes | None:

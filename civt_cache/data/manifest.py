@@ -1,6 +1,6 @@
 """The data manifest: which shards make a dataset, in which order, and how samples map to rows.
 
-A manifest is the root of sample identity (DESIGN.md). Its shards are listed in a fixed order;
+A manifest is the root of sample identity (docs/cache-format.md). Its shards are listed in a fixed order;
 shard ``i`` owns the global rows ``[shard_base(i), shard_base(i) + num_samples)``. Every shard's
 range starts on a multiple of ``row_stride`` (the largest shard rounded up to ``ROW_ALIGN``), so
 one cache chunk along the row axis holds exactly one shard and rows past a shard's end are padding.
@@ -138,6 +138,13 @@ class DataManifest:
             raise ManifestError(f"{path}: size {st.st_size} differs from manifest ({info.bytes} bytes)")
         return path
 
+    def check_shard_files(self) -> None:
+        """``check_shard_file`` for every local shard (a ``stat`` each): run before a command
+        creates anything, so a manifest pointing at a missing file, a device or a FIFO is
+        refused without leaving an empty cache or run folder behind."""
+        for shard in range(len(self.shards)):
+            self.check_shard_file(shard)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "version": MANIFEST_VERSION,
@@ -172,6 +179,27 @@ def _manifest_bytes(path: Path | str) -> bytes:
         raise ManifestError(f"{path}: manifest not found") from None
     except IsADirectoryError:
         raise ManifestError(f"{path}: is a directory, not a manifest file") from None
+
+
+def class_difference(ours: list[str], theirs: list[str]) -> str | None:
+    """How two class lists differ (count, or the first name that differs), or None when they
+    are the same names in the same order. Labels are indices into these lists, so a val split
+    with other classes would score a model against the wrong names."""
+    if ours == theirs:
+        return None
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            return f"class {i} is {a!r} in one and {b!r} in the other"
+    return f"{len(ours)} classes against {len(theirs)}"
+
+
+def require_same_classes(train: DataManifest, train_name: str, val: DataManifest, val_name: str) -> None:
+    """Refuse a validation manifest whose classes (names and order) are not the training
+    manifest's, naming the first difference."""
+    diff = class_difference(train.classes, val.classes)
+    if diff is not None:
+        raise ManifestError(f"{val_name}: its classes do not match the training manifest {train_name}'s "
+                            f"({diff}); make both with the same --classes list")
 
 
 def load_manifest(path: str | Path) -> DataManifest:

@@ -17,6 +17,7 @@ from typing import TypeVar
 from braceexpand import braceexpand
 
 from civt_cache.errors import CivtError, ManifestError, ShardError
+from civt_cache.fsutil import url_host
 
 #: Schemes shards may be read from. Anything else with ``://`` (or ``pipe:``) is refused.
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "http", "https")
@@ -59,7 +60,7 @@ def with_retries(what: str, url: str, call: Callable[[], T], delay: float = 0.5,
         except CivtError:  # already says what is wrong (a chunk that does not decode)
             raise
         except FileNotFoundError:
-            raise error(f"{url}: no such object") from None
+            raise error(f"{url}: {missing_what(url)}") from None
         except PermissionError as e:
             raise error(f"{url}: access denied ({e})") from None
         except Exception as e:  # noqa: BLE001 - the filesystems raise many kinds
@@ -68,6 +69,20 @@ def with_retries(what: str, url: str, call: Callable[[], T], delay: float = 0.5,
                 raise error(f"{url}: {what} failed{tries} ({type(e).__name__}: {e})") from None
             time.sleep(delay * 2 ** attempt)
     raise AssertionError("unreachable")
+
+
+def missing_what(url: str) -> str:
+    """What is missing when an object of ``url`` is not found: its bucket (one more request,
+    made only then), or the object."""
+    scheme = remote_scheme(url)
+    if scheme in CACHE_SCHEMES:
+        bucket = f"{scheme}://{url_host(url)}"
+        try:
+            if not _fs(bucket).exists(bucket):
+                return f"the bucket {bucket} does not exist (or these credentials cannot see it)"
+        except Exception:  # noqa: BLE001 - the check is a courtesy: the object is missing either way
+            pass
+    return "no such object"
 
 
 def remote_size(url: str) -> int:

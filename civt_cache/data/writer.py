@@ -29,7 +29,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from civt_cache.data.imageio import check_image_size, to_rgb
-from civt_cache.data.manifest import MAX_CLASSES, MAX_SHARD_BYTES, DataManifest, ShardInfo
+from civt_cache.data.manifest import MAX_CLASSES, MAX_SHARD_BYTES, DataManifest, ShardInfo, class_difference
 from civt_cache.data.remote import expand_remote, remote_scheme, upload_file
 from civt_cache.data.shards import iter_tar_samples, read_shard_bytes
 from civt_cache.errors import BadImageError, ConfigError, ShardError
@@ -248,8 +248,13 @@ def expand_shard_pattern(pattern: str) -> list[Path]:
 
 
 def scan_shards(pattern: str, name: str, manifest_path: Path | str,
-                classes: list[str] | None = None) -> DataManifest:
-    """Count and check every sample of existing shards and write their manifest."""
+                classes: list[str] | None = None, like: DataManifest | None = None) -> DataManifest:
+    """Count and check every sample of existing shards and write their manifest. ``like``: the
+    manifest of another split of the same data (the training one): its classes are used when
+    ``classes`` is not given, and a split holding fewer of them, or other names, is warned of
+    (``ClassesWarning``): a val split numbered on its own would score against the wrong names."""
+    if classes is None and like is not None:
+        classes = like.classes
     remote = remote_scheme(pattern) is not None
     paths: Sequence[Path | str] = expand_remote(pattern) if remote else expand_shard_pattern(pattern)
     shards, max_label, label_counts = [], -1, []
@@ -275,7 +280,20 @@ def scan_shards(pattern: str, name: str, manifest_path: Path | str,
     warning = class_sorted_warning(paths, label_counts)
     if warning:
         warnings.warn(warning, ShardOrderWarning, stacklevel=2)
+    if like is not None:
+        held = len(set().union(*label_counts))
+        diff = class_difference(like.classes, classes)
+        if diff is not None:
+            warnings.warn(f"{manifest_path}: its classes differ from {like.name}'s ({diff})", ClassesWarning,
+                          stacklevel=2)
+        elif held < like.num_classes:
+            warnings.warn(f"{manifest_path}: holds samples of {held} of {like.name}'s {like.num_classes} "
+                          "classes", ClassesWarning, stacklevel=2)
     return manifest
+
+
+class ClassesWarning(UserWarning):
+    """A split whose classes do not cover, or do not match, another split's."""
 
 
 class ShardOrderWarning(UserWarning):
@@ -286,7 +304,7 @@ def class_sorted_warning(paths: Sequence[Path | str], label_counts: Sequence[Cou
     """A warning when most shards hold far fewer classes than shuffled data would.
 
     Shards made by other tools are often written class by class. Stage two reads a shard at a
-    time and pairs Mixup/CutMix partners inside a shard (DESIGN.md), so such shards give
+    time and pairs Mixup/CutMix partners inside a shard (docs/cache-format.md), so such shards give
     single-class batches and single-class mixing partners. A shard of n samples drawn from the
     data's label distribution p would hold sum_c 1 - (1 - p_c)^n classes on average; a shard with
     less than half of that counts as sorted."""

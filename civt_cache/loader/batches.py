@@ -8,8 +8,9 @@ Order: shards per epoch in a permutation keyed by (seed, epoch), dealt to ranks 
 inside a shard, samples in a keyed permutation with each mixing partner right after its row. A
 batch carries the base images of its rows and of any partner outside it (the pairs cut by its
 two ends, and an odd one out's partner), so a pair is never split: every mixed view finds its
-partner's base view in its own batch. Every rank runs ``steps_per_epoch`` steps (the smallest rank's share,
-whole batches; the rest is dropped), so DDP ranks never wait on each other. Without a cache the
+partner's base view in its own batch. Which samples form each step of each rank is planned
+from the manifest's counts (``loader.plan``): every rank runs the same steps whatever the shard
+sizes and worker counts, so DDP ranks never wait on each other. Without a cache the
 records are sampled on the fly from the same (seed, epoch, row) keys, so online teachers see
 exactly the views a cache would hold.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -26,8 +27,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from civt_cache.cache.store import CacheStore
 from civt_cache.data.manifest import DataManifest
 from civt_cache.distributed import device_layout
+from civt_cache.errors import RankError
+from civt_cache.loader.plan import RankPlan, epoch_steps, rank_plan, worker_steps
 from civt_cache.loader.soft_targets import mixed_targets, pseudo_logits
 from civt_cache.loader.units import ShardRead
+from civt_cache.processes import worker_init
 from civt_cache.views.engine import EncodedImage, decoded_in_budget, eval_views, render_encoded
 from civt_cache.views.recipe import Recipe
 from civt_cache.views.records import LAM, LAM_ONE, PARTNER, _rng
@@ -40,16 +44,25 @@ def shard_order(seed: int, epoch: int, num_shards: int) -> list[int]:
     return _rng(seed, epoch, _STREAM_SHARDS).permutation(num_shards).tolist()
 
 
-def rank_shards(manifest: DataManifest, seed: int, epoch: int, rank: int, world: int) -> list[int]:
-    """This rank's shards for an epoch, in order."""
-    return shard_order(seed, epoch, len(manifest.shards))[rank::world]
+def epoch_plan(manifest: DataManifest, seed: int, epoch: int, rank: int, world: int, batch_size: int,
+               workers: int) -> RankPlan:
+    """This rank's batch plan for an epoch (``loader.plan``): shards in the epoch's keyed
+    order, dealt to ranks round-robin, the same step count on every rank."""
+    counts = [s.num_samples for s in manifest.shards]
+    return rank_plan(counts, shard_order(seed, epoch, len(counts)), rank, world, batch_size, workers)
 
 
 def steps_per_epoch(manifest: DataManifest, seed: int, epoch: int, world: int, batch_size: int) -> int:
-    """Steps every rank runs this epoch: the smallest rank share, in whole batches."""
-    order = shard_order(seed, epoch, len(manifest.shards))
-    shares = [sum(manifest.shards[s].num_samples for s in order[r::world]) for r in range(world)]
-    return min(shares) // batch_size
+    """Steps every rank runs in an epoch (``loader.plan.epoch_steps``): known before any
+    shard is read, so the schedule counts them up front."""
+    counts = [s.num_samples for s in manifest.shards]
+    return epoch_steps(counts, shard_order(seed, epoch, len(counts)), world, batch_size)
+
+
+def shards_plan(manifest: DataManifest, shards: list[int], batch_size: int, workers: int = 1) -> RankPlan:
+    """One process's plan over the given shards in the given order (tests, benchmarks, one's
+    own loop over a few shards)."""
+    return rank_plan([s.num_samples for s in manifest.shards], shards, 0, 1, batch_size, workers)
 
 
 @dataclass
@@ -117,76 +130,110 @@ def batch_loader(dataset: IterableDataset, workers: int,
     ``ValBatches``): no collation, so numpy arrays travel pickled, not as shared-memory
     tensors."""
     return DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=workers,
-                      generator=generator)
+                      generator=generator, worker_init_fn=worker_init() if workers else None)
 
 
 class StudentBatches(IterableDataset):
-    """Yields ``StudentBatch`` items of ``batch_size`` samples. DataLoader workers split this
-    rank's shards; a worker's batches run on across its shards (an incomplete last one is
-    dropped). ``seed`` orders the samples; the views come from ``source`` (the cache's records,
-    or its ``view_seed``).
+    """Yields the ``StudentBatch`` of each step of a rank's epoch plan (``loader.plan``), from
+    step ``skip`` on (a run resumed mid-epoch). DataLoader worker ``j`` of ``W`` makes steps
+    ``skip + j, skip + j + W, ...``, which is the order the DataLoader takes them in, so the
+    loader yields exactly the plan's steps in order, whatever the worker count. A worker keeps a
+    shard open from its first step that needs it to its last, then lets it go. ``seed`` orders
+    the samples; the views come from ``source`` (the cache's records, or its ``view_seed``).
 
     ``views_in_workers``: when training runs on the CPU, the CPU that consumes the views is
     the workers' as much as the main process's, so workers build them (the same engine) in
     parallel with the training step, as timm's loader does; on a GPU they stay bytes."""
 
-    def __init__(self, manifest: DataManifest, recipe: Recipe, seed: int, shards: list[int],
-                 source: EpochSource, batch_size: int, skip_samples: list[int] | None = None,
-                 views_in_workers: bool = False) -> None:
+    def __init__(self, manifest: DataManifest, recipe: Recipe, seed: int, plan: RankPlan,
+                 source: EpochSource, skip: int = 0, views_in_workers: bool = False) -> None:
         self.manifest, self.recipe, self.seed = manifest, recipe, seed
-        self.shards, self.source, self.batch_size = shards, source, batch_size
-        self.skip_samples = skip_samples  # per DataLoader worker, for resuming mid-epoch
+        self.plan, self.source, self.skip = plan, source, skip
         self.views_in_workers = views_in_workers
 
-    def __iter__(self) -> Iterator[StudentBatch]:
-        in_worker = self.views_in_workers and get_worker_info() is not None
-        pending: list[dict[str, Any]] = []
-        for sample in self._samples():
-            pending.append(sample)
-            if len(pending) == self.batch_size:
-                batch = _make_batch(pending)
-                if in_worker:
-                    batch.views = batch_views(batch, self.recipe, torch.device("cpu"))
-                    batch.images = []
-                yield batch
-                pending = []
+    def __len__(self) -> int:
+        return self.plan.steps - self.skip
 
-    def _samples(self) -> Iterator[dict[str, Any]]:
-        """This worker's samples in order, each with its own and its partner's bytes/record."""
+    def __iter__(self) -> Iterator[StudentBatch]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        skip = self.skip_samples[wid] if self.skip_samples else 0
+        in_worker = self.views_in_workers and info is not None
+        steps = worker_steps(self.plan.steps, self.skip, wid, nw)
+        last_use: dict[int, int] = {}
+        for step in steps:
+            for shard, _, _ in self.plan.batches[step]:
+                last_use[shard] = step
         store = CacheStore.open(self.source.cache) if self.source.cache else None
-        for shard in self.shards[wid::nw]:
-            read = ShardRead(self.manifest, shard)
-            teacher_out: dict[str, tuple[np.ndarray, ...]] = {}
-            if store is not None:
-                recs, teacher_out = read.cached_epoch(store, self.source.cache_epoch, list(self.source.teachers))
-            else:
-                recs = read.sampled_records(self.recipe, self.source.view_seed, [self.source.epoch])[0]
-            images: dict[int, EncodedImage] = {}
+        open_shards: dict[int, _OpenShard] = {}
+        for step in steps:
+            samples = []
+            for shard, start, stop in self.plan.batches[step]:
+                if shard not in open_shards:
+                    open_shards[shard] = _OpenShard(self.manifest, shard, store, self.source, self.recipe,
+                                                    self.seed)
+                samples.extend(open_shards[shard].samples(start, stop))
+            batch = _make_batch(samples)
+            if in_worker:
+                batch.views = batch_views(batch, self.recipe, torch.device("cpu"))
+                batch.images = []
+            yield batch
+            for shard in [s for s in open_shards if last_use[s] == step]:
+                del open_shards[shard]
 
-            def image(pos: int) -> tuple[EncodedImage, str]:
-                if pos not in images:
-                    images[pos] = read.image(pos)
-                return images[pos], read.names[pos]
 
-            base = read.base
-            for pos in self._order(shard, recs, base):
-                if skip > 0:
-                    skip -= 1
-                    continue
-                ppos = int(recs[pos, PARTNER]) - base
-                yield {"row": base + pos, "image": image(pos), "record": recs[pos],
-                       "label": int(read.labels[pos]), "partner_row": base + ppos,
-                       "partner_image": image(ppos), "partner_record": recs[ppos],
-                       "partner_label": int(read.labels[ppos]),
-                       "teachers": {n: tuple(a[pos] for a in arrays) for n, arrays in teacher_out.items()}}
+def planned_steps(loader: Iterable[StudentBatch], dataset: StudentBatches, epoch: int, rank: int = 0,
+                  world: int = 1) -> Iterator[tuple[int, StudentBatch]]:
+    """``(step, batch)`` for every step of ``dataset``'s plan from its ``skip``, taken from
+    ``loader`` (a DataLoader over ``dataset``). A loader that ends before the plan does is an
+    error raised at once, never a shorter epoch: under DDP the other ranks would wait for this
+    rank's next step for ever."""
+    it = iter(loader)
+    for step in range(dataset.skip, dataset.plan.steps):
+        try:
+            batch = next(it)
+        except StopIteration:
+            raise RankError(f"rank {rank} of {world}: its loader gave {step - dataset.skip} batch(es) in "
+                            f"epoch {epoch + 1} where the plan has {dataset.plan.steps - dataset.skip} "
+                            f"(steps {dataset.skip + 1}..{dataset.plan.steps}); stopped so that no rank "
+                            "waits for a step that never comes") from None
+        if batch.size != sum(stop - start for _, start, stop in dataset.plan.batches[step]):
+            raise RankError(f"rank {rank} of {world}: epoch {epoch + 1} step {step + 1} holds "
+                            f"{batch.size} samples where the plan has another count")
+        yield step, batch
 
-    def _order(self, shard: int, recs: np.ndarray, base: int) -> list[int]:
-        """Keyed permutation of positions with each partner placed right after its row."""
-        perm = _rng(self.seed, self.source.epoch, shard, _STREAM_ORDER).permutation(len(recs))
-        return partners_follow(perm.tolist(), recs[:, PARTNER] - base)
+
+class _OpenShard:
+    """One shard as a stage-two worker holds it: read once, its epoch's records and cached
+    targets, its stage-two order, and each image's bytes prepared once on first use."""
+
+    def __init__(self, manifest: DataManifest, shard: int, store: CacheStore | None, source: EpochSource,
+                 recipe: Recipe, seed: int) -> None:
+        self.read = read = ShardRead(manifest, shard)
+        self.teacher_out: dict[str, tuple[np.ndarray, ...]] = {}
+        if store is not None:
+            self.recs, self.teacher_out = read.cached_epoch(store, source.cache_epoch, list(source.teachers))
+        else:
+            self.recs = read.sampled_records(recipe, source.view_seed, [source.epoch])[0]
+        perm = _rng(seed, source.epoch, shard, _STREAM_ORDER).permutation(len(self.recs))
+        self.order = partners_follow(perm.tolist(), self.recs[:, PARTNER] - read.base)
+        self.images: dict[int, tuple[EncodedImage, str]] = {}
+
+    def image(self, pos: int) -> tuple[EncodedImage, str]:
+        if pos not in self.images:
+            self.images[pos] = self.read.image(pos), self.read.names[pos]
+        return self.images[pos]
+
+    def samples(self, start: int, stop: int) -> Iterator[dict[str, Any]]:
+        """Positions ``start..stop`` of the order, each with its own and its partner's
+        bytes, record and label."""
+        read, recs, base = self.read, self.recs, self.read.base
+        for pos in self.order[start:stop]:
+            ppos = int(recs[pos, PARTNER]) - base
+            yield {"row": base + pos, "image": self.image(pos), "record": recs[pos],
+                   "label": int(read.labels[pos]), "partner_row": base + ppos,
+                   "partner_image": self.image(ppos), "partner_record": recs[ppos],
+                   "partner_label": int(read.labels[ppos]),
+                   "teachers": {n: tuple(a[pos] for a in arrays) for n, arrays in self.teacher_out.items()}}
 
 
 def partners_follow(positions: list[int], partner: np.ndarray) -> list[int]:
@@ -251,10 +298,3 @@ def val_views(images: list[EncodedImage], names: list[str], recipe: Recipe,
     """Validation views of a ``ValBatches`` item, built on ``device``."""
     return torch.cat([eval_views(decoded, recipe)
                       for _, decoded in decoded_in_budget(images, device, names)])
-
-
-def worker_skips(skip_batches: int, batch_size: int, workers: int) -> list[int]:
-    """Samples each DataLoader worker must skip so that the first ``skip_batches`` batches of
-    an epoch are not produced again (the DataLoader takes batches from workers round-robin)."""
-    w = max(workers, 1)
-    return [batch_size * max(0, -(-(skip_batches - i) // w)) for i in range(w)]

@@ -25,8 +25,8 @@ from civt_cache.loader.batches import (
     StudentBatches,
     batch_inputs,
     batch_loader,
-    rank_shards,
-    steps_per_epoch,
+    epoch_plan,
+    planned_steps,
 )
 from civt_cache.models.teachers import Teacher, build_teacher, parse_teacher_spec, teacher_logits
 from civt_cache.views.recipe import Recipe
@@ -171,15 +171,16 @@ class CachedBatches:
         self.device = device if isinstance(device, torch.device) else pick_device(device)
         self.label_smoothing, self.renormalize = label_smoothing, renormalize
 
+        self.plan = epoch_plan(self.manifest, seed, epoch, rank, world_size, batch_size, workers)
+
     def __len__(self) -> int:
-        return steps_per_epoch(self.manifest, self.seed, self.epoch, self.world_size, self.batch_size)
+        return self.plan.steps
 
     def __iter__(self) -> Iterator[Batch]:
         source = cached_epoch_source(self.store, self.epoch, self.teachers)
-        shards = rank_shards(self.manifest, self.seed, self.epoch, self.rank, self.world_size)
-        data = StudentBatches(self.manifest, self.recipe, self.seed, shards, source, self.batch_size,
+        data = StudentBatches(self.manifest, self.recipe, self.seed, self.plan, source,
                               views_in_workers=self.device.type == "cpu")
         loader = batch_loader(data, self.workers, torch.Generator().manual_seed(self.seed + self.epoch))
-        for _, batch in zip(range(len(self)), loader):
+        for _, batch in planned_steps(loader, data, self.epoch, self.rank, self.world_size):
             yield batch_inputs(batch, self.recipe, self.manifest.num_classes, self.label_smoothing,
                                self.device, self.renormalize)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from civt_cache.cache.leases import Lease, Leases, claim_units, unit_needs
 from civt_cache.cache.spec import CacheSpec
@@ -22,6 +22,7 @@ from civt_cache.data.manifest import DataManifest
 from civt_cache.data.shards import read_shard, sample_name
 from civt_cache.distributed import DistInfo
 from civt_cache.errors import CacheMismatchError
+from civt_cache.processes import worker_init
 from civt_cache.views.engine import EncodedImage, worker_image
 from civt_cache.views.recipe import Recipe
 from civt_cache.views.records import PAIR_GROUP, image_size, sample_shard_records
@@ -121,6 +122,12 @@ class UnitReader(IterableDataset):
         start = (rank * nw + w) * len(self.units) // (world * nw)
         order = self.units[start:] + self.units[:start]
         yield from claim_units(CacheStore.open(self.store_root), self.leases, order, self.teachers)
+
+    def loader(self, workers: int, pin_memory: bool = False) -> DataLoader:
+        """A DataLoader over this reader: whole groups as they come (no collation), from workers
+        that end with this process (``processes.worker_init``)."""
+        return DataLoader(self, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                          worker_init_fn=worker_init() if workers else None)
 
     def __iter__(self) -> Iterator[UnitGroup]:
         store = None

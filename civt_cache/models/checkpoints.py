@@ -15,8 +15,11 @@ it (``fc``, ``head.fc``, ``head``, ``classifier``...), so no flag is needed for 
 """
 from __future__ import annotations
 
+import io
 import pickle
+import pickletools
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +37,12 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+#: What torch's own checkpoints name in their pickles (tensor rebuilds, storages, OrderedDict):
+#: loaded by ``weights_only``; anything else names code.
+_PLAIN_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.frozenset",
+                  "builtins.slice", "builtins.complex", "numpy.")
+
+
 def load_torch_file(path: Path) -> Any:
     """``torch.load`` of a file a user can swap, as tensors and plain data only
     (``weights_only=True``): a file that would need to run code to load (a crafted pickle) is
@@ -44,13 +53,43 @@ def load_torch_file(path: Path) -> Any:
         raise CheckpointError(f"{path}: checkpoint not found") from None
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found:  # the file asks to call or build something: never done
-            raise CheckpointError(f"{path}: refused: it holds {found.group(1)}, not only tensors and "
-                                  "plain data, and loading it would run code") from None
+        code = found.group(1) if found else pickle_callables(path)
+        if code:  # the file asks to call or build something: never done
+            raise CheckpointError(f"{path}: refused: it holds {code}, which would run code on "
+                                  "loading, not only tensors and plain data") from None
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or damaged") from None
     except Exception as e:  # truncated zips, foreign formats: many library-specific errors
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or damaged "
                               f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def pickle_callables(path: Path) -> str | None:
+    """The first callable a pickle file names (``module.name``: what loading it would import
+    and call), read from its opcodes without running any (a plain pickle, or the ``data.pkl``
+    of torch's zip format); None when it names none or cannot be read."""
+    try:
+        data = Path(path).read_bytes()
+        if zipfile.is_zipfile(io.BytesIO(data)):
+            with zipfile.ZipFile(io.BytesIO(data)) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                if name is None:
+                    return None
+                data = z.read(name)
+        strings: list[str] = []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                found = str(arg).replace(" ", ".")
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found = f"{strings[-2]}.{strings[-1]}"
+            else:
+                if isinstance(arg, str):
+                    strings.append(arg)
+                continue
+            if not found.startswith(_PLAIN_GLOBALS):
+                return found
+    except Exception:  # noqa: BLE001 - damaged bytes: the caller names the file as damaged
+        return None
+    return None
 
 
 def load_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

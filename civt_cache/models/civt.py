@@ -20,7 +20,7 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from civt_cache.models.involution import Impl
+from civt_cache.models.involution import Impl, Involution
 from civt_cache.models.rednet import rednet_stem
 
 STEM_STRIDE = 2
@@ -112,6 +112,8 @@ class CivT(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, Involution):  # its kernel-generating conv starts unbiased, as officially
+                nn.init.zeros_(m.conv2.conv.bias)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters AdamW must not decay (timm's optimizer factory reads this)."""

@@ -33,6 +33,7 @@ class Teacher:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     img_size: int | None = None  # what train-teacher trained it at (its checkpoint says so)
+    classes: list[str] | None = None  # the class names it was trained on, where its checkpoint says
 
     def identity(self) -> dict[str, Any]:
         """What a cache stores to recognise this teacher later (and to find its file again:
@@ -71,9 +72,10 @@ def build_teacher(spec: str, device: torch.device | str = "cpu") -> Teacher:
         raise ConfigError(f"{ckpt}: does not fit {arch}: {str(e).splitlines()[-1].strip()}") from None
     mean = tuple(meta.get("mean", model.pretrained_cfg.get("mean", IMAGENET_MEAN)))
     std = tuple(meta.get("std", model.pretrained_cfg.get("std", IMAGENET_STD)))
-    img_size = meta.get("img_size")
+    img_size, classes = meta.get("img_size"), meta.get("classes")
     return Teacher(name, arch, str(ckpt), sha256_file(ckpt), model.eval().to(device), num_classes,
-                   mean, std, int(img_size) if isinstance(img_size, int) else None)  # type: ignore[arg-type]
+                   mean, std, int(img_size) if isinstance(img_size, int) else None,  # type: ignore[arg-type]
+                   [str(c) for c in classes] if isinstance(classes, list) else None)
 
 
 def create_teacher_model(arch: str, num_classes: int) -> nn.Module:

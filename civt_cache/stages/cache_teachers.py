@@ -250,6 +250,7 @@ def _open(job: CacheJob, manifest: Any, info: DistInfo) -> tuple[CacheStore, lis
 
 def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
     manifest = load_manifest(job.manifest)
+    manifest.check_shard_files()  # before the cache is created: a refusal leaves nothing behind
     store, teachers = _open(job, manifest, info)
     names = [t.name for t in teachers]
     plan = plan_units(store, names, info, job.claim, job.repair)
@@ -266,10 +267,8 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
                    "views", enabled=info.is_main)
     try:
         while units:
-            loader = DataLoader(
-                UnitReader(manifest, store.root, units, plan.records, names, store.spec, leases, info),
-                batch_size=None, num_workers=min(job.workers, len(units)),
-                pin_memory=info.device.type == "cuda", persistent_workers=False)
+            loader = UnitReader(manifest, store.root, units, plan.records, names, store.spec, leases,
+                                info).loader(min(job.workers, len(units)), pin_memory=info.device.type == "cuda")
             done += _compute(job, info, store, teachers, loader, writer, renewer, bar)
             if leases is None:
                 break

@@ -4,7 +4,6 @@ evaluate, checkpoint, write metrics. ``--online`` computes the same targets with
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,34 +12,36 @@ from typing import Any
 import timm
 import torch
 from timm.utils import ModelEmaV3
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from civt_cache.config import MAX_BATCH, MAX_EPOCHS, MAX_WORKERS, require
-from civt_cache.data.manifest import load_manifest
+from civt_cache.data.manifest import load_manifest, require_same_classes
 from civt_cache.distributed import (
     DistInfo,
     all_gather_objects,
     all_reduce_sum,
     barrier,
+    data_parallel,
     device_layout,
     distributed_session,
+    lost_ranks_named,
+    same_steps_on_every_rank,
 )
 from civt_cache.errors import CheckpointError, ConfigError, NonFiniteError
 from civt_cache.loader.batches import (
     StudentBatches,
     batch_inputs,
     batch_loader,
-    rank_shards,
+    epoch_plan,
+    planned_steps,
     steps_per_epoch,
-    worker_skips,
 )
 from civt_cache.loader.cached import TargetSource
 from civt_cache.loader.prefetch import prefetched
 from civt_cache.models.teachers import parse_teacher_spec
 from civt_cache.progress import Progress
 from civt_cache.train.evaluate import civt_heads, evaluate
-from civt_cache.train.loss_window import LossWindow
+from civt_cache.train.loss_window import LossWindow, bad_batch
 from civt_cache.train.losses import LossWeights
 from civt_cache.train.optim import optimizer_and_schedule
 from civt_cache.train.records import (
@@ -54,7 +55,16 @@ from civt_cache.train.records import (
     write_results,
     write_summary,
 )
-from civt_cache.train.runs import RunLock, check_resumable, load_checkpoint, start_fresh
+from civt_cache.train.runs import (
+    RunLock,
+    check_resumable,
+    finished_results,
+    load_checkpoint,
+    record_torchrun_job,
+    removed_unless_checkpointed,
+    restarted_by_torchrun,
+    start_fresh,
+)
 from civt_cache.train.step import train_step
 from civt_cache.views.recipe import Recipe
 
@@ -139,40 +149,48 @@ class StudentJob:
 def train_student(job: StudentJob) -> dict[str, Any]:
     with distributed_session(job.device, job.threads, job.workers) as info:
         lock = RunLock(job.out)
-        try:
+        with removed_unless_checkpointed(job.out, lock, info.is_main):
             return _train(job, info, lock)
-        finally:
-            lock.release()
 
 
 def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
     log = (lambda msg: tqdm.write(f"train-student: {msg}")) if info.is_main else (lambda msg: None)
-    manifest = load_manifest(job.manifest)
+    manifest, val_manifest = load_manifest(job.manifest), load_manifest(job.val_manifest)
+    require_same_classes(manifest, str(job.manifest), val_manifest, str(job.val_manifest))
+    for m in (manifest, val_manifest):  # before the run folder is made: a refusal leaves nothing
+        m.check_shard_files()
     teachers = TargetSource(TEACHER_SETS[job.teachers], job.online, job.teacher, job.cache, manifest,
                             job.manifest, job.recipe, job.epochs, job.cycle_cache,
                             job.seed if job.view_seed is None else job.view_seed, job.view_seed is not None,
                             info.device, log)
     ckpt_path = job.out / "checkpoint.pt"
+    state, resume = None, job.resume
     if info.is_main:  # rank 0 owns the folder: one run writes it at a time
         lock.acquire()
-    state = None
-    if job.resume and ckpt_path.exists():
+        if not resume and restarted_by_torchrun(job.out):  # continue, never start over
+            log(f"restarted by torchrun: continuing the run from {ckpt_path}")
+            resume = True
+        record_torchrun_job(job.out)
+    resume = bool(all_gather_objects(info, resume)[0])  # every rank as rank 0 decided
+    if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         check_resumable(ckpt_path, state, job_record(job), info.world_size)
         if state["epoch"] >= job.epochs:
             log(f"{job.out}: this run already finished its {job.epochs} epoch(s); nothing to do "
                 f"(results in {job.out / 'results.json'})")
-            return _finished_results(job.out)
+            done = finished_results(job.out)
+            return {**done, "results_file": str(job.out / "results.json")} if info.is_main else done
     else:
-        if job.resume:  # files here are of this run, killed before its first checkpoint
+        if resume:  # files here are of this run, killed before its first checkpoint
             log(f"--resume: no checkpoint at {ckpt_path}; starting fresh")
-        start_fresh(job.out, job.force or job.resume, remove=info.is_main)
+        start_fresh(job.out, job.force or resume, remove=info.is_main)
     barrier(info)
-    run = _Run(job, info, manifest, teachers, log)
+    run = _Run(job, info, manifest, val_manifest, teachers, log)
     if state is not None:
         run.resume(state)
     try:
-        return run.fit()
+        with lost_ranks_named(info, lambda: run.position):
+            return run.fit()
     finally:
         run.close()
 
@@ -182,9 +200,10 @@ class _Run:
     schedule, loss window, EMA, logs), resumed if asked, then epochs of steps, each ended by
     evaluation, the run records and a checkpoint."""
 
-    def __init__(self, job: StudentJob, info: DistInfo, manifest: Any, teachers: TargetSource, log: Any) -> None:
+    def __init__(self, job: StudentJob, info: DistInfo, manifest: Any, val_manifest: Any, teachers: TargetSource,
+                 log: Any) -> None:
         self.job, self.info, self.manifest, self.teachers, self.log = job, info, manifest, teachers, log
-        self.val_manifest = load_manifest(job.val_manifest)
+        self.val_manifest = val_manifest
         self.device = device = info.device
         self.ckpt_path = job.out / "checkpoint.pt"
         torch.manual_seed(job.seed + info.rank)  # per-rank drop path (DDP broadcasts rank 0's weights)
@@ -204,28 +223,33 @@ class _Run:
             for orphan in job.out.glob(f".{self.ckpt_path.name}.*.tmp"):
                 orphan.unlink(missing_ok=True)
         self.start_epoch, self.start_step, self.global_step = 0, 0, 0
+        self.plan_workers = job.workers  # the workers the epoch in progress was planned for
+        self.position = (0, 0)  # (epoch, step) being run, for errors
         self.sums = {"loss": 0.0, "ce": 0.0, "conv": 0.0, "inv": 0.0, "n": 0.0, "seconds": 0.0}
-        self.window = LossWindow(job.log_every, self.sums, lambda value, where: _bad_batch(value, where, manifest))
+        self.window = LossWindow(job.log_every, self.sums, lambda value, where: bad_batch(value, where, manifest))
         self.ema = ModelEmaV3(self.model, decay=job.model_ema_decay) if job.model_ema else None
         self.board = tensorboard_writer(job.out) if job.log == "tensorboard" and info.is_main else None
         if info.is_main:
             write_args(job.out, job_record(job))
-        self.ddp_model = DistributedDataParallel(self.model) if info.distributed else self.model
+        self.ddp_model = data_parallel(self.model, info)
         if job.compile:
             self.ddp_model = torch.compile(self.ddp_model)
         self.weights = LossWeights(job.w_ce, job.w_conv, job.w_inv, job.temperature)
         self.rows: list[dict[str, Any]] = []
 
     def resume(self, state: dict[str, Any]) -> None:
-        """Weights, optimizer, schedule, position, and this rank's RNG and loss sums."""
+        """Weights, optimizer, schedule, position, and this rank's RNG, loss sums and buffers."""
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
             self.ema.module.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.start_epoch, self.start_step, self.global_step = state["epoch"], state["step"], state["global_step"]
+        self.plan_workers = int(state.get("plan_workers", self.job.workers))
         mine = state["ranks"][self.info.rank]
         self.sums.update(mine["sums"])
+        for name, buffer in self.model.named_buffers():  # this rank's own BatchNorm statistics
+            buffer.copy_(mine.get("buffers", {}).get(name, buffer))
         torch.set_rng_state(mine["rng_cpu"])
         if self.device.type == "cuda" and mine["rng_cuda"] is not None:
             torch.cuda.set_rng_state(mine["rng_cuda"], self.device)
@@ -235,7 +259,8 @@ class _Run:
         job = self.job
         for epoch in range(self.start_epoch, job.epochs):
             if self.train_epoch(epoch, self.start_step if epoch == self.start_epoch else 0):
-                return {"stopped_at": self.stopped_at, "global_step": self.global_step}
+                return {"stopped_at": self.stopped_at, "global_step": self.global_step,
+                        "checkpoint": str(self.ckpt_path), "rank": self.info.rank}
             self.end_epoch(epoch)
             if job.max_steps and self.global_step >= job.max_steps:
                 break
@@ -244,8 +269,9 @@ class _Run:
                    "epochs": job.epochs, **({k: v for k, v in rows[-1].items() if k.startswith("val_")} if rows else {}),
                    "img_per_s": rows[-1]["img_per_s"] if rows else None,
                    "train_seconds": sum(r["train_seconds"] for r in rows)}
-        if self.info.is_main:
+        if self.info.is_main:  # the other ranks report nothing: one run, one result
             write_results(job.out, results)
+            return {**results, "results_file": str(job.out / "results.json")}
         return results
 
     def train_epoch(self, epoch: int, skip: int) -> bool:
@@ -253,10 +279,11 @@ class _Run:
         checkpointed, resumable)."""
         job, info, device, sums, window = self.job, self.info, self.device, self.sums, self.window
         steps = self.steps[epoch]
-        dataset = StudentBatches(self.manifest, job.recipe, job.seed,
-                                 rank_shards(self.manifest, job.seed, epoch, info.rank, info.world_size),
-                                 self.teachers.source(epoch), job.batch_size,
-                                 worker_skips(skip, job.batch_size, job.workers),
+        if skip == 0:  # an epoch resumed mid-way keeps the plan it was started with
+            self.plan_workers = job.workers
+        plan = epoch_plan(self.manifest, job.seed, epoch, info.rank, info.world_size, job.batch_size,
+                          self.plan_workers)
+        dataset = StudentBatches(self.manifest, job.recipe, job.seed, plan, self.teachers.source(epoch), skip,
                                  views_in_workers=device.type == "cpu")
         # its own generator: creating the iterator must not draw from the global RNG, whose
         # state (drop-path masks) a resumed run restores mid-epoch
@@ -272,8 +299,9 @@ class _Run:
             return (step, batch, *batch_inputs(batch, job.recipe, self.manifest.num_classes,
                                                job.label_smoothing, device, job.renormalize))
 
-        for step, batch, x, ce_target, cached in prefetched(zip(range(skip, steps), loader), inputs,
-                                                            device, job.prefetch):
+        for step, batch, x, ce_target, cached in prefetched(
+                planned_steps(loader, dataset, epoch, info.rank, info.world_size), inputs, device, job.prefetch):
+            self.position = (epoch, step)
             targets = self.teachers.targets(x, cached, job.recipe, device)
             loss, parts = train_step(self.ddp_model, self.optimizer, x, ce_target, targets, self.weights,
                                      job.clip_grad)
@@ -294,6 +322,7 @@ class _Run:
         window.read()
         _show(bar, window, sums, tick, info.world_size)
         bar.close()
+        same_steps_on_every_rank(info, f"train-student: epoch {epoch + 1}", steps - skip)
         return False
 
     def end_epoch(self, epoch: int) -> None:
@@ -318,7 +347,8 @@ class _Run:
             if self.board is not None:
                 log_scalars(self.board, row)
             save_if_best(job.out, self.rows, lambda: {"model": self.model.state_dict(), "arch": job.model,
-                                                      "img_size": job.recipe.img_size})
+                                                      "img_size": job.recipe.img_size,
+                                                      "classes": self.manifest.classes})
             plot_curves(self.rows, job.out / "curves.png", f"{job.model} teachers={job.teachers}"
                         + (" online" if self.teachers.live else ""))
             self.log(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, val top-1 {row['val_top1']:.2f}% "
@@ -330,8 +360,9 @@ class _Run:
         """Every rank's RNG and loss sums gathered, written by rank 0 if the weights are finite."""
         self.window.read()  # a non-finite loss stops the run before anything is written
         info = self.info
-        ranks = all_gather_objects(info, {  # each rank's RNG (drop path) and running loss sums
+        ranks = all_gather_objects(info, {  # each rank's RNG (drop path), loss sums and buffers
             "rng_cpu": torch.get_rng_state(), "sums": dict(self.sums),
+            "buffers": {name: b.detach().cpu() for name, b in self.model.named_buffers()},
             "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None})
         if info.is_main:
             if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
@@ -341,6 +372,7 @@ class _Run:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "epoch": epoch, "step": step,
                 "global_step": self.global_step, "ranks": ranks, "world_size": info.world_size,
+                "plan_workers": self.plan_workers,
                 "job": job_record(self.job), "ema": self.ema.module.state_dict() if self.ema is not None else None})
         barrier(info)
 
@@ -357,28 +389,6 @@ def _show(bar: Progress, window: LossWindow, sums: dict[str, float], tick: float
         bar.update(0, loss=f"{window.last:.3f}",
                    img_s=f"{sums['n'] * world_size / max(sums['seconds'], 1e-9):.0f}")
     return now
-
-
-def _bad_batch(value: float, where: tuple[int, int, int, list[int]], manifest: Any) -> str:
-    """Where a non-finite loss appeared: the step and the batch's shards and rows."""
-    global_step, epoch, step, rows = where
-    rows = [int(r) for r in rows]
-    shards = sorted({manifest.locate(r)[0] for r in rows})
-    files = ", ".join(str(manifest.shard_path(s)) for s in shards[:3]) + (" ..." if len(shards) > 3 else "")
-    return (f"loss is {value} at step {global_step} (epoch {epoch + 1}, step {step + 1}) on a batch "
-            f"from {files}, rows {rows[:8]}{' ...' if len(rows) > 8 else ''}; stopped, no checkpoint "
-            "written after the last good one (check the teachers' cache with `civt-cache verify`, "
-            "or lower --lr)")
-
-
-def _finished_results(run_dir: Path) -> dict[str, Any]:
-    """A finished run's results, read, never rewritten."""
-    path = run_dir / "results.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: the run's checkpoint says it finished, but its results "
-                              f"cannot be read ({e})") from None
 
 
 def job_record(job: StudentJob) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 import timm
 import torch
 
-from civt_cache.data.manifest import load_manifest
+from civt_cache.data.manifest import load_manifest, require_same_classes
 from civt_cache.distributed import DistInfo, device_autocast, distributed_session
 from civt_cache.errors import ConfigError
 from civt_cache.fsutil import sha256_file
@@ -21,7 +21,8 @@ from civt_cache.loader.batches import (
     StudentBatches,
     batch_inputs,
     batch_loader,
-    rank_shards,
+    epoch_plan,
+    planned_steps,
     steps_per_epoch,
 )
 from civt_cache.progress import Progress
@@ -69,6 +70,7 @@ def _train(job: TeacherJob, info: DistInfo) -> dict[str, Any]:
     if info.distributed:
         raise ConfigError("train-teacher runs in one process; use torchrun for the two stages")
     manifest, val = load_manifest(job.manifest), load_manifest(job.val_manifest)
+    require_same_classes(manifest, str(job.manifest), val, str(job.val_manifest))
     recipe = teacher_recipe(job)
     torch.manual_seed(job.seed)
     try:
@@ -86,11 +88,11 @@ def _train(job: TeacherJob, info: DistInfo) -> dict[str, Any]:
     step, start = 0, time.perf_counter()
     bar = Progress(sum(steps), f"train-teacher {job.arch}", "steps")
     for epoch in range(job.epochs):
-        loader = batch_loader(StudentBatches(manifest, recipe, job.seed, rank_shards(manifest, job.seed, epoch, 0, 1),
-                                             EpochSource(epoch, job.seed), job.batch_size,
-                                             views_in_workers=info.device.type == "cpu"), job.workers)
+        data = StudentBatches(manifest, recipe, job.seed,
+                              epoch_plan(manifest, job.seed, epoch, 0, 1, job.batch_size, job.workers),
+                              EpochSource(epoch, job.seed), views_in_workers=info.device.type == "cpu")
         model.train()
-        for _, batch in zip(range(steps[epoch]), loader):
+        for _, batch in planned_steps(batch_loader(data, job.workers), data, epoch):
             x, target, _ = batch_inputs(batch, recipe, manifest.num_classes, job.label_smoothing, info.device)
             with device_autocast(info.device):
                 loss = soft_ce(model(x), target)
@@ -103,6 +105,7 @@ def _train(job: TeacherJob, info: DistInfo) -> dict[str, Any]:
     bar.close()
     metrics = evaluate(model, val, recipe, info, plain_logits, job.batch_size, job.workers)
     state = {"state_dict": model.state_dict(), "arch": job.arch, "num_classes": manifest.num_classes,
+             "classes": manifest.classes,
              "img_size": job.img_size, "mean": list(recipe.mean), "std": list(recipe.std),
              "val_top1": metrics["val_top1"], "val_top5": metrics["val_top5"],
              "train_seconds": time.perf_counter() - start}

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from civt_cache.data.manifest import DataManifest, load_manifest
+from civt_cache.data.manifest import DataManifest, class_difference, load_manifest
+from civt_cache.errors import ManifestError
 from civt_cache.distributed import DistInfo, all_reduce_sum, device_autocast, device_layout, distributed_session
 from civt_cache.loader.batches import ValBatches, batch_loader, val_views
 from civt_cache.models.teachers import build_teacher
@@ -30,8 +31,11 @@ def evaluate(model: nn.Module, manifest: DataManifest, recipe: Recipe, info: Dis
     loader = batch_loader(ValBatches(manifest, shards, batch_size), min(workers, len(shards)))
     bar = Progress(sum(manifest.shards[s].num_samples for s in shards), f"evaluate {manifest.name}",
                    "images", info.is_main, leave=False)
-    names: list[str] = []
-    counts: list[float] = []
+    # every rank sums the same vector, also a rank with no val shard (more ranks than shards):
+    # the heads' names come from one dummy view, not from this rank's data
+    with device_autocast(info.device):
+        names = list(heads_of(model, torch.zeros(1, 3, recipe.img_size, recipe.img_size, device=info.device)))
+    counts = [0.0] * (2 * len(names))
     n = 0
     for images, image_names, labels in loader:
         bar.update(len(labels))
@@ -40,9 +44,6 @@ def evaluate(model: nn.Module, manifest: DataManifest, recipe: Recipe, info: Dis
         x = device_layout(x, info.device)
         with device_autocast(info.device):
             outs = heads_of(model, x)
-        if not names:
-            names = list(outs)
-            counts = [0.0] * (2 * len(names))
         for i, name in enumerate(names):
             top5 = outs[name].float().topk(min(5, outs[name].shape[1]), dim=1).indices
             counts[2 * i] += float((top5[:, 0] == y).sum())
@@ -80,4 +81,20 @@ def evaluate_checkpoint(manifest_path: Path | str, arch: str, checkpoint: Path, 
         size = img_size or teacher.img_size or teacher.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
         recipe = Recipe(img_size=int(size), mean=teacher.mean, std=teacher.std)
         heads = civt_heads if hasattr(teacher.model, "forward_heads") else plain_logits
-        return evaluate(teacher.model, load_manifest(manifest_path), recipe, info, heads, batch_size, 0)
+        manifest = load_manifest(manifest_path)
+        require_model_classes(checkpoint, teacher.num_classes, teacher.classes, manifest, manifest_path)
+        return evaluate(teacher.model, manifest, recipe, info, heads, batch_size, 0)
+
+
+def require_model_classes(checkpoint: Path | str, num_classes: int, classes: list[str] | None,
+                          manifest: DataManifest, manifest_path: Path | str) -> None:
+    """Refuse to score a model on a manifest of other classes: another count than its head's,
+    or (where the checkpoint names its classes) other names or order."""
+    if num_classes != manifest.num_classes:
+        raise ManifestError(f"{manifest_path}: lists {manifest.num_classes} classes, but {checkpoint} "
+                            f"predicts {num_classes}; evaluate on a manifest made with the training "
+                            "manifest's --classes")
+    diff = class_difference(classes, manifest.classes) if classes is not None else None
+    if diff is not None:
+        raise ManifestError(f"{manifest_path}: its classes do not match those {checkpoint} was trained on "
+                            f"({diff})")

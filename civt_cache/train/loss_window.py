@@ -11,7 +11,7 @@ between (checkpoints read the window first).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -53,3 +53,15 @@ class LossWindow:
                 self.sums[k] += v * n
             self.sums["n"] += n
             self.last = loss
+
+
+def bad_batch(value: float, where: tuple[int, int, int, list[int]], manifest: Any) -> str:
+    """Where a non-finite loss appeared: the step and the batch's shards and rows."""
+    global_step, epoch, step, rows = where
+    rows = [int(r) for r in rows]
+    shards = sorted({manifest.locate(r)[0] for r in rows})
+    files = ", ".join(str(manifest.shard_path(s)) for s in shards[:3]) + (" ..." if len(shards) > 3 else "")
+    return (f"loss is {value} at step {global_step} (epoch {epoch + 1}, step {step + 1}) on a batch "
+            f"from {files}, rows {rows[:8]}{' ...' if len(rows) > 8 else ''}; stopped, no checkpoint "
+            "written after the last good one (check the teachers' cache with `civt-cache verify`, "
+            "or lower --lr)")

@@ -8,12 +8,17 @@ batch size or cache silently trains a different experiment under the old one's n
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from civt_cache.distributed import elastic_run
 from civt_cache.errors import CheckpointError, ConfigError
+from civt_cache.fsutil import atomic_write_bytes
 from civt_cache.models.checkpoints import load_torch_file
 
 #: What a run writes; their presence means the folder holds a run.
@@ -33,9 +38,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 class RunLock:
-    """An exclusive lock on a run folder held for the run's life (``flock`` on ``RUN/.lock``):
-    a second run into the same folder is refused at once; a killed run's lock goes with it.
-    Taken only once the run's settings and cache are checked, so a refused run creates nothing."""
+    """An exclusive lock on a run folder held for the run's life (a POSIX record lock on
+    ``RUN/.lock``): a second run into the same folder is refused at once; a killed run's lock
+    goes with it. A record lock belongs to the process that took it and is not inherited by
+    forked children (``flock`` is: a loader worker that outlived a killed run would hold its
+    lock). Taken only once the run's settings and cache are checked, so a refused run creates
+    nothing."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / ".lock"
@@ -45,8 +53,8 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
@@ -60,9 +68,46 @@ class RunLock:
 
     def release(self) -> None:
         if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
+            fcntl.lockf(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
+
+
+@contextmanager
+def removed_unless_checkpointed(run_dir: Path, lock: RunLock, owner: bool) -> Iterator[None]:
+    """A run into a folder that did not exist, which fails or is refused before its first
+    checkpoint, removes the folder it made (its lock, ``args.yaml``): nothing is left that the
+    rerun would have to ``--force`` past. ``owner``: the process that made it (rank 0)."""
+    made = not Path(run_dir).exists()
+    try:
+        yield
+    except BaseException:
+        lock.release()
+        if made and owner and not (Path(run_dir) / "checkpoint.pt").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        lock.release()
+
+
+#: Under torchrun, the run id of the job that writes the folder: a rank started again in the same
+#: job (torchrun restarted the group) continues the run instead of being refused as a new one.
+ELASTIC_FILE = ".elastic-run"
+
+
+def restarted_by_torchrun(run_dir: Path) -> bool:
+    """Whether this start is torchrun restarting the job that writes ``run_dir`` (its run id
+    is the one the folder records, or this agent counts a restart)."""
+    run, restarts = elastic_run()
+    mine = (run_dir / ELASTIC_FILE).read_text().strip() if (run_dir / ELASTIC_FILE).is_file() else None
+    return restarts > 0 or (run is not None and mine == run)
+
+
+def record_torchrun_job(run_dir: Path) -> None:
+    """Record the torchrun job writing ``run_dir`` (see ``restarted_by_torchrun``)."""
+    run, _ = elastic_run()
+    if run is not None:
+        atomic_write_bytes(run_dir / ELASTIC_FILE, f"{run}\n".encode())
 
 
 def other_run_files(run_dir: Path) -> list[str]:
@@ -109,3 +154,12 @@ def check_resumable(ckpt: Path, state: dict[str, Any], asked: dict[str, Any],
         raise ConfigError(f"{ckpt}: --resume would train a different run: " + "; ".join(diffs)
                           + ". Resume with the run's settings, or start fresh with --force")
 
+
+def finished_results(run_dir: Path) -> dict[str, Any]:
+    """A finished run's results, read, never rewritten."""
+    path = run_dir / "results.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: the run's checkpoint says it finished, but its results "
+                              f"cannot be read ({e})") from None

@@ -156,3 +156,16 @@ def test_scan_shards_like_the_training_manifest_takes_its_classes_and_warns_of_f
                    str(tmp_path / "two.json"), "--like", str(world["manifest"]))
     assert "holds samples of 2 of digits-val's 10 classes" in proc.stderr
     assert load_manifest(tmp_path / "two.json").classes == load_manifest(world["manifest"]).classes
+
+
+def test_a_schedule_that_would_leave_the_student_at_chance_is_warned_of(world, tmp_path) -> None:
+    """Warmup as long as the run, and DeiT's lr scaling at a small batch: said before training."""
+    proc = run_cli(*student_args(world, world["ref"], tmp_path / "run", "--max-steps", "1", "--workers", "0"))
+    out = proc.stdout + proc.stderr
+    assert "warning: learning rate 3.1e-05 = 5e-4 x global batch 32 / 512 is small; give --lr" in out
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(Path(TINY).read_text().replace("warmup_epochs = 0.5", "warmup_epochs = 2"))
+    args = student_args(world, world["ref"], tmp_path / "run2", "--max-steps", "1", "--workers", "0", "--lr", "1e-3")
+    args[args.index("--pipeline") + 1] = str(pipeline)
+    out = run_cli(*args).stdout
+    assert "warning: warmup of 2 epochs is as long as the 1 epoch(s)" in out and "is small" not in out

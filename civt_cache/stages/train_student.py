@@ -41,9 +41,9 @@ from civt_cache.loader.prefetch import prefetched
 from civt_cache.models.teachers import parse_teacher_spec
 from civt_cache.progress import Progress
 from civt_cache.train.evaluate import civt_heads, evaluate
-from civt_cache.train.loss_window import LossWindow, bad_batch
+from civt_cache.train.loss_window import LossWindow, bad_batch, show_progress
 from civt_cache.train.losses import LossWeights
-from civt_cache.train.optim import optimizer_and_schedule
+from civt_cache.train.optim import optimizer_and_schedule, schedule_warnings
 from civt_cache.train.records import (
     append_metrics,
     log_scalars,
@@ -210,7 +210,10 @@ class _Run:
         self.model = timm.create_model(job.model, num_classes=manifest.num_classes, img_size=job.recipe.img_size,
                                        drop_path_rate=job.drop_path).to(device)
         self.model = device_layout(self.model, device)
-        lr = job.lr if job.lr is not None else 5e-4 * job.batch_size * info.world_size / 512
+        batch = job.batch_size * info.world_size  # the global batch
+        lr = job.lr if job.lr is not None else 5e-4 * batch / 512
+        for said in schedule_warnings(lr, job.lr is None, batch, job.warmup_epochs, job.epochs):
+            log(f"warning: {said}")
         self.steps = [steps_per_epoch(manifest, job.seed, e, info.world_size, job.batch_size)
                       for e in range(job.epochs)]
         if self.steps[0] == 0:
@@ -223,8 +226,8 @@ class _Run:
             for orphan in job.out.glob(f".{self.ckpt_path.name}.*.tmp"):
                 orphan.unlink(missing_ok=True)
         self.start_epoch, self.start_step, self.global_step = 0, 0, 0
-        self.plan_workers = job.workers  # the workers the epoch in progress was planned for
-        self.position = (0, 0)  # (epoch, step) being run, for errors
+        # the workers the epoch in progress was planned for; the (epoch, step) being run, for errors
+        self.plan_workers, self.position = job.workers, (0, 0)
         self.sums = {"loss": 0.0, "ce": 0.0, "conv": 0.0, "inv": 0.0, "n": 0.0, "seconds": 0.0}
         self.window = LossWindow(job.log_every, self.sums, lambda value, where: bad_batch(value, where, manifest))
         self.ema = ModelEmaV3(self.model, decay=job.model_ema_decay) if job.model_ema else None
@@ -310,7 +313,7 @@ class _Run:
                 self.ema.update(self.model, step=self.global_step)
             self.schedule.step_update(self.global_step)
             if window.add(loss, parts, x.shape[0], (self.global_step, epoch, step, batch.rows[:batch.size])):
-                tick = _show(bar, window, sums, tick, info.world_size)
+                tick = show_progress(bar, window, sums, tick, info.world_size)
             bar.update(1)
             if job.checkpoint_every and self.global_step % job.checkpoint_every == 0 and step + 1 < steps:
                 self.checkpoint(epoch, step + 1)
@@ -320,7 +323,7 @@ class _Run:
                 self.stopped_at = {"epoch": epoch, "step": step + 1}
                 return True
         window.read()
-        _show(bar, window, sums, tick, info.world_size)
+        show_progress(bar, window, sums, tick, info.world_size)
         bar.close()
         same_steps_on_every_rank(info, f"train-student: epoch {epoch + 1}", steps - skip)
         return False
@@ -379,16 +382,6 @@ class _Run:
     def close(self) -> None:
         if self.board is not None:
             self.board.close()
-
-
-def _show(bar: Progress, window: LossWindow, sums: dict[str, float], tick: float, world_size: int) -> float:
-    """After a read of the loss: count the time since ``tick`` and show the loss and rate."""
-    now = time.perf_counter()
-    sums["seconds"] += now - tick
-    if window.last is not None:
-        bar.update(0, loss=f"{window.last:.3f}",
-                   img_s=f"{sums['n'] * world_size / max(sums['seconds'], 1e-9):.0f}")
-    return now
 
 
 def job_record(job: StudentJob) -> dict[str, Any]:

@@ -11,11 +11,13 @@ between (checkpoints read the window first).
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Callable
 
 import torch
 
 from civt_cache.errors import NonFiniteError
+from civt_cache.progress import Progress
 
 PARTS = ("ce", "conv", "inv")
 
@@ -65,3 +67,13 @@ def bad_batch(value: float, where: tuple[int, int, int, list[int]], manifest: An
             f"from {files}, rows {rows[:8]}{' ...' if len(rows) > 8 else ''}; stopped, no checkpoint "
             "written after the last good one (check the teachers' cache with `civt-cache verify`, "
             "or lower --lr)")
+
+
+def show_progress(bar: Progress, window: LossWindow, sums: dict[str, float], tick: float, world_size: int) -> float:
+    """After a read of the loss: count the time since ``tick`` and show the loss and rate."""
+    now = time.perf_counter()
+    sums["seconds"] += now - tick
+    if window.last is not None:
+        bar.update(0, loss=f"{window.last:.3f}",
+                   img_s=f"{sums['n'] * world_size / max(sums['seconds'], 1e-9):.0f}")
+    return now

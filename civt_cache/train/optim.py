@@ -23,3 +23,21 @@ def optimizer_and_schedule(model: nn.Module, opt: str, lr: float, weight_decay: 
                                  warmup_t=warmup_steps, warmup_lr_init=min(1e-6, lr),
                                  warmup_prefix=False, t_in_epochs=False)
     return optimizer, schedule
+
+
+#: Below this peak rate a transformer barely moves in a short run (AdamW, DeiT's recipe).
+SMALL_LR = 1e-4
+
+
+def schedule_warnings(lr: float, scaled: bool, global_batch: int, warmup_epochs: float, epochs: int) -> list[str]:
+    """What in a schedule would leave a student near chance, said before it trains: a warmup
+    that lasts the whole run (the rate never reaches its peak), or a rate scaled down by a small
+    global batch (DeiT's 5e-4 x batch / 512 gives 3.1e-5 at batch 32)."""
+    said = []
+    if warmup_epochs >= epochs:
+        said.append(f"warmup of {warmup_epochs:g} epochs is as long as the {epochs} epoch(s): the learning "
+                    "rate never reaches its peak; set warmup_epochs ([student] of the pipeline) below the epochs")
+    if scaled and lr < SMALL_LR:
+        said.append(f"learning rate {lr:.2g} = 5e-4 x global batch {global_batch} / 512 is small; give --lr "
+                    "for small batches")
+    return said

@@ -26,8 +26,7 @@ from civt_cache.config import build_config, load_pipeline
 from civt_cache.data.digits import digits_items
 from civt_cache.data.manifest import default_manifest_path, load_manifest
 from civt_cache.data.writer import write_shards
-from civt_cache.fsutil import sha256_file
-from civt_cache.models.teachers import parse_teacher_spec
+from civt_cache.models.teachers import checkpoint_sha256, parse_teacher_spec
 from civt_cache.stages.cache_teachers import CacheJob, cache_teachers
 from civt_cache.stages.train_student import StudentJob, job_record, train_student
 from civt_cache.stages.train_teacher import TeacherJob, train_teacher
@@ -88,7 +87,7 @@ def main() -> None:
                           cache=None if online or teachers == "none" else base.cache, out=out,
                           seed=seed, view_seed=cache_job.seed)  # every row: the cache's views
             key = {"views_version": VIEWS_VERSION, "schema_version": SCHEMA_VERSION, "job": job_record(job),
-                   "teachers": {spec: sha256_file(parse_teacher_spec(spec)[2]) for spec in specs}}
+                   "teachers": {spec: checkpoint_sha256(parse_teacher_spec(spec)[2]) for spec in specs}}
             if not _finished(out, key):  # a run of other settings, teachers or views is redone
                 shutil.rmtree(out, ignore_errors=True)
                 train_student(job)

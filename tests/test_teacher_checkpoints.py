@@ -17,7 +17,7 @@ import civt_cache  # noqa: F401  (registers rednet*/civt_*)
 from civt_cache.errors import CheckpointError, ConfigError
 from civt_cache.models.teachers import build_teacher
 
-from .conftest import run_cli
+from .conftest import TINY, refused, run_cli
 
 ARCHS = ["regnety_006", "regnety_040", "resnet50", "convnext_atto", "efficientnet_b0",
          "vit_tiny_patch16_224", "rednet26", "rednet101"]
@@ -106,3 +106,44 @@ def test_readme_regnety_example_is_accepted(digits, tmp_path: Path) -> None:
             "--topk", "10", "--img-size", "32", "--out", str(tmp_path / "cache"), "--workers", "0",
             "--batch-size", "128")
     assert len(list((tmp_path / "cache" / "progress").glob("*.json"))) == 2
+
+
+def test_a_timm_train_py_checkpoint_is_a_teacher_plain_or_ema(world, tmp_path) -> None:
+    """timm's own CheckpointSaver (train.py's): ``args`` as an argparse.Namespace, the weights
+    under ``state_dict`` and ``state_dict_ema``. Loaded without running code; ``FILE:ema`` picks
+    the EMA weights, and a cache of one is not taken for the other."""
+    import argparse
+
+    from timm.utils import CheckpointSaver, ModelEmaV3
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=10)
+    ema = ModelEmaV3(model, decay=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    ema.update(model)
+    saver = CheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                            args=argparse.Namespace(model="resnet10t", lr=0.1), model_ema=ema,
+                            checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path), decreasing=False)
+    saver.save_checkpoint(0, metric=50.0)
+    best = tmp_path / "model_best.pth.tar"
+    plain = build_teacher(f"conv=resnet10t:{best}")
+    averaged = build_teacher(f"conv=resnet10t:{best}:ema")
+    for k, v in model.state_dict().items():
+        assert torch.equal(plain.model.state_dict()[k], v), k
+    for k, v in ema.module.state_dict().items():
+        assert torch.equal(averaged.model.state_dict()[k], v), k
+    assert averaged.sha256 == plain.sha256 + "+ema"
+    out = tmp_path / "cache"
+    proc = run_cli("cache-teachers", "--pipeline", TINY, "--manifest", str(world["manifest"]),
+                   "--teacher", f"conv=resnet10t:{best}:ema", "--epochs", "1", "--topk", "5", "--workers", "0",
+                   "--out", str(out))
+    assert proc.returncode == 0
+    refused(run_cli("train-student", "--pipeline", TINY, "--manifest", str(world["manifest"]),
+                    "--val-manifest", str(world["manifest"]), "--cache", str(out), "--teachers", "conv",
+                    "--teacher", f"conv=resnet10t:{best}", "--model", "civt_micro", "--epochs", "1",
+                    "--device", "cpu", "--out", str(tmp_path / "run"), check=False), "teacher 'conv' was cached from")
+    torch.save(model.state_dict(), tmp_path / "plain.pth")
+    with pytest.raises(ConfigError, match="holds no EMA weights"):
+        build_teacher(f"conv=resnet10t:{tmp_path / 'plain.pth'}:ema")

@@ -19,7 +19,6 @@ from civt_cache.cache.store import CacheStore
 from civt_cache.data.manifest import DataManifest, load_manifest
 from civt_cache.distributed import pick_device
 from civt_cache.errors import CacheMismatchError, ConfigError, CorruptUnitError
-from civt_cache.fsutil import sha256_file
 from civt_cache.loader.batches import (
     EpochSource,
     StudentBatches,
@@ -28,7 +27,7 @@ from civt_cache.loader.batches import (
     epoch_plan,
     planned_steps,
 )
-from civt_cache.models.teachers import Teacher, build_teacher, parse_teacher_spec, teacher_logits
+from civt_cache.models.teachers import Teacher, build_teacher, checkpoint_sha256, parse_teacher_spec, teacher_logits
 from civt_cache.views.recipe import Recipe
 
 Batch = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
@@ -70,7 +69,7 @@ def check_student_cache(store: CacheStore, manifest: DataManifest, manifest_path
             raise CacheMismatchError(f"{cache}: no teacher {name!r} in the cache (has {sorted(stored)})")
     for spec in teacher_specs:
         name, arch, ckpt = parse_teacher_spec(spec)
-        if name in stored and (stored[name]["arch"] != arch or stored[name]["checkpoint_sha256"] != sha256_file(ckpt)):
+        if name in stored and (stored[name]["arch"] != arch or stored[name]["checkpoint_sha256"] != checkpoint_sha256(ckpt)):
             raise CacheMismatchError(f"{cache}: teacher {name!r} was cached from "
                                      f"{stored[name]['arch']} sha256 {stored[name]['checkpoint_sha256'][:12]}, "
                                      f"not {arch}:{ckpt}")

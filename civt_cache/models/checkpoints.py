@@ -15,6 +15,7 @@ it (``fc``, ``head.fc``, ``head``, ``classifier``...), so no flag is needed for 
 """
 from __future__ import annotations
 
+import argparse
 import io
 import pickle
 import pickletools
@@ -29,6 +30,10 @@ from torch import nn
 from civt_cache.errors import CheckpointError, ConfigError
 
 _WRAPPERS = ("state_dict", "model", "model_state", "model_ema", "state_dict_ema")
+_EMA_WRAPPERS = ("state_dict_ema", "model_ema")
+#: Classes a checkpoint may hold besides tensors and plain data, that load without running code:
+#: timm's train.py stores its arguments as an ``argparse.Namespace`` (an attribute bag).
+SAFE_CLASSES = (argparse.Namespace,)
 _OPTIONAL_BUFFERS = ("num_batches_tracked",)  # older checkpoints (mmcls, torch < 0.4.1) lack them
 
 
@@ -39,7 +44,7 @@ def _first_line(e: BaseException) -> str:
 
 #: What torch's own checkpoints name in their pickles (tensor rebuilds, storages, OrderedDict):
 #: loaded by ``weights_only``; anything else names code.
-_PLAIN_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.frozenset",
+_PLAIN_GLOBALS = ("torch.", "collections.OrderedDict", "argparse.Namespace", "_codecs.encode", "builtins.set", "builtins.frozenset",
                   "builtins.slice", "builtins.complex", "numpy.")
 
 
@@ -48,7 +53,8 @@ def load_torch_file(path: Path) -> Any:
     (``weights_only=True``): a file that would need to run code to load (a crafted pickle) is
     refused, never run; a truncated or damaged one is named in one line."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_CLASSES)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint not found") from None
     except pickle.UnpicklingError as e:
@@ -92,9 +98,10 @@ def pickle_callables(path: Path) -> str | None:
     return None
 
 
-def load_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_checkpoint_file(path: str | Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict as stored, unwrapped and without ``module.``, metadata) from any accepted
-    file; errors name the file."""
+    file; with ``ema``, its EMA weights (``state_dict_ema`` or ``model_ema``, as timm's
+    train.py and others save them). Errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: checkpoint file not found")
@@ -110,7 +117,10 @@ def load_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: checkpoint holds a {type(raw).__name__}, not a state dict")
     meta = {k: v for k, v in raw.items() if not isinstance(v, (dict, torch.Tensor))}
-    for key in _WRAPPERS:
+    if ema and not any(isinstance(raw.get(k), dict) for k in _EMA_WRAPPERS):
+        raise ConfigError(f"{path}: holds no EMA weights ({' or '.join(_EMA_WRAPPERS)}); drop ':ema' to "
+                          "use its plain weights")
+    for key in _EMA_WRAPPERS if ema else _WRAPPERS:
         if isinstance(raw.get(key), dict):
             raw = raw[key]
             break

@@ -43,8 +43,25 @@ class Teacher:
                 "num_classes": self.num_classes, "mean": list(self.mean), "std": list(self.std)}
 
 
+#: ``FILE:ema`` takes a checkpoint's EMA weights (timm train.py's ``state_dict_ema``).
+EMA_SUFFIX = ":ema"
+
+
+def checkpoint_file(ckpt: str) -> tuple[str, bool]:
+    """The file of a teacher's ``CKPT`` and whether its EMA weights are asked for."""
+    return (ckpt[: -len(EMA_SUFFIX)], True) if ckpt.endswith(EMA_SUFFIX) else (ckpt, False)
+
+
+def checkpoint_sha256(ckpt: str) -> str:
+    """What identifies a teacher's weights: its file's sha256, marked when the EMA weights are
+    used (one file holds both sets, and a cache of one must not pass for the other)."""
+    path, ema = checkpoint_file(ckpt)
+    return sha256_file(path) + ("+ema" if ema else "")
+
+
 def parse_teacher_spec(spec: str) -> tuple[str, str, str]:
-    """``NAME=ARCH:CKPT`` (or ``ARCH:CKPT``, named after the arch) -> (name, arch, ckpt)."""
+    """``NAME=ARCH:CKPT`` (or ``ARCH:CKPT``, named after the arch) -> (name, arch, ckpt);
+    ``CKPT`` may end in ``:ema`` (``checkpoint_file``)."""
     name, _, rest = spec.partition("=") if "=" in spec.split(":", 1)[0] else ("", "", spec)
     arch, sep, ckpt = rest.partition(":")
     if not sep or not arch or not ckpt:
@@ -55,7 +72,8 @@ def parse_teacher_spec(spec: str) -> tuple[str, str, str]:
 def build_teacher(spec: str, device: torch.device | str = "cpu") -> Teacher:
     """Build and load a teacher from ``NAME=ARCH:CKPT``, in eval mode on ``device``."""
     name, arch, ckpt = parse_teacher_spec(spec)
-    sd, meta = load_checkpoint_file(ckpt)
+    path, ema = checkpoint_file(ckpt)
+    sd, meta = load_checkpoint_file(path, ema)
     if "arch" in meta and meta["arch"] != arch:
         raise ConfigError(f"{ckpt}: checkpoint is for arch {meta['arch']!r}, not {arch!r}")
     probe = create_teacher_model(arch, 1)
@@ -73,7 +91,7 @@ def build_teacher(spec: str, device: torch.device | str = "cpu") -> Teacher:
     mean = tuple(meta.get("mean", model.pretrained_cfg.get("mean", IMAGENET_MEAN)))
     std = tuple(meta.get("std", model.pretrained_cfg.get("std", IMAGENET_STD)))
     img_size, classes = meta.get("img_size"), meta.get("classes")
-    return Teacher(name, arch, str(ckpt), sha256_file(ckpt), model.eval().to(device), num_classes,
+    return Teacher(name, arch, str(ckpt), checkpoint_sha256(ckpt), model.eval().to(device), num_classes,
                    mean, std, int(img_size) if isinstance(img_size, int) else None,  # type: ignore[arg-type]
                    [str(c) for c in classes] if isinstance(classes, list) else None)
 

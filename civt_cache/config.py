@@ -109,10 +109,9 @@ def build_config(cls: type[T], pipeline: dict[str, Any], section: str, flags: di
                           else f"{source or 'pipeline'}: [{section}] {name}", value)
     if "recipe" in known:
         recipe = dict(pipeline.get("recipe", {}))
-        for name, value in recipe.items():
-            refuse_non_finite(f"{source or 'pipeline'}: [recipe] {name}", value)
         recipe_hints = typing.get_type_hints(Recipe)
         for name, value in recipe.items():
+            refuse_non_finite(f"{source or 'pipeline'}: [recipe] {name}", value)
             if name in recipe_hints:  # unknown keys: Recipe.from_json names them
                 check_type(f"{source or 'pipeline'}: [recipe] {name}", value, recipe_hints[name])
         if values.get("img_size") is not None:

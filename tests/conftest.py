@@ -156,8 +156,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def descendants(pid: int) -> list[int]:
-    """The live processes below ``pid`` (children, grandchildren...), read from /proc."""
+def _parents() -> dict[int, int]:
+    """{pid: parent pid} of every process, read from /proc."""
     parent_of = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -166,6 +166,17 @@ def descendants(pid: int) -> list[int]:
             except OSError:
                 continue
             parent_of[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return parent_of
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started itself."""
+    return sorted(p for p, parent in _parents().items() if parent == pid)
+
+
+def descendants(pid: int) -> list[int]:
+    """The live processes below ``pid`` (children, grandchildren...), read from /proc."""
+    parent_of = _parents()
     found, frontier = [], {pid}
     while frontier:
         frontier = {p for p, parent in parent_of.items() if parent in frontier}

@@ -31,7 +31,7 @@ import timm
 import torch
 
 from civt_cache import load_manifest
-from tests.conftest import TINY, assert_gone, descendants, free_port, moto_s3, run_cli
+from tests.conftest import TINY, assert_gone, children, descendants, free_port, moto_s3, run_cli
 from tests.test_faults import arrays
 
 pytestmark = pytest.mark.slow
@@ -201,16 +201,11 @@ def _stage_two(data: dict, out: Path, logs: Path, kill_in_epoch: int | None) -> 
             time.sleep(0.2)
         else:
             raise AssertionError("no mid-epoch checkpoint to kill after")
-        ranks = [p for p in nodes[-1].look() if p in _children(nodes[-1].proc.pid)]
+        ranks = children(nodes[-1].proc.pid)
         os.kill(ranks[-1], signal.SIGKILL)  # one rank of the last node, as an OOM kill does
     for node in nodes:
         assert node.wait(900) == 0, (node.log.name, Path(node.log.name).read_text()[-3000:])
     return nodes
-
-
-def _children(pid: int) -> list[int]:
-    return [p for p in descendants(pid) if Path(f"/proc/{p}/stat").exists()
-            and int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid]
 
 
 def test_stage_two_on_two_nodes_with_a_rank_killed_and_the_group_restarted(data, tmp_path) -> None:

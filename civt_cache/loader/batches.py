@@ -48,21 +48,26 @@ def epoch_plan(manifest: DataManifest, seed: int, epoch: int, rank: int, world: 
                workers: int) -> RankPlan:
     """This rank's batch plan for an epoch (``loader.plan``): shards in the epoch's keyed
     order, dealt to ranks round-robin, the same step count on every rank."""
-    counts = [s.num_samples for s in manifest.shards]
+    counts = _counts(manifest)
     return rank_plan(counts, shard_order(seed, epoch, len(counts)), rank, world, batch_size, workers)
 
 
 def steps_per_epoch(manifest: DataManifest, seed: int, epoch: int, world: int, batch_size: int) -> int:
     """Steps every rank runs in an epoch (``loader.plan.epoch_steps``): known before any
     shard is read, so the schedule counts them up front."""
-    counts = [s.num_samples for s in manifest.shards]
+    counts = _counts(manifest)
     return epoch_steps(counts, shard_order(seed, epoch, len(counts)), world, batch_size)
 
 
 def shards_plan(manifest: DataManifest, shards: list[int], batch_size: int, workers: int = 1) -> RankPlan:
     """One process's plan over the given shards in the given order (tests, benchmarks, one's
     own loop over a few shards)."""
-    return rank_plan([s.num_samples for s in manifest.shards], shards, 0, 1, batch_size, workers)
+    return rank_plan(_counts(manifest), shards, 0, 1, batch_size, workers)
+
+
+def _counts(manifest: DataManifest) -> list[int]:
+    """Each shard's sample count: all a batch plan needs of the data."""
+    return [s.num_samples for s in manifest.shards]
 
 
 @dataclass

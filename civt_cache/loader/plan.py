@@ -32,11 +32,10 @@ Batch = tuple[Segment, ...]
 
 @dataclass(frozen=True)
 class RankPlan:
-    """One rank's epoch: ``batches[i]`` is step ``i``; ``workers`` is the worker count it was
-    laid out for (step ``i`` is cheapest for worker ``i mod workers``)."""
+    """One rank's epoch: ``batches[i]`` is step ``i`` (cheapest for the loader worker ``i mod W``
+    of the W it was laid out for)."""
 
     batches: tuple[Batch, ...]
-    workers: int
 
     @property
     def steps(self) -> int:
@@ -67,18 +66,8 @@ def rank_plan(counts: Sequence[int], order: Sequence[int], rank: int, world: int
         own.append(batches)
         pool.extend(rest)
     pooled, _ = _cut(pool, steps - sum(len(b) for b in own), batch_size)
-    taken = [0] * w_count
-    out: list[Batch] = []
-    next_pooled = 0
-    for i in range(steps):
-        w = i % w_count
-        if taken[w] < len(own[w]):
-            out.append(own[w][taken[w]])
-            taken[w] += 1
-        else:
-            out.append(pooled[next_pooled])
-            next_pooled += 1
-    return RankPlan(tuple(out), w_count)
+    owned, spare = [iter(b) for b in own], iter(pooled)
+    return RankPlan(tuple(next(owned[i % w_count], None) or next(spare) for i in range(steps)))
 
 
 def _cut(stream: list[Segment], count: int, batch_size: int) -> tuple[list[Batch], list[Segment]]:

@@ -42,10 +42,11 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-#: What torch's own checkpoints name in their pickles (tensor rebuilds, storages, OrderedDict):
-#: loaded by ``weights_only``; anything else names code.
-_PLAIN_GLOBALS = ("torch.", "collections.OrderedDict", "argparse.Namespace", "_codecs.encode", "builtins.set", "builtins.frozenset",
-                  "builtins.slice", "builtins.complex", "numpy.")
+#: What torch's own checkpoints name in their pickles (tensor rebuilds, storages, OrderedDict),
+#: and ``SAFE_CLASSES``: loaded by ``weights_only``; anything else names code.
+_PLAIN_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.frozenset",
+                  "builtins.slice", "builtins.complex", "numpy.",
+                  *(f"{c.__module__}.{c.__qualname__}" for c in SAFE_CLASSES))
 
 
 def load_torch_file(path: Path) -> Any:

@@ -11,8 +11,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from civt_cache.data.manifest import DataManifest, class_difference, load_manifest
-from civt_cache.errors import ManifestError
 from civt_cache.distributed import DistInfo, all_reduce_sum, device_autocast, device_layout, distributed_session
+from civt_cache.errors import ManifestError
 from civt_cache.loader.batches import ValBatches, batch_loader, val_views
 from civt_cache.models.teachers import build_teacher
 from civt_cache.progress import Progress

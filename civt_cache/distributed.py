@@ -2,6 +2,7 @@
 device choice. Stages work unchanged without torchrun (world size 1)."""
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -161,7 +162,12 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
+    """Leave the process group. A DDP wrapper sits in a reference cycle, so after its last use
+    it lives on until a garbage collection; one collected after the group is destroyed aborts
+    the rank as it exits (``terminate called without an active exception``, exit -6, seen on
+    the CPU under load), turning a finished run into a failed one. So collect first."""
     if info.distributed and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -141,6 +141,7 @@ with distributed_session("cpu") as info:
     weights = all_gather_objects(info, model[0].weight.detach().clone())
     if info.rank == 0:
         print("buffers equal:", torch.equal(means[0], means[1]), "weights equal:", torch.equal(weights[0], weights[1]))
+    del ddp  # no DDP outlives the process group (train-student drops its own with the run)
 """
 
 

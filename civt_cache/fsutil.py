@@ -33,11 +33,12 @@ def is_url(value: object) -> bool:
 def refuse_url(text: str, where: str, allowed: tuple[str, ...] = ()) -> None:
     """Refuse a URL where a filesystem path is needed, in one line (a URL taken as a path would
     silently become a local folder named ``s3:``); URLs of the ``allowed`` schemes pass."""
-    if is_url(text) and text.split("://", 1)[0].lower() not in allowed:
+    scheme = "pipe" if text.startswith("pipe:") else text.split("://", 1)[0].lower()
+    if is_url(text) and scheme not in allowed:
         raise ConfigError(f"{where}: {text!r} is a URL here; URLs may name shards and manifests "
-                          "(s3://, gs://, https://), caches and make-shards' output (s3://, gs://), "
-                          "but checkpoints, pipelines and run folders are files")
-    if is_url(text) and not url_host(text):
+                          "(s3://, gs://, https://, file://, pipe:), caches and make-shards' output "
+                          "(s3://, gs://), but checkpoints, pipelines and run folders are files")
+    if is_url(text) and scheme not in ("pipe", "file") and not url_host(text):
         raise ConfigError(f"{where}: {text!r} names no bucket or host; give it whole, e.g. "
                           f"{text.split('://', 1)[0].lower()}://BUCKET/PATH")
 

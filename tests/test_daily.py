@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import timm
 import torch
 
 from civt_cache.distributed import choose_threads
@@ -60,7 +61,7 @@ def test_version_and_make_passes_extra_flags(tmp_path) -> None:
 
 def test_run_records_are_written_and_readable(world, tmp_path) -> None:
     """Like timm's train.py: the merged settings (args.yaml), a per-epoch summary.csv, the best
-    weights (model_best.pt, which `eval --json` reads), EMA weights and TensorBoard when asked."""
+    weights (model_best.pth.tar, which `eval --json` reads), EMA weights and TensorBoard when asked."""
     import csv
     import json
 
@@ -73,21 +74,33 @@ def test_run_records_are_written_and_readable(world, tmp_path) -> None:
     assert (args["model"], args["batch_size"], args["model_ema"]) == ("civt_micro", 32, True)
     rows = list(csv.DictReader((run / "summary.csv").open()))
     assert len(rows) == 1 and rows[0]["epoch"] == "0"
-    assert 0 <= float(rows[0]["val_top1"]) <= 100 and 0 <= float(rows[0]["ema_val_top1"]) <= 100
-    state = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert state["ema"] is not None and state["ema"].keys() == state["model"].keys()
-    best = torch.load(run / "model_best.pt", weights_only=True)
-    assert best["epoch"] == 0 and best["val_top1"] == float(rows[0]["val_top1"])
-    out = run_cli("eval", "--manifest", str(world["manifest"]), "--arch", "civt_micro",
-                  "--checkpoint", str(run / "model_best.pt"), "--device", "cpu", "--json").stdout
-    metrics = json.loads(out)
-    assert metrics["val_top1"] == float(rows[0]["val_top1"])
+    assert list(rows[0])[:6] == ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]  # timm's
+    assert 0 <= float(rows[0]["eval_top1"]) <= 100 and 0 <= float(rows[0]["ema_val_top1"]) <= 100
+    assert float(rows[0]["eval_loss"]) > 0
+    state = torch.load(run / "last.pth.tar", weights_only=True)
+    assert state["state_dict_ema"].keys() == state["state_dict"].keys()
+    best = torch.load(run / "model_best.pth.tar", weights_only=True)
+    assert best["epoch"] == 0 and best["val_top1"] == float(rows[0]["eval_top1"])
+    assert (run / "checkpoint-0.pth.tar").exists()
+    # timm reads the run as its own: create_model(checkpoint_path=...), and the EMA with use_ema
+    model = timm.create_model("civt_micro", num_classes=10, img_size=32, checkpoint_path=str(run / "model_best.pth.tar"))
+    timm.models.load_checkpoint(model, str(run / "model_best.pth.tar"), use_ema=False)
+    assert all(torch.equal(v, best["state_dict"][k]) for k, v in model.state_dict().items())
+    timm.models.load_checkpoint(model, str(run / "model_best.pth.tar"), use_ema=True)
+    assert all(torch.equal(v, best["state_dict_ema"][k]) for k, v in model.state_dict().items())
+    assert not all(torch.equal(v, best["state_dict"][k]) for k, v in model.state_dict().items())
+    # eval takes the architecture from the checkpoint, the EMA weights with --use-ema
+    evals = {ema: json.loads(run_cli("eval", "--manifest", str(world["manifest"]), "--checkpoint",
+                                     str(run / "model_best.pth.tar"), "--device", "cpu", "--json",
+                                     *(["--use-ema"] if ema else [])).stdout) for ema in (False, True)}
+    assert evals[False]["val_top1"] == float(rows[0]["eval_top1"])
+    assert evals[True]["val_top1"] == float(rows[0]["ema_val_top1"])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tb"))
     events.Reload()
     (scalar,) = events.Scalars("val_top1")
-    assert scalar.step == 0 and abs(scalar.value - float(rows[0]["val_top1"])) < 1e-4
+    assert scalar.step == 0 and abs(scalar.value - float(rows[0]["eval_top1"])) < 1e-4
 
 
 def test_every_command_reads_a_pipeline(world, tmp_path) -> None:
@@ -130,6 +143,6 @@ epochs = 1
     assert set(metrics) >= {"val_top1", "val_top5"}
     run_cli("train-teacher", "--pipeline", str(p), "--name", "fresh", "--workers", "0", "--batch-size", "64")
     assert (tmp_path / "fresh.pth").exists()
-    missing = run_cli("eval", "--pipeline", str(p), "--device", "cpu", check=False)  # no model_best.pt yet
+    missing = run_cli("eval", "--pipeline", str(p), "--device", "cpu", check=False)  # no model_best.pth.tar yet
     assert missing.returncode != 0
     refused(run_cli("eval", "--pipeline", str(p), "--name", "nope", check=False), "no [teachers.nope] table")

@@ -278,10 +278,10 @@ def test_full_disk_is_one_line_and_loses_nothing_committed(world, tmp_path) -> N
 def test_orphan_checkpoint_temp_files_are_removed(world, tmp_path) -> None:
     run = tmp_path / "run"
     run.mkdir()
-    orphan = run / ".checkpoint.pt.abc123.tmp"
+    orphan = run / ".last.pth.tar.abc123.tmp"
     orphan.write_bytes(b"half a checkpoint")
     run_cli(*student_args(world, world["ref"], run, "--max-steps", "1", "--workers", "0"))
-    assert not orphan.exists() and (run / "checkpoint.pt").exists()
+    assert not orphan.exists() and (run / "last.pth.tar").exists()
 
 
 def _kill_after(args: list[str], seconds: float) -> None:
@@ -339,8 +339,8 @@ def test_soak_kills_corruption_and_repair(world, tmp_path) -> None:
     for i in range(10):
         _kill_after(student(killed, "--fresh" if i == 0 else "--resume"), float(rng.uniform(4.0, 10.0)))
     run_cli(*student(killed, "--resume"))
-    a = torch.load(tmp_path / "uninterrupted" / "checkpoint.pt", weights_only=True)["model"]
-    b = torch.load(killed / "checkpoint.pt", weights_only=True)["model"]
+    a = torch.load(tmp_path / "uninterrupted" / "last.pth.tar", weights_only=True)["state_dict"]
+    b = torch.load(killed / "last.pth.tar", weights_only=True)["state_dict"]
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

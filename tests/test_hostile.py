@@ -95,20 +95,20 @@ def _teacher_with_bias(world: dict[str, Path], path: Path, value: float) -> str:
 def test_crafted_checkpoint_is_refused_and_never_runs(world, tmp_path) -> None:
     marker, run = tmp_path / "pwned", tmp_path / "run"
     run.mkdir()
-    torch.save({"model": _Payload(marker)}, run / "checkpoint.pt")
+    torch.save({"model": _Payload(marker)}, run / "last.pth.tar")
     refused(run_cli(*student_args(world, world["ref"], run, "--resume"), check=False),
-            str(run / "checkpoint.pt"), "refused: it holds io.open", "would run code")
+            str(run / "last.pth.tar"), "refused: it holds io.open", "would run code")
     assert not marker.exists()
     refused(run_cli("eval", "--manifest", str(world["manifest"]), "--arch", "civt_micro",
-                    "--checkpoint", str(run / "checkpoint.pt"), "--device", "cpu", check=False),
-            str(run / "checkpoint.pt"), "refused")
+                    "--checkpoint", str(run / "last.pth.tar"), "--device", "cpu", check=False),
+            str(run / "last.pth.tar"), "refused")
     assert not marker.exists()
 
 
 def test_truncated_or_garbage_checkpoint_is_one_line(world, tmp_path) -> None:
     run = tmp_path / "run"
     run_cli(*student_args(world, world["ref"], run, "--max-steps", "1", "--workers", "0"))
-    ckpt = run / "checkpoint.pt"
+    ckpt = run / "last.pth.tar"
     whole = ckpt.read_bytes()
     for damaged in (whole[: len(whole) // 2], b"not a checkpoint" * 64):
         ckpt.write_bytes(damaged)
@@ -148,8 +148,8 @@ def test_huge_finite_logit_cannot_overflow_the_cache(world, tmp_path) -> None:
     assert "-> OK" in run_cli("verify", str(out), "--samples", "4", "--device", "cpu").stdout
     run = tmp_path / "run"
     run_cli(*student_args(world, out, run, "--max-steps", "2", "--workers", "0"))
-    state = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    state = torch.load(run / "last.pth.tar", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
 
 
 def test_non_finite_loss_stops_at_its_step_without_a_checkpoint(world, tmp_path) -> None:
@@ -157,7 +157,7 @@ def test_non_finite_loss_stops_at_its_step_without_a_checkpoint(world, tmp_path)
     line = refused(run_cli(*student_args(world, world["ref"], run, "--lr", "1e38", "--workers", "0"),
                            check=False), "loss is", "at step", "digits-val-", "rows")
     assert "epoch 1" in line
-    assert not (run / "checkpoint.pt").exists() and not (run / "metrics.jsonl").exists()
+    assert not (run / "last.pth.tar").exists() and not (run / "metrics.jsonl").exists()
 
 
 # ---- row 3: images declaring 9000 x 9000 pixels ------------------------------------------------
@@ -291,7 +291,7 @@ def stopped_run(world, tmp_path_factory) -> Path:
     ("--cache", "OTHER", "--cache: checkpoint"),
 ])
 def test_resume_refuses_settings_that_change_the_run(world, stopped_run, tmp_path, flag, value, needle) -> None:
-    before = (stopped_run / "checkpoint.pt").read_bytes()
+    before = (stopped_run / "last.pth.tar").read_bytes()
     if value == "OTHER":
         shutil.copytree(world["ref"], tmp_path / "other")
         value = str(tmp_path / "other")
@@ -300,14 +300,14 @@ def test_resume_refuses_settings_that_change_the_run(world, stopped_run, tmp_pat
         args[args.index(flag) + 1] = value
     else:
         args += [flag, value]
-    refused(run_cli(*args, check=False), str(stopped_run / "checkpoint.pt"), "different run", needle)
-    assert (stopped_run / "checkpoint.pt").read_bytes() == before
+    refused(run_cli(*args, check=False), str(stopped_run / "last.pth.tar"), "different run", needle)
+    assert (stopped_run / "last.pth.tar").read_bytes() == before
 
 
 def test_resume_without_checkpoint_says_it_starts_fresh(world, tmp_path) -> None:
     run = tmp_path / "run"
     proc = run_cli(*student_args(world, world["ref"], run, "--resume", "--max-steps", "1", "--workers", "0"))
-    assert f"no checkpoint at {run / 'checkpoint.pt'}; starting fresh" in proc.stdout + proc.stderr
+    assert f"no checkpoint at {run / 'last.pth.tar'}; starting fresh" in proc.stdout + proc.stderr
 
 
 def test_finished_run_resumed_changes_nothing(world, tmp_path) -> None:
@@ -327,12 +327,12 @@ def test_a_run_folder_has_one_writer_and_one_run(world, stopped_run, tmp_path) -
                         check=False), str(stopped_run), "another run is writing this folder")
     run = tmp_path / "run"
     run_cli(*student_args(world, world["ref"], run, "--workers", "0", "--max-steps", "1"))
-    before = (run / "checkpoint.pt").read_bytes()
+    before = (run / "last.pth.tar").read_bytes()
     refused(run_cli(*student_args(world, world["ref"], run, "--workers", "0"), check=False),
-            str(run), "holds another run's files (checkpoint.pt, args.yaml)", "--force")
-    assert (run / "checkpoint.pt").read_bytes() == before
+            str(run), "holds another run's files (last.pth.tar, args.yaml)", "--force")
+    assert (run / "last.pth.tar").read_bytes() == before
     run_cli(*student_args(world, world["ref"], run, "--workers", "0", "--force", "--seed", "3"))
-    assert torch.load(run / "checkpoint.pt", weights_only=True)["job"]["seed"] == 3
+    assert torch.load(run / "last.pth.tar", weights_only=True)["job"]["seed"] == 3
     assert [r["epoch"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [0]
 
 
@@ -347,7 +347,7 @@ def test_files_are_written_with_the_umask(world, tmp_path) -> None:
         run_cli("scan-shards", str(world["root"] / "shards"), "--name", "w", "--manifest", str(m))
     finally:
         os.umask(old)
-    files = [*(out / "progress").iterdir(), run / "checkpoint.pt", m]
+    files = [*(out / "progress").iterdir(), run / "last.pth.tar", m]
     assert files and all(p.stat().st_mode & 0o777 == 0o644 for p in files), \
         {p.name: oct(p.stat().st_mode & 0o777) for p in files}
 

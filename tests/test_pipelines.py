@@ -34,6 +34,27 @@ def test_official_coadvise_recipe() -> None:
     assert (s.clip_grad, s.drop_path, s.warmup_epochs, s.weight_decay) == (15.0, 0.0, 20, 0.05)
     assert (s.temperature, s.w_ce, s.w_conv, s.w_inv, s.label_smoothing) == (1.0, 1.0, 1.0, 1.0, 0.1)
     assert cache.epochs == s.epochs  # fresh views every epoch, as the paper trains
+    assert s.recipe.mix_mode == "batch" and s.recipe.mix_batch == s.batch_size  # one draw per GPU batch
+    bare = StudentJob(manifest="m.json", val_manifest="v.json", out=Path("run"))  # no pipeline file
+    assert [getattr(bare, k) for k in ("clip_grad", "drop_path", "warmup_epochs", "weight_decay", "min_lr")] \
+        == [getattr(s, k) for k in ("clip_grad", "drop_path", "warmup_epochs", "weight_decay", "min_lr")]
+
+
+def test_demo_teachers_train_on_the_views_they_are_asked_about() -> None:
+    from civt_cache.errors import ConfigError
+    from civt_cache.stages.train_teacher import TeacherJob, teacher_recipe
+
+    path = Path(__file__).resolve().parents[1] / "pipelines" / "demo.toml"
+    cfg = load_pipeline(path)
+    for name, table in cfg["teachers"].items():
+        job = build_config(TeacherJob, {"teachers": {**{k: v for k, v in table.items() if k != "checkpoint"},
+                                                     "out": table["checkpoint"]}, "recipe": cfg["recipe"]},
+                           "teachers", {"manifest": "m.json", "val_manifest": "v.json", "img_size": 32}, path)
+        assert teacher_recipe(job) == build_config(CacheJob, cfg, "cache", {}, path).recipe, name
+    plain = TeacherJob(manifest="m.json", val_manifest="v.json", arch="resnet10t", out=Path("t.pth"), img_size=32)
+    assert teacher_recipe(plain).randaugment == "" and not teacher_recipe(plain).mixing
+    with pytest.raises(ConfigError, match="views"):
+        TeacherJob(manifest="m.json", val_manifest="v.json", arch="resnet10t", out=Path("t.pth"), views="all")
 
 
 def test_demo_reuses_only_runs_of_the_same_settings(tmp_path) -> None:

@@ -83,7 +83,7 @@ def test_non_finite_settings_are_refused_at_start(world, tmp_path, flag) -> None
 def test_a_full_disk_in_torch_save_is_one_line_naming_the_file_and_the_space(tmp_path) -> None:
     """torch.save reports a full disk as its zip writer's RuntimeError; any writer's ENOSPC
     without a file name gets the file's name; the old file is untouched."""
-    path = tmp_path / "checkpoint.pt"
+    path = tmp_path / "last.pth.tar"
     path.write_bytes(b"old")
 
     def torch_full(f) -> None:
@@ -97,7 +97,7 @@ def test_a_full_disk_in_torch_save_is_one_line_naming_the_file_and_the_space(tmp
             atomic_write_with(path, writer)
         line = one_line_error(got.value)
         assert line.startswith(f"{path}: disk full") and "MB left on its file system" in line, line
-        assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+        assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["last.pth.tar"]
 
 
 class _Runs:
@@ -137,7 +137,7 @@ def test_a_stop_by_max_steps_says_so_and_prints_no_result(world, tmp_path) -> No
     run = tmp_path / "run"
     proc = run_cli(*student_args(world, world["ref"], run, "--max-steps", "1", "--workers", "0"))
     assert "val top-1" not in proc.stdout and "nan" not in proc.stdout
-    assert f"stopped by --max-steps at epoch 1 step 1; --resume continues from {run / 'checkpoint.pt'}" in proc.stdout
+    assert f"stopped by --max-steps at epoch 1 step 1; --resume continues from {run / 'last.pth.tar'}" in proc.stdout
     assert not (run / "results.json").exists()
 
 

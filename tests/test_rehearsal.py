@@ -189,7 +189,7 @@ def _stage_two(data: dict, out: Path, logs: Path, kill_in_epoch: int | None) -> 
     nodes = [Tree(_torchrun_node(rdzv, out.name, logs / f"node{n}", _student_args(data, out)), logs / f"node{n}.out",
                   {**os.environ, **RESTARTABLE}) for n in range(NODES)]
     if kill_in_epoch is not None:
-        ckpt = out / "checkpoint.pt"
+        ckpt = out / "last.pth.tar"
         deadline = time.time() + 600
         while time.time() < deadline:
             for node in nodes:
@@ -224,15 +224,15 @@ def test_stage_two_on_two_nodes_with_a_rank_killed_and_the_group_restarted(data,
         assert sorted(steps) == list(range(1, EPOCHS + 1)), steps
         for epoch, by_rank in steps.items():
             assert sorted(by_rank) == list(range(NODES * RANKS)) and len(set(by_rank.values())) == 1, (logs, epoch, by_rank)
-    ref = torch.load(tmp_path / "uninterrupted" / "checkpoint.pt", weights_only=True)
-    got = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    ref = torch.load(tmp_path / "uninterrupted" / "last.pth.tar", weights_only=True)
+    got = torch.load(tmp_path / "killed" / "last.pth.tar", weights_only=True)
     assert (got["epoch"], got["step"]) == (EPOCHS, 0)
     # equal up to float rounding: the first step after a restart sums the ranks' gradients in
     # DDP's first bucket order, later steps in the order it rebuilds after one step, and a sum
     # of more than two ranks' values is rounded by its order (at 2 ranks it is bit-equal)
     exact = NODES * RANKS <= 2
-    for k in ref["model"]:
-        a, b = ref["model"][k].float(), got["model"][k].float()
+    for k in ref["state_dict"]:
+        a, b = ref["state_dict"][k].float(), got["state_dict"][k].float()
         assert torch.equal(a, b) if exact else torch.allclose(a, b, rtol=1e-4, atol=1e-5), k
     rows = [[json.loads(l) for l in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
             for r in ("uninterrupted", "killed")]

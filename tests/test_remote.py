@@ -100,7 +100,7 @@ def test_both_stages_from_s3_shards_with_the_cache_in_s3_equal_the_local_runs(wo
         for flag in ("--manifest", "--val-manifest"):
             student[student.index(flag) + 1] = str(manifest)
         run_cli(*student)
-        runs[where] = torch.load(tmp_path / where / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+        runs[where] = torch.load(tmp_path / where / "last.pth.tar", map_location="cpu", weights_only=False)["state_dict"]
     assert runs["local"].keys() == runs["s3"].keys()
     assert all(torch.equal(runs["local"][k], runs["s3"][k]) for k in runs["local"])
 

@@ -198,7 +198,15 @@ def test_scan_shards_warns_about_class_sorted_shards(tmp_path: Path) -> None:
                    "--manifest", str(tmp_path / "s.json"))
     assert "5 of 5 shards look sorted by class" in proc.stderr
     assert "s-000000.tar: 20 samples, 2 classes (about 9 if shuffled), largest class 50%" in proc.stderr
-    assert "make-shards" in proc.stderr and load_manifest(tmp_path / "s.json").num_samples == 100
+    assert "make-shards MANIFEST OUT_DIR" in proc.stderr and load_manifest(tmp_path / "s.json").num_samples == 100
+    # the advice works: make-shards rewrites the scanned shards shuffled, every sample kept
+    run_cli("make-shards", str(tmp_path / "s.json"), str(tmp_path / "resharded"), "--name", "r",
+            "--shard-size", "20", "--manifest", str(tmp_path / "r.json"))
+    proc = run_cli("scan-shards", str(tmp_path / "resharded"), "--name", "r2", "--manifest", str(tmp_path / "r2.json"))
+    assert "sorted by class" not in proc.stderr
+    resharded = load_manifest(tmp_path / "r.json")
+    got = sorted((s.key, s.label) for i in range(len(resharded.shards)) for s in read_shard(resharded, i))
+    assert got == sorted((f"k{i}", label) for i, label in enumerate(ordered))
     shuffled = np.random.default_rng(0).permutation(ordered).tolist()
     write(tmp_path / "shuffled", shuffled)
     proc = run_cli("scan-shards", str(tmp_path / "shuffled"), "--name", "u",

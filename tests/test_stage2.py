@@ -186,7 +186,7 @@ def test_train_cycles_cache_and_resume_after_kill_reproduces(digits, full_cache,
             "--epochs", "3", "--batch-size", "32", "--lr", "1e-3", "--workers", "0",
             "--device", "cpu", "--out", str(run), "--checkpoint-every", "5", "--cycle-cache"]
     proc = subprocess.Popen(args + ["--fresh"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = run / "checkpoint.pt"
+    ckpt = run / "last.pth.tar"
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -217,7 +217,7 @@ def test_ddp_two_processes_on_cpu(digits, full_cache, tmp_path) -> None:
     m = load_manifest(digits["val"])
     assert row["steps"] == steps_per_epoch(m, 0, 0, 2, 16) > 0
     assert 0.0 <= row["val_top1"] <= 100.0
-    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state = torch.load(run / "last.pth.tar", weights_only=True)
     assert state["world_size"] == 2 and len(state["ranks"]) == 2  # each rank's own state
     assert not torch.equal(state["ranks"][0]["rng_cpu"], state["ranks"][1]["rng_cpu"])  # own seeds
 
@@ -249,7 +249,7 @@ def test_more_epochs_than_cached_refused_without_cycle_cache(digits, full_cache,
                    "--pipeline", str(Path(__file__).parent / "data" / "tiny.toml"),
                    "--out", str(tmp_path / "cli"), check=False)
     assert proc.returncode == 2 and "training asks for 5" in proc.stderr
-    assert not (tmp_path / "cli" / "checkpoint.pt").exists()
+    assert not (tmp_path / "cli" / "last.pth.tar").exists()
 
 
 def test_one_cache_serves_students_of_any_seed(digits, full_cache, tmp_path) -> None:
@@ -275,8 +275,8 @@ def test_one_cache_serves_students_of_any_seed(digits, full_cache, tmp_path) -> 
     for seed in (0, 7):
         run = tmp_path / f"s{seed}"
         train_student(student_job(digits, cache, run, seed=seed, max_steps=2, epochs=2))
-        results[seed] = torch.load(run / "checkpoint.pt", weights_only=True)
-    w0, w7 = (results[s]["model"]["pos_embed"] for s in (0, 7))
+        results[seed] = torch.load(run / "last.pth.tar", weights_only=True)
+    w0, w7 = (results[s]["state_dict"]["pos_embed"] for s in (0, 7))
     assert not torch.equal(w0, w7)
     assert results[7]["job"]["seed"] == 7
 
@@ -341,7 +341,7 @@ def test_prefetch_and_loss_reads_cannot_change_a_result(digits, full_cache, tmp_
     runs = {}
     for name, kw in (("ahead", dict(prefetch=True, log_every=20)), ("series", dict(prefetch=False, log_every=1))):
         train_student(student_job(digits, cache, tmp_path / name, epochs=1, **kw))
-        runs[name] = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"], _metrics(tmp_path / name))
+        runs[name] = (torch.load(tmp_path / name / "last.pth.tar", weights_only=True)["state_dict"], _metrics(tmp_path / name))
     (a, rows_a), (b, rows_b) = runs["ahead"], runs["series"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert rows_a[0]["train_loss"] == rows_b[0]["train_loss"]

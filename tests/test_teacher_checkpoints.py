@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import civt_cache  # noqa: F401  (registers rednet*/civt_*)
+from civt_cache.data.manifest import load_manifest
 from civt_cache.errors import CheckpointError, ConfigError
 from civt_cache.models.teachers import build_teacher
 
@@ -105,7 +106,7 @@ def test_readme_regnety_example_is_accepted(digits, tmp_path: Path) -> None:
             "--teacher", f"conv=regnety_006:{tmp_path / 'regnety_006.pth'}", "--epochs", "1",
             "--topk", "10", "--img-size", "32", "--out", str(tmp_path / "cache"), "--workers", "0",
             "--batch-size", "128")
-    assert len(list((tmp_path / "cache" / "progress").glob("*.json"))) == 2
+    assert len(list((tmp_path / "cache" / "progress").glob("*.json"))) == len(load_manifest(digits["val"]).shards)
 
 
 def test_a_timm_train_py_checkpoint_is_a_teacher_plain_or_ema(world, tmp_path) -> None:
@@ -147,3 +148,18 @@ def test_a_timm_train_py_checkpoint_is_a_teacher_plain_or_ema(world, tmp_path) -
     torch.save(model.state_dict(), tmp_path / "plain.pth")
     with pytest.raises(ConfigError, match="holds no EMA weights"):
         build_teacher(f"conv=resnet10t:{tmp_path / 'plain.pth'}:ema")
+
+
+def test_a_hugging_face_style_folder_is_a_teacher(tmp_path: Path) -> None:
+    """timm's own export (``save_for_hf``: config.json + model.safetensors) names the folder
+    as the checkpoint; its config says the architecture and classes, another arch is refused."""
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=7).eval()
+    save_for_hf(model, str(tmp_path / "hf"), safe_serialization=True)
+    teacher = build_teacher(f"conv=resnet10t:{tmp_path / 'hf'}")
+    x = torch.randn(2, 3, 32, 32)
+    assert teacher.num_classes == 7 and torch.allclose(teacher.model(x), model(x), atol=1e-5)
+    with pytest.raises(ConfigError, match="for arch 'resnet10t', not 'resnet18'"):
+        build_teacher(f"conv=resnet18:{tmp_path / 'hf'}")

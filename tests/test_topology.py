@@ -57,7 +57,7 @@ def test_kill_9_of_a_run_with_workers_leaves_no_process_and_resume_continues(wor
             *student_args(world, world["ref"], run, "--workers", "2", "--epochs", "2", "--checkpoint-every", "2")]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (run / "checkpoint.pt").exists():
+    while time.time() < deadline and proc.poll() is None and not (run / "last.pth.tar").exists():
         time.sleep(0.05)
     children = descendants(proc.pid)
     proc.send_signal(signal.SIGKILL)

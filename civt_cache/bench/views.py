@@ -13,10 +13,10 @@ from civt_cache.bench.op_counts import count_ops
 from civt_cache.bench.probes import sync
 from civt_cache.data.synthetic import photo_like_jpeg
 from civt_cache.distributed import pick_device
-from civt_cache.loader.batches import partners_follow
+from civt_cache.loader.batches import shard_sequence
 from civt_cache.views.engine import gpu_op_stream, render_encoded, worker_image
 from civt_cache.views.recipe import Recipe
-from civt_cache.views.records import PARTNER, image_size, sample_shard_records
+from civt_cache.views.records import PARTNER, image_size, mix_order, sample_shard_records
 
 PIL_BATCH = "PIL path per batch, 1 CPU core"
 PIL_ROW = "PIL path per row, 1 CPU core"
@@ -31,7 +31,7 @@ def measure_views(samples: int, img_size: int = 224, batch: int = 64, device: st
     each mixed view building its partner's base view again (stage two's per-sample data set)."""
     from civt_cache.bench import pil_reference as ref
 
-    recipe = Recipe(img_size=img_size)
+    recipe = Recipe(img_size=img_size, mix_batch=batch)  # one Mixup/CutMix draw per batch
     rng = np.random.default_rng(0)
     jpegs = [photo_like_jpeg(rng) for _ in range(samples)]
     recs = sample_shard_records(recipe, 0, 0, 0, list(range(samples)), [image_size(j) for j in jpegs])
@@ -78,10 +78,10 @@ def measure_views(samples: int, img_size: int = 224, batch: int = 64, device: st
 
 
 def _batches(recs: np.ndarray, batch: int) -> list[tuple[list[int], int]]:
-    """Stage two's batches over the rows in order, each partner right after its row: a batch's
-    ``batch`` output rows, then the partners it needs from outside it (``StudentBatch``); with
-    its number of outputs."""
-    order = partners_follow(list(range(len(recs))), recs[:, PARTNER])
+    """Stage two's batches over one shard's rows (``shard_sequence``: partners side by side): a
+    batch's ``batch`` output rows, then the partners it needs from outside it
+    (``StudentBatch``); with its number of outputs."""
+    order = shard_sequence(mix_order(0, 0, 0, len(recs)), batch, np.random.default_rng(0))
     batches = []
     for i in range(0, len(order), batch):
         part = order[i:i + batch]

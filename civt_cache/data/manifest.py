@@ -55,6 +55,7 @@ class DataManifest:
     seed: int | None = None
     encoding: dict[str, Any] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    label_key: str = "cls"  # where a sample's label is: its .cls, its .txt, or json:FIELD of its .json
     location: Path | str | None = None  # the manifest file (or URL) this was read from / written to
 
     # ---- identity -------------------------------------------------------------------------
@@ -157,6 +158,7 @@ class DataManifest:
             "encoding": self.encoding,
             "shards": [asdict(s) for s in self.shards],
             "skipped": self.skipped,
+            **({"label_key": self.label_key} if self.label_key != "cls" else {}),
         }
 
     def save(self, path: str | Path) -> None:
@@ -179,6 +181,14 @@ def _manifest_bytes(path: Path | str) -> bytes:
         raise ManifestError(f"{path}: manifest not found") from None
     except IsADirectoryError:
         raise ManifestError(f"{path}: is a directory, not a manifest file") from None
+
+
+def check_label_key(key: str, where: str) -> str:
+    """``cls``, ``txt`` or ``json:FIELD``: the member (or JSON field) holding a sample's integer
+    label, as WebDataset users store it (``.cls``, ``.txt``, Hugging Face-style ``.json``)."""
+    if key in ("cls", "txt") or (key.startswith("json:") and len(key) > 5):
+        return key
+    raise ManifestError(f"{where}: label key {key!r}: 'cls', 'txt' or 'json:FIELD' (e.g. json:label)")
 
 
 def class_difference(ours: list[str], theirs: list[str]) -> str | None:
@@ -231,6 +241,7 @@ def load_manifest(path: str | Path) -> DataManifest:
                          source=str(raw.get("source", "")), seed=raw.get("seed"),
                          encoding=dict(raw.get("encoding", {})),
                          skipped=list(raw.get("skipped", [])),
+                         label_key=check_label_key(str(raw.get("label_key", "cls")), str(path)),
                          location=path if isinstance(path, str) else path.resolve())
     except (KeyError, TypeError, ValueError) as e:
         raise ManifestError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None

@@ -9,6 +9,7 @@ are retried with backoff, then reported naming the object; a missing object is r
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable
@@ -16,11 +17,15 @@ from typing import TypeVar
 
 from braceexpand import braceexpand
 
-from civt_cache.errors import CivtError, ManifestError, ShardError
+from civt_cache.errors import CivtError, ConfigError, ManifestError, ShardError
 from civt_cache.fsutil import url_host
 
-#: Schemes shards may be read from. Anything else with ``://`` (or ``pipe:``) is refused.
-REMOTE_SCHEMES = ("s3", "gs", "gcs", "http", "https")
+#: Schemes shards may be read from, as WebDataset users write them: object stores, https,
+#: ``file://`` and ``pipe:COMMAND`` (a shell command whose output is the shard; it runs only
+#: with PIPE_ENV=1, since a manifest from elsewhere could name any command). Anything else
+#: with ``://`` is refused.
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "http", "https", "file", "pipe")
+PIPE_ENV = "CIVT_ALLOW_PIPE"
 #: Where a cache may live besides a folder (https is read-only and cannot list: no cache's home).
 CACHE_SCHEMES = ("s3", "gs", "gcs")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -30,8 +35,35 @@ T = TypeVar("T")
 
 def remote_scheme(text: str) -> str | None:
     """The scheme of a URL this module reads (``s3``...), else None."""
+    if text.startswith("pipe:"):
+        return "pipe"
     m = _SCHEME.match(text)
     return m.group(1).lower() if m and m.group(1).lower() in REMOTE_SCHEMES else None
+
+
+def _pipe_bytes(url: str, limit: int) -> bytes:
+    """The output of a ``pipe:`` URL's command (run by webdataset's ``gopen``, as WebDataset
+    runs it), at most ``limit`` bytes; a command that fails is an error naming it."""
+    import webdataset
+
+    if os.environ.get(PIPE_ENV) != "1":
+        raise ConfigError(f"{url}: a pipe: URL runs a shell command; set {PIPE_ENV}=1 to allow it")
+    try:
+        with webdataset.gopen(url, "rb") as stream:
+            parts, held = [], 0
+            while held < limit:
+                part = stream.read(min(1 << 24, limit - held))
+                if not part:
+                    break
+                parts.append(part)
+                held += len(part)
+        return b"".join(parts)
+    except Exception as e:  # gopen reports a command's exit status as a plain exception
+        raise ShardError(f"{url}: the command failed ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _fs(url: str):  # noqa: ANN202  (an fsspec filesystem)
@@ -86,13 +118,25 @@ def missing_what(url: str) -> str:
 
 
 def remote_size(url: str) -> int:
-    """The object's size in bytes (one metadata request)."""
+    """The object's size in bytes (one metadata request; a pipe: URL's output is read)."""
+    if remote_scheme(url) == "pipe":
+        return len(_pipe_bytes(url, 1 << 62))
     return int(with_retries("stat", url, lambda: _fs(url).info(url)["size"]))
 
 
 def read_remote(url: str, limit: int) -> bytes:
     """At most ``limit`` bytes of the object from its start, in one request."""
+    if remote_scheme(url) == "pipe":
+        return _pipe_bytes(url, limit)
+    if remote_scheme(url) == "file":  # read(n) allocates n bytes first: never more than the file
+        path = url[len("file://"):]
+        return with_retries("read", url, lambda: _read_local(path, limit))
     return with_retries("read", url, lambda: _fs(url).cat_file(url, start=0, end=limit))
+
+
+def _read_local(path: str, limit: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(min(limit, os.fstat(f.fileno()).st_size + 1))
 
 
 def write_remote(url: str, data: bytes) -> None:
@@ -109,6 +153,8 @@ def expand_remote(pattern: str) -> list[str]:
     """Shard URLs of a brace pattern (``s3://b/train-{000000..000127}.tar``, each checked to
     exist) or a glob (``s3://b/train-*.tar``), in stable order."""
     scheme = remote_scheme(pattern)
+    if scheme == "pipe":  # a command: its brace pattern names the shards, nothing can list them
+        return list(braceexpand(pattern))
     if "{" in pattern:
         urls = list(braceexpand(pattern))
         missing = [u for u in urls if not with_retries("stat", u, lambda u=u: _fs(u).exists(u))]

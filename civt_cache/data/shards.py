@@ -1,7 +1,8 @@
 """Reading WebDataset shards: one shard's samples as (key, image bytes, label) in stored order.
 
-Shards are plain tar files in the WebDataset convention: members ``KEY.EXT`` grouped by key,
-one image member (jpg/jpeg/png/webp) and one ``cls`` member (the integer label) per sample.
+Shards are tar files (or gzip'd tars) in the WebDataset convention: members ``KEY.EXT`` grouped
+by key, one image member (jpg/jpeg/png/webp) and the integer label per sample, in its ``.cls``
+member, its ``.txt``, or a field of its ``.json`` (the manifest's ``label_key``).
 The reader is deliberately strict, because a silently short shard would shift every row after
 it: a truncated tar, a sample without image or label, or a bad label raises ``ShardError``
 naming the shard and the key.
@@ -9,9 +10,11 @@ naming the shard and the key.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -48,25 +51,63 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2).lower()) if m else None
 
 
-def _finish_sample(shard: str, key: str, parts: dict[str, bytes], num_classes: int) -> Sample:
+def _finish_sample(shard: str, key: str, parts: dict[str, bytes], num_classes: int, label_key: str) -> Sample:
     image_ext = next((e for e in IMAGE_EXTS if e in parts), None)
     if image_ext is None:
         raise ShardError(f"{shard}: sample {key!r} has no image member "
                          f"(one of {', '.join(IMAGE_EXTS)}); has {sorted(parts)}")
-    if LABEL_EXT not in parts:
-        raise ShardError(f"{shard}: sample {key!r} has no '{LABEL_EXT}' label member")
-    text = parts[LABEL_EXT].decode("utf-8", "replace").strip()
-    try:
-        label = int(text)
-    except ValueError:
-        raise ShardError(f"{shard}: sample {key!r} has a non-integer label {text[:20]!r}") from None
+    label = _label(shard, key, parts, label_key)
     if not 0 <= label < num_classes:
         raise ShardError(f"{shard}: sample {key!r} has label {label}, outside the "
                          f"{num_classes:,} classes (0..{num_classes - 1})")
     return Sample(key, parts[image_ext], label)
 
 
-def iter_tar_samples(fileobj: BinaryIO, shard: str, num_classes: int = MAX_CLASSES) -> Iterator[Sample]:
+def _label(shard: str, key: str, parts: dict[str, bytes], label_key: str) -> int:
+    """The integer label of a sample from its ``label_key`` (``manifest.check_label_key``)."""
+    member, _, field = label_key.partition(":")
+    if member not in parts:
+        hint = "" if label_key != "cls" or "json" not in parts else " (its label may be in its .json: --label-key json:FIELD)"
+        raise ShardError(f"{shard}: sample {key!r} has no '{member}' label member{hint}")
+    text = parts[member].decode("utf-8", "replace").strip()
+    if field:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise ShardError(f"{shard}: sample {key!r}: its .json is not valid JSON") from None
+        if not isinstance(value, dict) or field not in value:
+            raise ShardError(f"{shard}: sample {key!r}: its .json has no field {field!r}")
+        value = value[field]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ShardError(f"{shard}: sample {key!r} has a non-integer label {str(value)[:20]!r} in its .json")
+        return value
+    try:
+        return int(text)
+    except ValueError:
+        raise ShardError(f"{shard}: sample {key!r} has a non-integer label {text[:20]!r}") from None
+
+
+def unpacked(data: bytes, shard: str) -> bytes:
+    """A shard's tar bytes: gzip'd shards (``.tar.gz``, as WebDataset's ``TarWriter`` writes a
+    name ending in .gz) decompressed; more than 32x their size plus 1 GiB is refused (a
+    decompression bomb, not a shard of images)."""
+    if data[:2] != b"\x1f\x8b":
+        return data
+    limit = 32 * len(data) + (1 << 30)
+    inflate = zlib.decompressobj(wbits=31)
+    try:
+        out = inflate.decompress(data, limit + 1)
+    except zlib.error as e:
+        raise ShardError(f"{shard}: gzip'd shard does not decompress ({e})") from None
+    if len(out) > limit:
+        raise ShardError(f"{shard}: decompresses to more than {limit:,} bytes")
+    if not inflate.eof:
+        raise ShardError(f"{shard}: truncated gzip stream")
+    return out
+
+
+def iter_tar_samples(fileobj: BinaryIO, shard: str, num_classes: int = MAX_CLASSES,
+                     label_key: str = "cls") -> Iterator[Sample]:
     """Yield the samples of an open tar stream in stored order (see the module docstring);
     a label outside ``0..num_classes - 1`` is refused naming the shard and key."""
     key: str | None = None
@@ -85,7 +126,7 @@ def iter_tar_samples(fileobj: BinaryIO, shard: str, num_classes: int = MAX_CLASS
                 mkey, ext = split
                 if mkey != key:
                     if key is not None:
-                        yield _finish_sample(shard, key, parts, num_classes)
+                        yield _finish_sample(shard, key, parts, num_classes, label_key)
                     if mkey in seen:
                         raise ShardError(f"{shard}: key {mkey!r} appears twice (members not grouped)")
                     seen.add(mkey)
@@ -106,7 +147,7 @@ def iter_tar_samples(fileobj: BinaryIO, shard: str, num_classes: int = MAX_CLASS
     except tarfile.TarError as e:
         raise ShardError(f"{shard}: truncated or corrupt tar ({e})") from None
     if key is not None:
-        yield _finish_sample(shard, key, parts, num_classes)
+        yield _finish_sample(shard, key, parts, num_classes, label_key)
     # tarfile stops silently when a file ends exactly between members; a complete archive
     # always ends in two zero blocks, so their absence means the shard was cut short.
     fileobj.seek(end)
@@ -149,7 +190,8 @@ def read_shard(manifest: DataManifest, shard: int, verify: bool = True) -> list[
         if sha256_bytes(data) != info.sha256:
             raise ManifestError(f"{path}: sha256 differs from manifest {manifest.location}; "
                                 "the shard changed since the manifest was written")
-    samples = list(iter_tar_samples(io.BytesIO(data), str(path), manifest.num_classes))
+    tar = unpacked(data, str(path))
+    samples = list(iter_tar_samples(io.BytesIO(tar), str(path), manifest.num_classes, manifest.label_key))
     if len(samples) != info.num_samples:
         raise ManifestError(f"{path}: holds {len(samples)} samples, manifest says {info.num_samples}")
     return samples

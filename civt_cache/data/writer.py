@@ -29,9 +29,16 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from civt_cache.data.imageio import check_image_size, to_rgb
-from civt_cache.data.manifest import MAX_CLASSES, MAX_SHARD_BYTES, DataManifest, ShardInfo, class_difference
+from civt_cache.data.manifest import (
+    MAX_CLASSES,
+    MAX_SHARD_BYTES,
+    DataManifest,
+    ShardInfo,
+    check_label_key,
+    class_difference,
+)
 from civt_cache.data.remote import expand_remote, remote_scheme, upload_file
-from civt_cache.data.shards import iter_tar_samples, read_shard_bytes
+from civt_cache.data.shards import iter_tar_samples, read_shard_bytes, unpacked
 from civt_cache.errors import BadImageError, ConfigError, ShardError
 from civt_cache.fsutil import sha256_bytes, sha256_file
 from civt_cache.progress import Progress
@@ -248,11 +255,13 @@ def expand_shard_pattern(pattern: str) -> list[Path]:
 
 
 def scan_shards(pattern: str, name: str, manifest_path: Path | str,
-                classes: list[str] | None = None, like: DataManifest | None = None) -> DataManifest:
+                classes: list[str] | None = None, like: DataManifest | None = None,
+                label_key: str = "cls") -> DataManifest:
     """Count and check every sample of existing shards and write their manifest. ``like``: the
     manifest of another split of the same data (the training one): its classes are used when
     ``classes`` is not given, and a split holding fewer of them, or other names, is warned of
     (``ClassesWarning``): a val split numbered on its own would score against the wrong names."""
+    check_label_key(label_key, "--label-key")
     if classes is None and like is not None:
         classes = like.classes
     remote = remote_scheme(pattern) is not None
@@ -262,7 +271,9 @@ def scan_shards(pattern: str, name: str, manifest_path: Path | str,
     for path in paths:
         data = read_shard_bytes(path, MAX_SHARD_BYTES + 1)  # one read: samples and sha256
         n, counts = 0, Counter()
-        for sample in iter_tar_samples(io.BytesIO(data), str(path), len(classes) if classes else MAX_CLASSES):
+        tar = unpacked(data, str(path))
+        for sample in iter_tar_samples(io.BytesIO(tar), str(path), len(classes) if classes else MAX_CLASSES,
+                                       label_key):
             n += 1
             counts[sample.label] += 1
             max_label = max(max_label, sample.label)
@@ -275,7 +286,8 @@ def scan_shards(pattern: str, name: str, manifest_path: Path | str,
     bar.close()
     if classes is None:
         classes = [str(i) for i in range(max_label + 1)]
-    manifest = DataManifest(name=name, classes=classes, shards=shards, source=f"scan:{pattern}")
+    manifest = DataManifest(name=name, classes=classes, shards=shards, source=f"scan:{pattern}",
+                            label_key=label_key)
     manifest.save(manifest_path)
     warning = class_sorted_warning(paths, label_counts)
     if warning:
@@ -324,12 +336,31 @@ def class_sorted_warning(paths: Sequence[Path | str], label_counts: Sequence[Cou
         return None
     lines = [f"{len(sorted_like)} of {len(spread)} shards look sorted by class: batches and "
              "Mixup/CutMix partners (paired inside a shard) would be nearly single-class. "
-             "Rewrite them shuffled with `civt-cache make-shards` (recommended). Label spread:"]
+             "Rewrite them shuffled: `civt-cache make-shards MANIFEST OUT_DIR --name NAME` (recommended). Label spread:"]
     lines += [f"  {os.path.basename(str(p))}: {n} samples, {k} classes (about {e:.0f} if shuffled), largest class "
               f"{100 * top:.0f}%" for p, n, k, e, top in spread[:8]]
     if len(spread) > 8:
         lines.append(f"  ... and {len(spread) - 8} more shards")
     return "\n".join(lines)
+
+
+def manifest_items(manifest: DataManifest) -> list[SourceItem]:
+    """Every sample of a manifest's shards (each read once, its sha256 checked) as items to
+    write anew: ``make-shards MANIFEST OUT`` rewrites shards made elsewhere (e.g. sorted by
+    class) shuffled. The encoded images are held in memory until written, so a data set over
+    half of this machine's memory is refused with its size."""
+    from civt_cache.data.shards import read_shard
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    size = sum(s.bytes for s in manifest.shards)
+    if size > memory // 2:
+        raise ConfigError(f"{manifest.location}: {size / 2**30:.1f} GiB of shards; rewriting holds them in memory, "
+                          f"more than half of this machine's {memory / 2**30:.1f} GiB")
+    items = []
+    for shard in range(len(manifest.shards)):
+        path = manifest.shard_path(shard)
+        items += [SourceItem(s.key, s.label, f"{path}: sample {s.key!r}", s.image) for s in read_shard(manifest, shard)]
+    return items
 
 
 def iter_in_memory(images: Iterable[tuple[str, int, bytes]], origin: str) -> Iterator[SourceItem]:

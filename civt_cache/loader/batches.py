@@ -5,10 +5,12 @@ training device with the view engine. (Training on the CPU, the workers run the 
 themselves, in parallel with the step.)
 
 Order: shards per epoch in a permutation keyed by (seed, epoch), dealt to ranks round-robin;
-inside a shard, samples in a keyed permutation with each mixing partner right after its row. A
-batch carries the base images of its rows and of any partner outside it (the pairs cut by its
-two ends, and an odd one out's partner), so a pair is never split: every mixed view finds its
-partner's base view in its own batch. Which samples form each step of each rank is planned
+inside a shard, the records' mixing order (``views.records.mix_order``, partners side by side)
+in blocks of the recipe's ``mix_batch``, the whole blocks in an order keyed by (seed, epoch,
+shard) and a partial one last, so that batches cut along blocks (``loader.plan``) hold one
+Mixup/CutMix draw each in ``batch`` mode. A batch carries the base images of its rows and of
+any partner outside it (an odd one out's partner, a pair cut by a batch's end), so every mixed
+view finds its partner's base view in its own batch. Which samples form each step of each rank is planned
 from the manifest's counts (``loader.plan``): every rank runs the same steps whatever the shard
 sizes and worker counts, so DDP ranks never wait on each other. Without a cache the
 records are sampled on the fly from the same (seed, epoch, row) keys, so online teachers see
@@ -34,7 +36,7 @@ from civt_cache.loader.units import ShardRead
 from civt_cache.processes import worker_init
 from civt_cache.views.engine import EncodedImage, decoded_in_budget, eval_views, render_encoded
 from civt_cache.views.recipe import Recipe
-from civt_cache.views.records import LAM, LAM_ONE, PARTNER, _rng
+from civt_cache.views.records import LAM, LAM_ONE, PARTNER, _rng, mix_order
 from civt_cache.views.transfer import to_device
 
 _STREAM_SHARDS, _STREAM_ORDER = 0x5348, 0x4F52
@@ -219,8 +221,9 @@ class _OpenShard:
             self.recs, self.teacher_out = read.cached_epoch(store, source.cache_epoch, list(source.teachers))
         else:
             self.recs = read.sampled_records(recipe, source.view_seed, [source.epoch])[0]
-        perm = _rng(seed, source.epoch, shard, _STREAM_ORDER).permutation(len(self.recs))
-        self.order = partners_follow(perm.tolist(), self.recs[:, PARTNER] - read.base)
+        view_seed, view_epoch = (store.spec.seed, source.cache_epoch) if store else (source.view_seed, source.epoch)
+        mixing = mix_order(view_seed, view_epoch, shard, len(self.recs))
+        self.order = shard_sequence(mixing, recipe.mix_batch, _rng(seed, source.epoch, shard, _STREAM_ORDER))
         self.images: dict[int, tuple[EncodedImage, str]] = {}
 
     def image(self, pos: int) -> tuple[EncodedImage, str]:
@@ -241,17 +244,13 @@ class _OpenShard:
                    "teachers": {n: tuple(a[pos] for a in arrays) for n, arrays in self.teacher_out.items()}}
 
 
-def partners_follow(positions: list[int], partner: np.ndarray) -> list[int]:
-    """``positions`` in order, each followed by its partner (``partner[pos]``, a position) unless
-    already placed: stage two's sample order, so that a batch holds most pairs whole."""
-    seen: set[int] = set()
-    order = []
-    for pos in positions:
-        for p in (pos, int(partner[pos])):
-            if p not in seen:
-                seen.add(p)
-                order.append(p)
-    return order
+def shard_sequence(mixing: np.ndarray, block: int, rng: np.random.Generator) -> list[int]:
+    """Stage two's order of a shard's positions: the whole ``block``-sized blocks of its mixing
+    order in an order drawn from ``rng``, each block's positions in mixing order (partners side
+    by side), then the partial block."""
+    whole = len(mixing) // block
+    blocks = [mixing[b * block:(b + 1) * block] for b in rng.permutation(whole)] + [mixing[whole * block:]]
+    return np.concatenate(blocks).tolist()
 
 
 def _make_batch(samples: list[dict[str, Any]]) -> StudentBatch:

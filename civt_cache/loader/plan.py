@@ -11,7 +11,9 @@ ranks wait on each other for ever at the end of an epoch. The plan makes the cou
   the smallest rank's samples // batch size (the rest of the larger ranks is dropped);
 - a rank's step ``i`` is made by its loader worker ``i mod W``. Each worker owns the rank's
   shards ``w, w + W, ...`` and cuts them into whole batches for as many of its own steps as they
-  fill; what is left of every worker (its last partial batch, or whole batches beyond its
+  fill: each shard's batches start at multiples of the batch size of its order, where its
+  mixing blocks start (``loader.batches``), and the shards' tails are gathered into batches of
+  their own between them; what is left of every worker (its last partial batch, or whole batches beyond its
   steps) is pooled, in worker order, and cut into the batches of the steps still unfilled. So a
   worker reads its own shards and, at most, the last shard or two of another worker: the reads
   stay about one per shard per epoch, and no sample is lost to a worker's remainder.
@@ -59,8 +61,8 @@ def rank_plan(counts: Sequence[int], order: Sequence[int], rank: int, world: int
     own: list[list[Batch]] = []
     pool: list[Segment] = []
     for w in range(w_count):
-        stream = [(s, 0, counts[s]) for s in shards[w::w_count]]
-        total = sum(c for _, _, c in stream)
+        stream = _aligned([(s, 0, counts[s]) for s in shards[w::w_count]], batch_size)
+        total = sum(stop - start for _, start, stop in stream)
         whole = min(slots[w], total // batch_size)
         batches, rest = _cut(stream, whole, batch_size)
         own.append(batches)
@@ -68,6 +70,31 @@ def rank_plan(counts: Sequence[int], order: Sequence[int], rank: int, world: int
     pooled, _ = _cut(pool, steps - sum(len(b) for b in own), batch_size)
     owned, spare = [iter(b) for b in own], iter(pooled)
     return RankPlan(tuple(next(owned[i % w_count], None) or next(spare) for i in range(steps)))
+
+
+def _aligned(stream: list[Segment], batch_size: int) -> list[Segment]:
+    """The segments reordered so that each shard's whole batches come first, starting at its
+    position 0, and its tail (the rest, under a batch) waits with the other tails until they
+    fill whole batches, which come next; the last tails end the stream. Cut in order, every
+    batch is then either ``batch_size`` consecutive positions of one shard or made of tails."""
+    out: list[Segment] = []
+    tails: list[Segment] = []
+    for shard, start, stop in stream:
+        cut = start + (stop - start) // batch_size * batch_size
+        if cut > start:
+            out.append((shard, start, cut))
+        if stop > cut:
+            tails.append((shard, cut, stop))
+        held = sum(b - a for _, a, b in tails)
+        need = held // batch_size * batch_size
+        while need:
+            t_shard, a, b = tails.pop(0)
+            take = min(need, b - a)
+            out.append((t_shard, a, a + take))
+            if a + take < b:
+                tails.insert(0, (t_shard, a + take, b))
+            need -= take
+    return out + tails
 
 
 def _cut(stream: list[Segment], count: int, batch_size: int) -> tuple[list[Batch], list[Segment]]:

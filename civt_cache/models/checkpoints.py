@@ -1,7 +1,9 @@
 """Teachers from ``ARCH:CHECKPOINT``: any timm classifier (ours included), weights from a local file.
 
 A checkpoint is read in three steps, each of which a user's file may need:
-1. **File format**: ``.safetensors``, or a ``torch.save`` file (``.pth``/``.pt``/``.bin``/...).
+1. **File format**: ``.safetensors``, or a ``torch.save`` file (``.pth``/``.pt``/``.bin``/...);
+   a Hugging Face-style folder is its ``model.safetensors``, with the ``config.json`` beside
+   it as metadata (architecture, classes, normalisation).
 2. **Wrapper**: a plain state dict, or one inside ``{"state_dict" | "model" | "model_state" |
    "model_ema" | "state_dict_ema": ...}`` (the first present, in that order); DDP's ``module.``
    prefix is dropped. Non-tensor entries beside it (``train-teacher``'s arch, classes, image
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import pickle
 import pickletools
 import re
@@ -99,6 +102,21 @@ def pickle_callables(path: Path) -> str | None:
     return None
 
 
+def _hf_config(path: Path) -> dict[str, Any]:
+    """What a Hugging Face-style ``config.json`` (timm's export) says of the weights beside it:
+    architecture, classes, normalisation; nothing when there is none."""
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable config.json ({e})") from None
+    cfg = config.get("pretrained_cfg") or {}
+    meta = {"arch": config.get("architecture"), "num_classes": config.get("num_classes"),
+            "mean": cfg.get("mean"), "std": cfg.get("std")}
+    return {k: v for k, v in meta.items() if v is not None}
+
+
 def load_checkpoint_file(path: str | Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict as stored, unwrapped and without ``module.``, metadata) from any accepted
     file; with ``ema``, its EMA weights (``state_dict_ema`` or ``model_ema``, as timm's
@@ -113,6 +131,7 @@ def load_checkpoint_file(path: str | Path, ema: bool = False) -> tuple[dict[str,
             raw: Any = load_file(str(path))
         except Exception as e:  # corrupt or foreign files fail in many library-specific ways
             raise ConfigError(f"{path}: cannot read checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+        raw.update(_hf_config(path.parent / "config.json"))
     else:
         raw = load_torch_file(path)
     if not isinstance(raw, dict):

@@ -48,8 +48,11 @@ EMA_SUFFIX = ":ema"
 
 
 def checkpoint_file(ckpt: str) -> tuple[str, bool]:
-    """The file of a teacher's ``CKPT`` and whether its EMA weights are asked for."""
-    return (ckpt[: -len(EMA_SUFFIX)], True) if ckpt.endswith(EMA_SUFFIX) else (ckpt, False)
+    """The file of a teacher's ``CKPT`` and whether its EMA weights are asked for. A folder is a
+    Hugging Face-style export (timm's ``save_for_hf`` or ``push_to_hub``): its
+    ``model.safetensors``, described by the ``config.json`` beside it."""
+    path, ema = (ckpt[: -len(EMA_SUFFIX)], True) if ckpt.endswith(EMA_SUFFIX) else (ckpt, False)
+    return (str(Path(path) / "model.safetensors"), ema) if Path(path).is_dir() else (path, ema)
 
 
 def checkpoint_sha256(ckpt: str) -> str:

@@ -49,7 +49,7 @@ from civt_cache.train.records import (
     log_scalars,
     plot_curves,
     save_checkpoint,
-    save_if_best,
+    save_epoch_weights,
     tensorboard_writer,
     write_args,
     write_results,
@@ -91,21 +91,22 @@ class StudentJob:
     batch_size: int = 128
     lr: float | None = None  # default 5e-4 x global batch / 512 (DeiT)
     weight_decay: float = 0.05
-    warmup_epochs: float = 5.0
+    warmup_epochs: float = 20.0  # the official recipe's (pipelines/coadvise-imagenet.toml), as below
     min_lr: float = 1e-5
-    clip_grad: float = 5.0
+    clip_grad: float = 15.0  # 5 per loss term, three terms
     label_smoothing: float = 0.1
     temperature: float = 1.0
     w_ce: float = 1.0
     w_conv: float = 1.0
     w_inv: float = 1.0
     renormalize: bool = False
-    drop_path: float = 0.1
+    drop_path: float = 0.0  # the released runs train without (DeiT's 0.1 is in its config only)
     workers: int = 2
     threads: int = 0  # intra-op threads; 0: OMP_NUM_THREADS if set, else cores less workers
     device: str = "auto"
     compile: bool = False
     checkpoint_every: int = 0  # steps; 0: at epoch ends only
+    checkpoint_hist: int = 10  # checkpoint-N.pth.tar of the best epochs kept (timm's --checkpoint-hist)
     log_every: int = 20  # steps between reads of the loss from the device (progress, NaN check)
     prefetch: bool = True  # build the next batch while the current one trains
     model_ema: bool = False  # keep an exponential moving average of the weights (timm's ModelEmaV3)
@@ -163,7 +164,7 @@ def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
                             job.manifest, job.recipe, job.epochs, job.cycle_cache,
                             job.seed if job.view_seed is None else job.view_seed, job.view_seed is not None,
                             info.device, log)
-    ckpt_path = job.out / "checkpoint.pt"
+    ckpt_path = job.out / "last.pth.tar"
     state, resume = None, job.resume
     if info.is_main:  # rank 0 owns the folder: one run writes it at a time
         lock.acquire()
@@ -205,7 +206,7 @@ class _Run:
         self.job, self.info, self.manifest, self.teachers, self.log = job, info, manifest, teachers, log
         self.val_manifest = val_manifest
         self.device = device = info.device
-        self.ckpt_path = job.out / "checkpoint.pt"
+        self.ckpt_path = job.out / "last.pth.tar"
         torch.manual_seed(job.seed + info.rank)  # per-rank drop path (DDP broadcasts rank 0's weights)
         self.model = timm.create_model(job.model, num_classes=manifest.num_classes, img_size=job.recipe.img_size,
                                        drop_path_rate=job.drop_path).to(device)
@@ -214,6 +215,9 @@ class _Run:
         lr = job.lr if job.lr is not None else 5e-4 * batch / 512
         for said in schedule_warnings(lr, job.lr is None, batch, job.warmup_epochs, job.epochs):
             log(f"warning: {said}")
+        if job.recipe.mixing and job.recipe.mix_mode == "batch" and job.batch_size != job.recipe.mix_batch:
+            log(f"warning: batches of {job.batch_size} per rank, Mixup/CutMix draws shared by blocks of "
+                f"{job.recipe.mix_batch} views (the recipe's mix_batch): a batch does not hold one draw as timm's")
         self.steps = [steps_per_epoch(manifest, job.seed, e, info.world_size, job.batch_size)
                       for e in range(job.epochs)]
         if self.steps[0] == 0:
@@ -242,9 +246,9 @@ class _Run:
 
     def resume(self, state: dict[str, Any]) -> None:
         """Weights, optimizer, schedule, position, and this rank's RNG, loss sums and buffers."""
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state["state_dict"])
         if self.ema is not None:
-            self.ema.module.load_state_dict(state["ema"])
+            self.ema.module.load_state_dict(state["state_dict_ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.start_epoch, self.start_step, self.global_step = state["epoch"], state["step"], state["global_step"]
@@ -349,9 +353,11 @@ class _Run:
             write_summary(job.out, self.rows)
             if self.board is not None:
                 log_scalars(self.board, row)
-            save_if_best(job.out, self.rows, lambda: {"model": self.model.state_dict(), "arch": job.model,
-                                                      "img_size": job.recipe.img_size,
-                                                      "classes": self.manifest.classes})
+            save_epoch_weights(job.out, self.rows, lambda: {
+                "state_dict": self.model.state_dict(), "arch": job.model, "img_size": job.recipe.img_size,
+                "classes": self.manifest.classes, "args": job_record(job),
+                **({"state_dict_ema": self.ema.module.state_dict()} if self.ema is not None else {})},
+                job.checkpoint_hist)
             plot_curves(self.rows, job.out / "curves.png", f"{job.model} teachers={job.teachers}"
                         + (" online" if self.teachers.live else ""))
             self.log(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, val top-1 {row['val_top1']:.2f}% "
@@ -372,11 +378,12 @@ class _Run:
                 raise NonFiniteError(f"{self.ckpt_path}: not written: the weights hold NaN or infinity "
                                      f"at epoch {epoch + 1} step {step}; the last checkpoint is kept")
             save_checkpoint(self.ckpt_path, {
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "epoch": epoch, "step": step,
                 "global_step": self.global_step, "ranks": ranks, "world_size": info.world_size,
                 "plan_workers": self.plan_workers,
-                "job": job_record(self.job), "ema": self.ema.module.state_dict() if self.ema is not None else None})
+                "job": job_record(self.job), "arch": self.job.model,
+                "state_dict_ema": self.ema.module.state_dict() if self.ema is not None else None})
         barrier(info)
 
     def close(self) -> None:

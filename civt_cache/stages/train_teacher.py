@@ -5,7 +5,7 @@ so ``ARCH:CHECKPOINT`` is all a cache needs."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +52,24 @@ class TeacherJob:
     workers: int = 2
     device: str = "auto"
     threads: int = 0  # intra-op threads; 0: OMP_NUM_THREADS if set, else cores less workers
+    views: str = "plain"  # "plain": crops and flips; "recipe": the pipeline's own views
+    recipe: Recipe = field(default_factory=Recipe)  # the pipeline's [recipe], for views = "recipe"
+
+    def __post_init__(self) -> None:
+        if self.views not in ("plain", "recipe"):
+            raise ConfigError(f"train-teacher views {self.views!r}: 'plain' (crops and flips) or 'recipe' "
+                              "(the pipeline's [recipe])")
 
 
 def teacher_recipe(job: TeacherJob) -> Recipe:
-    """Crops and flips only: the standard supervised recipe, scaled to small data by a larger
-    minimum crop."""
-    return Recipe(img_size=job.img_size, crop_scale=(job.crop_scale_min, 1.0), randaugment="",
-                  erase_prob=0.0, mix_prob=0.0)
+    """``plain``: crops and flips only, the standard supervised recipe, scaled to small data by a
+    larger minimum crop. ``recipe``: the very views a cache of the pipeline will ask the teacher
+    about (RandAugment, erasing, Mixup/CutMix with their soft targets), so that it can read
+    them where plain training leaves it guessing (small images, heavy augmentation)."""
+    if job.views == "recipe":
+        return replace(job.recipe, img_size=job.img_size)
+    return Recipe(img_size=job.img_size, crop_scale=(job.crop_scale_min, 1.0), hflip=job.recipe.hflip,
+                  randaugment="", erase_prob=0.0, mix_prob=0.0)
 
 
 def train_teacher(job: TeacherJob) -> dict[str, Any]:

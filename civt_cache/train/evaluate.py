@@ -7,14 +7,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from civt_cache.data.manifest import DataManifest, class_difference, load_manifest
 from civt_cache.distributed import DistInfo, all_reduce_sum, device_autocast, device_layout, distributed_session
-from civt_cache.errors import ManifestError
+from civt_cache.errors import ConfigError, ManifestError
 from civt_cache.loader.batches import ValBatches, batch_loader, val_views
-from civt_cache.models.teachers import build_teacher
+from civt_cache.models.checkpoints import load_checkpoint_file
+from civt_cache.models.teachers import EMA_SUFFIX, build_teacher
 from civt_cache.progress import Progress
 from civt_cache.views.recipe import Recipe
 
@@ -23,8 +25,9 @@ from civt_cache.views.recipe import Recipe
 def evaluate(model: nn.Module, manifest: DataManifest, recipe: Recipe, info: DistInfo,
              heads_of: Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]],
              batch_size: int, workers: int) -> dict[str, float]:
-    """Top-1 (and top-5) in percent of every named output, over the whole validation set
-    (shards split across ranks, counts summed)."""
+    """Top-1 (and top-5) in percent of every named output and the mean cross-entropy of the
+    first (the model's prediction), over the whole validation set (shards split across ranks,
+    counts summed)."""
     was_training = model.training
     model.eval()
     shards = list(range(len(manifest.shards)))[info.rank::info.world_size]
@@ -36,7 +39,7 @@ def evaluate(model: nn.Module, manifest: DataManifest, recipe: Recipe, info: Dis
     with device_autocast(info.device):
         names = list(heads_of(model, torch.zeros(1, 3, recipe.img_size, recipe.img_size, device=info.device)))
     counts = [0.0] * (2 * len(names))
-    n = 0
+    n, loss = 0, 0.0  # summed cross-entropy of the model's prediction (the first output)
     for images, image_names, labels in loader:
         bar.update(len(labels))
         x = val_views(images, image_names, recipe, info.device)
@@ -48,14 +51,15 @@ def evaluate(model: nn.Module, manifest: DataManifest, recipe: Recipe, info: Dis
             top5 = outs[name].float().topk(min(5, outs[name].shape[1]), dim=1).indices
             counts[2 * i] += float((top5[:, 0] == y).sum())
             counts[2 * i + 1] += float((top5 == y[:, None]).any(1).sum())
+        loss += float(F.cross_entropy(outs[names[0]].float(), y, reduction="sum"))
         n += len(y)
     bar.close()
-    total = all_reduce_sum(info, [float(n), *counts])
+    total = all_reduce_sum(info, [float(n), loss, *counts])
     model.train(was_training)
-    out = {}
+    out = {"val_loss": total[1] / max(total[0], 1)}
     for i, name in enumerate(names):
-        out[f"val_top1{name}"] = 100.0 * total[1 + 2 * i] / max(total[0], 1)
-        out[f"val_top5{name}"] = 100.0 * total[2 + 2 * i] / max(total[0], 1)
+        out[f"val_top1{name}"] = 100.0 * total[2 + 2 * i] / max(total[0], 1)
+        out[f"val_top5{name}"] = 100.0 * total[3 + 2 * i] / max(total[0], 1)
     return out
 
 
@@ -73,11 +77,17 @@ def plain_logits(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"": model(x)}
 
 
-def evaluate_checkpoint(manifest_path: Path | str, arch: str, checkpoint: Path, img_size: int | None,
-                        device: str = "auto", batch_size: int = 128) -> dict[str, float]:
-    """Top-1/top-5 of a checkpoint on a manifest (for CivT: each head and their mean)."""
+def evaluate_checkpoint(manifest_path: Path | str, arch: str | None, checkpoint: Path, img_size: int | None,
+                        device: str = "auto", batch_size: int = 128, ema: bool = False) -> dict[str, float]:
+    """Top-1/top-5 of a checkpoint on a manifest (for CivT: each head and their mean); ``arch``
+    None: the one the checkpoint records (ours and timm's train.py record it); ``ema``: its EMA
+    weights."""
+    if arch is None:
+        arch = load_checkpoint_file(checkpoint, ema)[1].get("arch")
+        if not isinstance(arch, str):
+            raise ConfigError(f"{checkpoint}: records no architecture; give --arch")
     with distributed_session(device) as info:
-        teacher = build_teacher(f"{arch}:{checkpoint}", info.device)
+        teacher = build_teacher(f"{arch}:{checkpoint}{EMA_SUFFIX if ema else ''}", info.device)
         size = img_size or teacher.img_size or teacher.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
         recipe = Recipe(img_size=int(size), mean=teacher.mean, std=teacher.std)
         heads = civt_heads if hasattr(teacher.model, "forward_heads") else plain_logits

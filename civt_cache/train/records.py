@@ -77,25 +77,45 @@ def write_args(run_dir: Path, settings: dict[str, Any]) -> None:
                       lambda f: f.write(yaml.safe_dump(settings, sort_keys=False).encode()))
 
 
+#: summary.csv's first columns, as timm's train.py writes them (from our metric names)
+TIMM_COLUMNS = {"epoch": "epoch", "train_loss": "train_loss", "eval_loss": "val_loss", "eval_top1": "val_top1",
+                "eval_top5": "val_top5", "lr": "lr"}
+
+
 def write_summary(run_dir: Path, rows: list[dict[str, Any]]) -> None:
-    """``summary.csv``: one line per epoch with every metric, as timm's train.py keeps it."""
+    """``summary.csv``: one line per epoch, timm's train.py columns first (``eval_top1`` is our
+    ``val_top1``, ...; epochs count from 0 as timm's), then every metric of ours."""
     import csv
     import io
 
-    columns = list(dict.fromkeys(k for r in rows for k in r))
+    ours = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in TIMM_COLUMNS.values()]
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns)
+    writer = csv.DictWriter(text, fieldnames=[*TIMM_COLUMNS, *ours])
     writer.writeheader()
-    writer.writerows(rows)
+    for r in rows:
+        writer.writerow({**{col: r.get(key, "") for col, key in TIMM_COLUMNS.items()}, **{k: r.get(k, "") for k in ours}})
     atomic_write_with(run_dir / "summary.csv", lambda f: f.write(text.getvalue().encode()))
 
 
-def save_if_best(run_dir: Path, rows: list[dict[str, Any]], state: Callable[[], dict[str, Any]],
-                 metric: str = "val_top1") -> bool:
-    """Write ``model_best.pt`` (weights, epoch, metric) when the last row has the best ``metric``
-    so far; ``state`` is called only then."""
-    if rows[-1][metric] < max(r[metric] for r in rows):
-        return False
-    save_checkpoint(run_dir / "model_best.pt", {**state(), "epoch": rows[-1]["epoch"],
-                                                metric: rows[-1][metric]})
-    return True
+def save_epoch_weights(run_dir: Path, rows: list[dict[str, Any]], state: Callable[[], dict[str, Any]],
+                       history: int, metric: str = "val_top1") -> None:
+    """The weights of the epoch just ended, as timm's ``CheckpointSaver`` keeps them:
+    ``checkpoint-N.pth.tar`` while epoch N is among the ``history`` best by ``metric`` (the
+    one pushed out is deleted) and ``model_best.pth.tar`` when it is the best so far. Each holds
+    ``state_dict`` (and ``state_dict_ema``), so timm's ``load_checkpoint`` reads them. ``state``
+    is called only when something is written."""
+    epoch, value = rows[-1]["epoch"], rows[-1][metric]
+    ranked = sorted(rows, key=lambda r: (-r[metric], r["epoch"]))
+    kept = {r["epoch"] for r in ranked[:history]}
+    best = ranked[0]["epoch"] == epoch
+    if epoch not in kept and not best:
+        return
+    payload = {**state(), "epoch": epoch, "metric": value, metric: value}
+    if epoch in kept:
+        save_checkpoint(run_dir / f"checkpoint-{epoch}.pth.tar", payload)
+    for old in run_dir.glob("checkpoint-*.pth.tar"):
+        number = old.name[len("checkpoint-"):-len(".pth.tar")]
+        if number.isdigit() and int(number) not in kept:
+            old.unlink(missing_ok=True)
+    if best:
+        save_checkpoint(run_dir / "model_best.pth.tar", payload)

@@ -22,11 +22,12 @@ from civt_cache.fsutil import atomic_write_bytes
 from civt_cache.models.checkpoints import load_torch_file
 
 #: What a run writes; their presence means the folder holds a run.
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "results.json", "curves.png", "summary.csv",
-             "model_best.pt", "args.yaml", "tb")
+RUN_FILES = ("last.pth.tar", "metrics.jsonl", "results.json", "curves.png", "summary.csv",
+             "model_best.pth.tar", "args.yaml", "tb")
 #: Settings a resume may change: where and how fast it runs, not what it trains.
 RESUMABLE_CHANGES = frozenset({"workers", "threads", "device", "compile", "checkpoint_every", "log_every", "prefetch",
-                               "resume", "max_steps", "force", "out", "log"})
+                               "resume", "max_steps", "force", "out", "log",
+                               "checkpoint_hist"})
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -83,7 +84,7 @@ def removed_unless_checkpointed(run_dir: Path, lock: RunLock, owner: bool) -> It
         yield
     except BaseException:
         lock.release()
-        if made and owner and not (Path(run_dir) / "checkpoint.pt").exists():
+        if made and owner and not (Path(run_dir) / "last.pth.tar").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     finally:
@@ -111,8 +112,9 @@ def record_torchrun_job(run_dir: Path) -> None:
 
 
 def other_run_files(run_dir: Path) -> list[str]:
-    """The run files already in ``run_dir``."""
-    return [name for name in RUN_FILES if (run_dir / name).exists()]
+    """The run files already in ``run_dir`` (with the kept epochs' ``checkpoint-N.pth.tar``)."""
+    return ([name for name in RUN_FILES if (run_dir / name).exists()]
+            + sorted(p.name for p in run_dir.glob("checkpoint-*.pth.tar")))
 
 
 def start_fresh(run_dir: Path, force: bool, remove: bool) -> None:

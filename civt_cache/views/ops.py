@@ -10,10 +10,10 @@ ops, is the reference the tests hold every op against):
 - RandAugment, one op slot at a time, in place: the slot's samples are gathered once so that
   each op's samples are one contiguous slice (geometric ops together), each op writes its
   result over its slice, and they are put back. The five geometric ops are ONE inverse-affine
-  warp (``grid_sample``, per-sample matrices) with PIL's pixel-centre convention, edge taps
-  clamped and the mean colour outside; its bicubic kernel is a = -0.75 where Pillow's
-  transform uses a = -1 (0.5-0.8 levels mean absolute difference, at a tenth of the cost of
-  gathering 16 taps). Colour ops are PIL's blends with its degenerate images and truncation;
+  warp (per-sample matrices) computed as Pillow's transform computes it: pixel centres, its
+  cubic kernel (a = -1) over 16 clamped taps, truncation, the mean colour outside (``torch``'s
+  ``grid_sample`` would be cheaper, but its kernel is a = -0.75 and it rounds: 0.4-0.7 levels
+  off, with a bias). Colour ops are PIL's blends with its degenerate images and truncation;
   equalize is PIL's histogram LUT, batched; sharpness blends with PIL's smoothing filter;
 - random erasing: normal noise from a counter-based hash of (erase seed, pixel), the same
   numbers on every device, for all erased views at once;
@@ -139,22 +139,38 @@ def _affine_matrix(name: str, level: float, sign: float, s: int) -> np.ndarray:
 
 
 def _warp_affine(v: torch.Tensor, mats: torch.Tensor, fill: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """One batched inverse-affine warp [G, 3, S, S] with per-sample matrices [G, 6], as PIL's
-    ``Image.transform(AFFINE, BICUBIC, fillcolor)``, into ``out`` (which may be ``v``): an output
-    pixel whose centre maps outside the image gets ``fill`` ([1, 3, 1, 1]); inside, bicubic taps
-    clamped at the edges."""
+    """One batched inverse-affine warp [G, 3, S, S] with per-sample matrices [G, 6], as Pillow's
+    ``Image.transform(AFFINE, BICUBIC, fillcolor)`` computes it, into ``out`` (which may be
+    ``v``): an output pixel whose centre maps outside the image gets ``fill`` ([1, 3, 1, 1]);
+    inside, Pillow's cubic (a = -1) over the 4 x 4 taps around the point, edge taps clamped,
+    the sum clipped to 0..255 and truncated. The taps come as four row gathers of four
+    neighbouring columns each, whatever G is."""
     g, c, h, w = v.shape
     ys, xs = torch.meshgrid(torch.arange(h, device=v.device, dtype=torch.float32) + 0.5,
                             torch.arange(w, device=v.device, dtype=torch.float32) + 0.5, indexing="ij")
     m = mats.view(g, 6, 1, 1)
-    xin = m[:, 0] * xs + m[:, 1] * ys + m[:, 2]
-    yin = m[:, 3] * xs + m[:, 4] * ys + m[:, 5]
-    grid = torch.empty((g, h, w, 2), device=v.device)  # (2 x / w - 1, 2 y / h - 1), op for op
-    for pixel, size, coord in ((xin, w, grid[..., 0]), (yin, h, grid[..., 1])):
-        torch.mul(pixel, 2, out=coord).div_(size).sub_(1)
-    warped = F.grid_sample(v, grid, mode="bicubic", padding_mode="border", align_corners=False)
+    xin = (m[:, 0] * xs + m[:, 1] * ys + m[:, 2]).view(g, h * w)
+    yin = (m[:, 3] * xs + m[:, 4] * ys + m[:, 5]).view(g, h * w)
     inside = (xin >= 0) & (xin < w) & (yin >= 0) & (yin < h)
-    return torch.where(inside[:, None], warped.round_().clamp_(0, 255), fill, out=out)
+    x0, y0 = torch.floor(xin - 0.5), torch.floor(yin - 0.5)
+    wx, wy = _cubic_weights(xin - 0.5 - x0), _cubic_weights(yin - 0.5 - y0)  # [G, HW, 4]
+    taps = torch.arange(-1, 3, device=v.device)
+    cols = (x0.long().unsqueeze(-1) + taps).clamp_(0, w - 1)                    # [G, HW, 4]
+    rows = (y0.long().unsqueeze(-1) + taps).clamp_(0, h - 1) * w
+    flat = v.reshape(g, c, h * w)
+    acc = torch.zeros((g, c, h * w), device=v.device)
+    for j in range(4):
+        idx = (rows[..., j:j + 1] + cols).view(g, 1, h * w * 4).expand(g, c, h * w * 4)
+        row = (flat.gather(2, idx).view(g, c, h * w, 4) * wx.unsqueeze(1)).sum(-1)
+        acc.addcmul_(row, wy[:, None, :, j])
+    warped = acc.clamp_(0, 255).floor_().view(g, c, h, w)
+    return torch.where(inside.view(g, 1, h, w), warped, fill, out=out)
+
+
+def _cubic_weights(d: torch.Tensor) -> torch.Tensor:
+    """The four tap weights [..., 4] of Pillow's cubic convolution (a = -1) at fraction ``d``."""
+    d2, d3 = d * d, d * d * d
+    return torch.stack((2 * d2 - d - d3, 1 - 2 * d2 + d3, d + d2 - d3, d3 - d2), dim=-1)
 
 
 def _gray(v: torch.Tensor) -> torch.Tensor:

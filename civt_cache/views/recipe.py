@@ -16,6 +16,7 @@ from civt_cache.fsutil import canonical_sha256
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RA_MAX_OPS = 4
+MIX_MODES = ("batch", "pair", "elem")
 #: Largest view side: 8x the paper's 224, and a batch of views still fits a GPU. Larger values
 #: are typos that would allocate hundreds of GB before failing.
 MAX_IMG_SIZE = 2048
@@ -79,6 +80,8 @@ class Recipe:
     cutmix_alpha: float = 1.0
     mix_prob: float = 1.0
     mix_switch_prob: float = 0.5
+    mix_mode: str = "batch"   # timm's Mixup mode: one draw per "batch", "pair" or "elem" (view)
+    mix_batch: int = 128      # views that share a draw in "batch" mode: the per-GPU batch
 
     def __post_init__(self) -> None:
         if not 8 <= self.img_size <= MAX_IMG_SIZE:
@@ -89,6 +92,11 @@ class Recipe:
                 raise ConfigError(f"recipe {name} must be a probability, got {getattr(self, name)}")
         if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
             raise ConfigError("recipe mixup_alpha / cutmix_alpha must be >= 0")
+        if self.mix_mode not in MIX_MODES:
+            raise ConfigError(f"recipe mix_mode {self.mix_mode!r}: one of {', '.join(MIX_MODES)} (timm's Mixup modes)")
+        if self.mix_batch < 2 or self.mix_batch % 2:
+            raise ConfigError(f"recipe mix_batch {self.mix_batch}: an even number of views >= 2 "
+                              "(a block holds whole pairs)")
         self.ra_spec()  # validate early
 
     def ra_spec(self) -> RandAugmentSpec | None:

@@ -8,10 +8,14 @@ are always built *from the stored integer form*, so stage one, stage two and ``v
 identical tensors.
 
 Records come from a counter-based generator keyed by (seed, epoch, row): no process-global RNG,
-so they do not depend on worker count, rank count, batch size or order. Mixing partners pair
-up inside a group of ``PAIR_GROUP`` consecutive positions of a shard, through a permutation keyed
-by (seed, epoch, shard, group): a reader holding one group holds both partners of every pair in
-every epoch, so stage one decodes a group once and renders all of a unit's epochs from it.
+so they do not depend on worker count, rank count, batch size or order. Each shard and epoch has
+a *mixing order* (``mix_order``), a permutation keyed by (seed, epoch, shard) in which positions
+2k and 2k + 1 are partners, as timm pairs a batch with its flip: partners are drawn afresh every
+epoch from the whole shard (from groups of ``PAIR_GROUP`` positions in larger shards, which
+bounds what stage one holds: it decodes a group once and renders all of a unit's epochs from it).
+Mixup/CutMix draws follow timm's ``mode``: ``elem`` one per view, ``pair`` one per pair,
+``batch`` one per block of ``mix_batch`` consecutive positions of the mixing order, and stage
+two cuts its batches along those blocks, so a batch shares one draw as timm's per-GPU batch does.
 
 ``VIEWS_VERSION`` names what a record means (sampling rules and the engine's rendering); it is
 part of every cache's identity, so a cache whose records this code would render differently is
@@ -30,10 +34,13 @@ from civt_cache.data.imageio import check_image_size
 from civt_cache.errors import BadImageError
 from civt_cache.views.recipe import RA_MAX_OPS, Recipe
 
-VIEWS_VERSION = 4  # 1: PIL on CPU workers, pairs over a whole shard; 2: the batched view engine;
+VIEWS_VERSION = 5  # 1: PIL on CPU workers, pairs over a whole shard; 2: the batched view engine;
 # 3: posterize at magnitude 10 keeps 0 bits (black), as timm and Pillow of co-advise's time did;
-# 4: resize bit-exact to Pillow on every device, equalize as PIL's histogram LUT
-PAIR_GROUP = 256   # positions of a shard inside which mixing partners are drawn
+# 4: resize bit-exact to Pillow on every device, equalize as PIL's histogram LUT;
+# 5: geometric ops as Pillow's affine (cubic a = -1, truncation), Mixup modes, partners per shard
+#: Positions of a shard inside which mixing partners are drawn: a whole shard of up to 2,048
+#: samples (ImageNet's are 1,250). Stage one holds a group's crops for every epoch of a unit.
+PAIR_GROUP = 2048
 
 # ---- record layout (int32) ------------------------------------------------------------------
 CROP = slice(0, 4)          # x, y, w, h in source pixels
@@ -45,6 +52,7 @@ PARTNER = 18                # global row of the mixing partner (itself when unmi
 MIX_MODE = 19               # 0 none, 1 mixup, 2 cutmix
 LAM = 20                    # lambda * LAM_ONE (weight of this row's own image and label)
 MIX_BOX = slice(21, 25)     # CutMix box x0, y0, x1, y1 in output pixels
+MIX = slice(19, 25)         # one Mixup/CutMix draw: mode, lambda, box
 NUM_FIELDS = 25
 LAM_ONE = 1 << 20           # fixed point: lam = value / 2**20 is exact in float32
 MAG_SCALE = 100
@@ -59,7 +67,7 @@ RA_OPS: tuple[str, ...] = (
     "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
     "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
 )
-_STREAM_VIEW, _STREAM_PAIRS = 0x5649, 0x5041  # separate counter streams for views and pairs
+_STREAM_VIEW, _STREAM_PAIRS, _STREAM_MIX = 0x5649, 0x5041, 0x4D58  # separate counter streams
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -127,49 +135,70 @@ def sample_record(recipe: Recipe, seed: int, epoch: int, row: int, src_w: int, s
         box = _sample_erase(rng, recipe.img_size)
         rec[ERASE], rec[ERASE_SEED] = box[:4], box[4]
     rec[PARTNER], rec[MIX_MODE], rec[LAM] = row, MIX_NONE, LAM_ONE
-    if recipe.mixing and rng.random() < recipe.mix_prob:
-        cutmix = recipe.cutmix_alpha > 0 and (recipe.mixup_alpha <= 0
-                                              or rng.random() < recipe.mix_switch_prob)
-        if cutmix:
-            lam = rng.beta(recipe.cutmix_alpha, recipe.cutmix_alpha)
-            s = recipe.img_size
-            cut = int(s * math.sqrt(1.0 - lam))
-            cy, cx = int(rng.integers(0, s)), int(rng.integers(0, s))
-            # the box's half sides are cut // 2 each, as timm's rand_bbox of co-advise's time
-            # (timm 0.3-0.4) computed them; later timm keeps odd sizes whole. Kept on purpose.
-            y0, y1 = (min(max(v, 0), s) for v in (cy - cut // 2, cy + cut // 2))
-            x0, x1 = (min(max(v, 0), s) for v in (cx - cut // 2, cx + cut // 2))
-            rec[MIX_BOX] = (x0, y0, x1, y1)
-            lam = 1.0 - (y1 - y0) * (x1 - x0) / (s * s)  # timm's correct_lam
-            rec[MIX_MODE] = MIX_CUTMIX
-        else:
-            lam = rng.beta(recipe.mixup_alpha, recipe.mixup_alpha)
-            rec[MIX_MODE] = MIX_MIXUP
-        rec[LAM] = int(round(lam * LAM_ONE))
+    if recipe.mix_mode == "elem":
+        rec[MIX] = _sample_mix(rng, recipe)
     return rec
 
 
+def _sample_mix(rng: np.random.Generator, recipe: Recipe) -> np.ndarray:
+    """One Mixup/CutMix draw as timm's ``Mixup`` makes it: the fields MIX (mode, lam, CutMix box)."""
+    out = np.zeros(MIX.stop - MIX.start, np.int32)
+    out[LAM - MIX.start] = LAM_ONE
+    if not (recipe.mixing and rng.random() < recipe.mix_prob):
+        return out
+    cutmix = recipe.cutmix_alpha > 0 and (recipe.mixup_alpha <= 0 or rng.random() < recipe.mix_switch_prob)
+    if cutmix:
+        lam = rng.beta(recipe.cutmix_alpha, recipe.cutmix_alpha)
+        s = recipe.img_size
+        cut = int(s * math.sqrt(1.0 - lam))
+        cy, cx = int(rng.integers(0, s)), int(rng.integers(0, s))
+        # the box's half sides are cut // 2 each, as timm's rand_bbox of co-advise's time
+        # (timm 0.3-0.4) computed them; later timm keeps odd sizes whole. Kept on purpose.
+        y0, y1 = (min(max(v, 0), s) for v in (cy - cut // 2, cy + cut // 2))
+        x0, x1 = (min(max(v, 0), s) for v in (cx - cut // 2, cx + cut // 2))
+        out[MIX_BOX.start - MIX.start:] = (x0, y0, x1, y1)
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (s * s)  # timm's correct_lam
+        out[0] = MIX_CUTMIX
+    else:
+        lam = rng.beta(recipe.mixup_alpha, recipe.mixup_alpha)
+        out[0] = MIX_MIXUP
+    out[LAM - MIX.start] = int(round(lam * LAM_ONE))
+    return out
+
+
+def mix_order(seed: int, epoch: int, shard: int, n: int) -> np.ndarray:
+    """A shard's n positions in the epoch's mixing order: a keyed permutation of each group of
+    ``PAIR_GROUP`` consecutive positions, the groups one after the other. Positions 2k and
+    2k + 1 of a group's part are partners (an odd one out pairs with its group's first)."""
+    parts = [start + _rng(seed, epoch, shard, g, _STREAM_PAIRS).permutation(min(PAIR_GROUP, n - start))
+             for g, start in enumerate(range(0, n, PAIR_GROUP))]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
 def pair_rows(seed: int, epoch: int, shard: int, rows: Sequence[int]) -> dict[int, int]:
-    """Mixing partners for one shard and epoch: inside each group of ``PAIR_GROUP`` consecutive
-    positions, consecutive rows of a keyed permutation pair up (an odd one out pairs with the
-    first of its group)."""
+    """Each row's mixing partner in one shard and epoch (``rows``: the shard's rows in order)."""
+    order = mix_order(seed, epoch, shard, len(rows))
     partner: dict[int, int] = {}
-    for g, start in enumerate(range(0, len(rows), PAIR_GROUP)):
-        group = rows[start:start + PAIR_GROUP]
-        order = [group[i] for i in _rng(seed, epoch, shard, g, _STREAM_PAIRS).permutation(len(group))]
-        for a in range(0, len(order) - 1, 2):
-            partner[order[a]], partner[order[a + 1]] = order[a + 1], order[a]
-        if len(order) % 2:
-            partner[order[-1]] = order[0]
+    for start in range(0, len(rows), PAIR_GROUP):
+        group = [rows[i] for i in order[start:start + PAIR_GROUP]]
+        for a in range(0, len(group) - 1, 2):
+            partner[group[a]], partner[group[a + 1]] = group[a + 1], group[a]
+        if len(group) % 2:
+            partner[group[-1]] = group[0]
     return partner
 
 
 def sample_shard_records(recipe: Recipe, seed: int, epoch: int, shard: int, rows: Sequence[int],
                          sizes: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Records [len(rows), NUM_FIELDS] for one shard and epoch, partners assigned. ``rows`` are
-    every row of the shard in order (partners pair up inside groups of its positions), ``sizes``
+    """Records [len(rows), NUM_FIELDS] for one shard and epoch, with partners and the Mixup/CutMix
+    draws of the recipe's ``mix_mode``. ``rows`` are every row of the shard in order, ``sizes``
     their images' (width, height)."""
     recs = np.stack([sample_record(recipe, seed, epoch, r, w, h) for r, (w, h) in zip(rows, sizes)])
+    if recipe.mix_mode != "elem":
+        order = mix_order(seed, epoch, shard, len(rows))
+        size = 2 if recipe.mix_mode == "pair" else recipe.mix_batch
+        for k, start in enumerate(range(0, len(rows), size)):
+            recs[order[start:start + size], MIX] = _sample_mix(_rng(seed, epoch, shard, k, _STREAM_MIX), recipe)
     partners = pair_rows(seed, epoch, shard, rows)
     mixed = recs[:, MIX_MODE] != MIX_NONE
     recs[mixed, PARTNER] = [partners[r] for r, m in zip(rows, mixed) if m]

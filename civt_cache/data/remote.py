@@ -128,13 +128,15 @@ def read_remote(url: str, limit: int) -> bytes:
     """At most ``limit`` bytes of the object from its start, in one request."""
     if remote_scheme(url) == "pipe":
         return _pipe_bytes(url, limit)
-    if remote_scheme(url) == "file":  # read(n) allocates n bytes first: never more than the file
+    if remote_scheme(url) == "file":
         path = url[len("file://"):]
-        return with_retries("read", url, lambda: _read_local(path, limit))
+        return with_retries("read", url, lambda: read_local(path, limit))
     return with_retries("read", url, lambda: _fs(url).cat_file(url, start=0, end=limit))
 
 
-def _read_local(path: str, limit: int) -> bytes:
+def read_local(path: str | os.PathLike, limit: int) -> bytes:
+    """At most ``limit`` bytes of a local file; read(n) allocates n bytes first, so never more
+    than the file holds."""
     with open(path, "rb") as f:
         return f.read(min(limit, os.fstat(f.fileno()).st_size + 1))
 

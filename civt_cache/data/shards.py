@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import tarfile
 import zlib
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from civt_cache.data.manifest import MAX_CLASSES, DataManifest
-from civt_cache.data.remote import read_remote, remote_scheme, remote_size
+from civt_cache.data.remote import read_local, read_remote, remote_scheme, remote_size
 from civt_cache.errors import ManifestError, ShardError
 from civt_cache.fsutil import sha256_bytes
 
@@ -167,8 +166,7 @@ def read_shard_bytes(path: Path | str, limit: int) -> bytes:
     if isinstance(path, str) and remote_scheme(path):
         return read_remote(path, limit)
     try:
-        with open(path, "rb") as f:  # read(n) allocates n bytes first: never more than the file
-            return f.read(min(limit, os.fstat(f.fileno()).st_size + 1))
+        return read_local(path, limit)
     except OSError as e:
         raise ManifestError(f"{path}: cannot read shard ({e.strerror or e})") from None
 

@@ -136,21 +136,28 @@ class CacheRoot:
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".new")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            try:  # the temp file whole first: a full disk fails here, before the key is touched
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            except OSError as e:
+                full = out_of_space(e, final)
+                if full is not None:
+                    raise full from None
+                raise
             os.chmod(tmp, FILE_MODE)
-            os.link(tmp, final)
-            return True
-        except FileExistsError:
-            return False
-        except OSError:  # no hard links here (some network filesystems): O_EXCL create, then write;
-            try:  # a reader meanwhile sees a short file (commit records and leases parse or wait)
-                out = os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
+            try:
+                os.link(tmp, final)
+                return True
             except FileExistsError:
                 return False
-            with os.fdopen(out, "wb") as f:
-                f.write(data)
-            return True
+            except OSError:  # no hard links here (some network filesystems): O_EXCL create, then write;
+                try:  # a reader meanwhile sees a short file (commit records and leases parse or wait)
+                    out = os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
+                except FileExistsError:
+                    return False
+                with os.fdopen(out, "wb") as f:
+                    f.write(data)
+                return True
         finally:
             os.unlink(tmp)
 

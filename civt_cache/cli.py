@@ -19,7 +19,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 app.add_typer(bench_app, name="bench")
 
 
-DATA_KEYS = frozenset({"src", "shards", "name", "shard_size", "manifest", "seed", "skip_bad", "workers"})
+DATA_KEYS = frozenset({"src", "shards", "name", "shard_size", "manifest", "seed", "skip_bad", "workers",
+                       "max_memory_mb", "spool_dir"})
 
 
 @app.command("make-shards")
@@ -33,10 +34,15 @@ def make_shards_cmd(
     seed: Optional[int] = typer.Option(None, help="Seed of the shuffle across shards [0]."),
     skip_bad: Optional[bool] = typer.Option(None, "--skip-bad/--no-skip-bad", help="Record undecodable files under 'skipped' and go on [off]."),
     workers: Optional[int] = typer.Option(None, help="Encoding processes [0: min(8, cores)]."),
+    max_memory_mb: Optional[int] = typer.Option(None, help="Memory bound: images in flight to the encoders, and rewriting a manifest's shards (a shard is read whole: at least twice the largest) [2048]."),
+    spool_dir: Optional[Path] = typer.Option(None, help="Where rewriting a manifest's shards spools the data's size on disk for the shuffle [OUT_DIR; a bucket's: the temp folder]."),
 ) -> None:
     """Write WebDataset shards (KEY.jpg + KEY.cls) and their data manifest (shuffled)."""
+    import tempfile
+
     from civt_cache.config import load_pipeline, need, setting
-    from civt_cache.data.writer import image_folder_items, manifest_items, write_shards
+    from civt_cache.data.reshard import ShuffleSpool
+    from civt_cache.data.writer import DEFAULT_MAX_MEMORY_MB, image_folder_items, write_shards, write_stream
     from civt_cache.errors import ConfigError
     from civt_cache.data.remote import REMOTE_SCHEMES
     from civt_cache.fsutil import refuse_url
@@ -54,6 +60,10 @@ def make_shards_cmd(
     seed = setting(cfg, "data.seed", seed, int, pipeline, 0)
     skip_bad = setting(cfg, "data.skip_bad", skip_bad, bool, pipeline, False)
     workers = setting(cfg, "data.workers", workers, int, pipeline, 0)
+    max_memory_mb = setting(cfg, "data.max_memory_mb", max_memory_mb, int, pipeline, DEFAULT_MAX_MEMORY_MB)
+    spool_dir = setting(cfg, "data.spool_dir", spool_dir, Path, pipeline)
+    if max_memory_mb < 1:
+        raise ConfigError(f"make-shards: --max-memory-mb {max_memory_mb}: must be >= 1")
     if src == "digits":
         from civt_cache.data.digits import digits_items
 
@@ -65,13 +75,17 @@ def make_shards_cmd(
                              "sklearn.datasets.load_digits (32x32 RGB)", path, skip_bad, workers)
             typer.echo(f"{path}: {m.num_samples} samples in {len(m.shards)} shards")
         return
+    path = data_location(manifest) if manifest else default_manifest_path(name)
     if src.endswith(".json"):  # shards made elsewhere, e.g. sorted by class: rewritten shuffled
         source = load_manifest(src)
-        classes, items, origin = source.classes, manifest_items(source), f"manifest:{src}"
+        spool = spool_dir or (out_dir if isinstance(out_dir, Path) else Path(tempfile.gettempdir()))
+        with ShuffleSpool(source, seed, max_memory_mb, spool) as shuffled:
+            m = write_stream(shuffled.items(), shuffled.total, source.classes, out_dir, name, shard_size, seed,
+                             f"manifest:{src}", path, skip_bad, workers, max_memory_mb)
     else:
-        (classes, items), origin = image_folder_items(Path(src)), f"imagefolder:{src}"
-    path = data_location(manifest) if manifest else default_manifest_path(name)
-    m = write_shards(items, classes, out_dir, name, shard_size, seed, origin, path, skip_bad, workers)
+        classes, items = image_folder_items(Path(src))
+        m = write_shards(items, classes, out_dir, name, shard_size, seed, f"imagefolder:{src}", path, skip_bad,
+                         workers, max_memory_mb)
     typer.echo(f"{path}: {m.num_samples} samples in {len(m.shards)} shards, "
                f"{len(m.skipped)} skipped")
 
@@ -86,7 +100,7 @@ def scan_shards_cmd(
     label_key: str = typer.Option("cls", help="Where the integer label is: cls | txt | json:FIELD (a field of each sample's .json)."),
 ) -> None:
     """Write a data manifest for WebDataset shards made elsewhere, checking every sample."""
-    from civt_cache.data.writer import ClassesWarning, ShardOrderWarning, scan_shards
+    from civt_cache.data.scan import ClassesWarning, ShardOrderWarning, scan_shards
 
     names = classes.read_text().split("\n") if classes else None
     names = [n for n in names if n.strip()] if names else None
@@ -120,6 +134,7 @@ def cache_teachers_cmd(
     claim: Optional[bool] = typer.Option(None, "--claim/--static", help="Take units one at a time under leases, shared with any other process on this cache (several nodes, job arrays), instead of a static split over torchrun ranks."),
     lease_seconds: Optional[float] = typer.Option(None, help="With --claim: seconds a unit's lease lasts unless renewed; a crashed process's units are taken over after it."),
     repair: Optional[bool] = typer.Option(None, "--repair/--no-repair", help="First check every committed unit's checksums and recompute the damaged ones."),
+    allow_sorted_shards: Optional[bool] = typer.Option(None, "--allow-sorted-shards", help="Cache shards whose label spread shows them sorted by class, deliberately (refused otherwise)."),
 ) -> None:
     """Stage one: run the teachers once over the augmented views; store top-k + view records."""
     from civt_cache.config import build_config, load_pipeline
@@ -129,7 +144,8 @@ def cache_teachers_cmd(
     job = build_config(CacheJob, cfg, "cache", dict(
         manifest=manifest, teachers=teacher, epochs=epochs, epochs_per_unit=epochs_per_unit,
         topk=topk, img_size=img_size, seed=seed, out=out, batch_size=batch_size, workers=workers,
-        threads=threads, device=device, compile=compile, claim=claim, lease_seconds=lease_seconds, repair=repair), pipeline)
+        threads=threads, device=device, compile=compile, claim=claim, lease_seconds=lease_seconds, repair=repair,
+        allow_sorted_shards=allow_sorted_shards), pipeline)
     summary = cache_teachers(job)
     typer.echo(f"rank {summary['rank']}: {summary['units']} unit(s), {summary['views']} views in "
                f"{summary['seconds']:.1f}s ({summary['views_per_s']:.0f} views/s) -> {job.out}")

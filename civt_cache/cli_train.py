@@ -59,6 +59,7 @@ def train_student_cmd(
     resume: Optional[bool] = typer.Option(None, "--resume/--fresh", help="Continue from RUN_DIR/last.pth.tar."),
     force: Optional[bool] = typer.Option(None, "--force/--no-force", help="Start fresh in a folder holding another run's files, replacing them."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps in all."),
+    allow_sorted_shards: Optional[bool] = typer.Option(None, "--allow-sorted-shards", help="Train on shards whose label spread shows them sorted by class, deliberately (refused otherwise)."),
 ) -> None:
     """Stage two: train a CivT student from images plus the cached soft targets."""
     from civt_cache.config import build_config, load_pipeline
@@ -77,7 +78,7 @@ def train_student_cmd(
         drop_path=drop_path, temperature=temperature, renormalize=renormalize,
         workers=workers, threads=threads, device=device, compile=compile, checkpoint_every=checkpoint_every, log_every=log_every, prefetch=prefetch,
         model_ema=model_ema, model_ema_decay=model_ema_decay, log=log,
-        out=out, resume=resume, force=force, max_steps=max_steps), pipeline)
+        out=out, resume=resume, force=force, max_steps=max_steps, allow_sorted_shards=allow_sorted_shards), pipeline)
     res = train_student(job)
     if "results_file" in res:  # rank 0, which wrote it
         typer.echo(f"val top-1 {res.get('val_top1', float('nan')):.2f}% -> {res['results_file']}")

@@ -12,7 +12,8 @@ import webdataset as wds
 from PIL import Image
 
 from civt_cache import ManifestError, ShardError, iter_shard_file, load_manifest, read_shard
-from civt_cache.data.writer import image_folder_items, scan_shards, write_shards
+from civt_cache.data.scan import scan_shards
+from civt_cache.data.writer import image_folder_items, write_shards
 from civt_cache.fsutil import sha256_file
 
 from .conftest import run_cli

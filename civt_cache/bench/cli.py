@@ -83,3 +83,22 @@ def bench_requests_cmd(cache: str = typer.Argument(..., help="An s3:// cache."))
     from civt_cache.bench.requests import bench_requests
 
     typer.echo(bench_requests(cache))
+
+
+@bench_app.command("scale")
+def bench_scale_cmd(fraction: list[float] = typer.Option([1 / 64, 1 / 16], help="Fractions of ImageNet's counts (repeat), e.g. 0.015625 0.0625 0.25 1."),
+                    samples: bool = typer.Option(True, "--samples/--no-samples", help="The sample-count operations (make-shards, scan-shards, resharding, plan)."),
+                    units: bool = typer.Option(True, "--units/--no-units", help="The unit-count operations (stage one, inspect, verify, train-student start-up, resume)."),
+                    tmp: Optional[Path] = typer.Option(None, help="Folder for the worlds built (a temporary folder in it) [the system's]."),
+                    max_growth: float = typer.Option(0.0, help="Exit 1 when an operation's fitted growth exponent exceeds this (0: never)."),
+                    ) -> None:
+    """ImageNet's shard, unit and sample counts without its compute: each operation's time and
+    peak RSS at each fraction, and its growth exponent."""
+    from civt_cache.bench.scale import bench_scale, growth
+
+    text, table = bench_scale(fraction, samples, units, tmp)
+    typer.echo(text)
+    over = [op for op, points in table.rows.items() if max_growth and (growth(points) or 0) > max_growth]
+    if over:
+        typer.echo(f"growth over {max_growth}: " + "; ".join(over), err=True)
+        raise typer.Exit(1)

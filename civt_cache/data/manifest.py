@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from civt_cache.data.spread import LabelSpread, refuse_sorted_shards
 from civt_cache.data.remote import REMOTE_SCHEMES, read_remote, remote_scheme, write_remote
 from civt_cache.errors import ManifestError
 from civt_cache.fsutil import atomic_write_bytes, canonical_sha256, json_bytes, refuse_url
@@ -56,6 +57,7 @@ class DataManifest:
     encoding: dict[str, Any] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
     label_key: str = "cls"  # where a sample's label is: its .cls, its .txt, or json:FIELD of its .json
+    label_spread: LabelSpread | None = None  # classes per shard (``data.spread``); not identity
     location: Path | str | None = None  # the manifest file (or URL) this was read from / written to
 
     # ---- identity -------------------------------------------------------------------------
@@ -159,6 +161,7 @@ class DataManifest:
             "shards": [asdict(s) for s in self.shards],
             "skipped": self.skipped,
             **({"label_key": self.label_key} if self.label_key != "cls" else {}),
+            **({"label_spread": self.label_spread.to_json()} if self.label_spread else {}),
         }
 
     def save(self, path: str | Path) -> None:
@@ -245,10 +248,21 @@ def load_manifest(path: str | Path) -> DataManifest:
                          location=path if isinstance(path, str) else path.resolve())
     except (KeyError, TypeError, ValueError) as e:
         raise ManifestError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+    if "label_spread" in raw:
+        m.label_spread = LabelSpread.from_json(raw["label_spread"], str(path), len(shards), len(classes))
     if "num_samples" in raw and raw["num_samples"] != m.num_samples:
         raise ManifestError(f"{path}: num_samples {raw['num_samples']!r} != sum over shards "
                             f"{m.num_samples}")
     return m
+
+
+def load_training_manifest(path: str | Path, allow_sorted: bool, log: Any = None) -> DataManifest:
+    """The training manifest of either stage, checked before anything is created: every local
+    shard file there, and shards not sorted by class unless ``allow_sorted`` (``data.spread``)."""
+    manifest = load_manifest(path)
+    manifest.check_shard_files()
+    refuse_sorted_shards(manifest, str(path), allow_sorted, log)
+    return manifest
 
 
 def _count(path: Path | str, where: str, value: Any, high: int) -> int:

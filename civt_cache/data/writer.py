@@ -1,5 +1,5 @@
-"""Building datasets: ``make-shards`` (ImageFolder or built-in digits -> WebDataset shards) and
-``scan-shards`` (a manifest for shards made elsewhere).
+"""Building datasets: ``make-shards`` (ImageFolder, a manifest's shards or built-in digits ->
+shuffled WebDataset shards and their manifest).
 
 Shards are first written under temporary names and only renamed into place, followed by the
 manifest, once every shard is complete. A bad image or a full disk therefore leaves any earlier
@@ -7,43 +7,44 @@ dataset of the same name untouched and never produces a manifest that claims unw
 Shards for a bucket (``s3://``, ``gs://``) are written to a local temporary folder one at a time,
 each uploaded (and its local copy removed) as soon as it is complete; the manifest still comes
 last, so it never lists a shard that is not there.
+
+Memory does not grow with the data: images are encoded by a pool of processes through a window
+of at most ``ENCODE_WINDOW`` per process in flight, written as they come, and a manifest's
+shards are shuffled through files on disk (``data.reshard``), never held in memory.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import os
 import shutil
 import tarfile
 import tempfile
-import warnings
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-from braceexpand import braceexpand
 from PIL import Image
 
 from civt_cache.data.imageio import check_image_size, to_rgb
-from civt_cache.data.manifest import (
-    MAX_CLASSES,
-    MAX_SHARD_BYTES,
-    DataManifest,
-    ShardInfo,
-    check_label_key,
-    class_difference,
-)
-from civt_cache.data.remote import expand_remote, remote_scheme, upload_file
-from civt_cache.data.shards import iter_tar_samples, read_shard_bytes, unpacked
-from civt_cache.errors import BadImageError, ConfigError, ShardError
-from civt_cache.fsutil import sha256_bytes, sha256_file
+from civt_cache.data.manifest import DataManifest, ShardInfo
+from civt_cache.data.remote import upload_file
+from civt_cache.data.spread import LabelSpread
+from civt_cache.errors import BadImageError, ConfigError
+from civt_cache.fsutil import sha256_file
 from civt_cache.progress import Progress
 
 JPEG_QUALITY = 95
+#: make-shards' memory bound (``--max-memory-mb``): a few ImageNet shards' worth, far under any
+#: training machine's memory.
+DEFAULT_MAX_MEMORY_MB = 2048
+#: Images in flight per encoding process: enough to keep every process busy while the parent
+#: writes, few enough that memory is a few images per process whatever the data's size.
+ENCODE_WINDOW = 16
 
 
 
@@ -122,7 +123,7 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def _listed_path(path: Path, manifest_path: Path | str) -> str:
+def listed_path(path: Path, manifest_path: Path | str) -> str:
     """How a manifest lists a local shard: relative to a manifest file's folder, absolute for a
     manifest in a bucket."""
     if isinstance(manifest_path, str):
@@ -140,6 +141,7 @@ class _ShardSink:
         self.partials: list[tuple[Path, Path, int]] = []  # (temp path, final path, samples)
         self.uploaded: dict[Path, ShardInfo] = {}  # shards already in the bucket
         self.writer: tarfile.TarFile | None = None
+        self.labels: list[Counter] = []  # each shard's label counts: the manifest's label spread
 
     def add(self, key: str, jpeg: bytes, label: int, shard_size: int) -> None:
         if self.writer is None or self.partials[-1][2] == shard_size:
@@ -147,6 +149,8 @@ class _ShardSink:
             final = self.folder / f"{self.name}-{len(self.partials):06d}.tar"
             self.partials.append((self.folder / f".{final.name}.partial", final, 0))
             self.writer = tarfile.open(self.partials[-1][0], "w", format=tarfile.USTAR_FORMAT)
+            self.labels.append(Counter())
+        self.labels[-1][label] += 1
         for ext, payload in (("jpg", jpeg), ("cls", str(label).encode())):
             self.writer.addfile(_tarinfo(f"{key}.{ext}", len(payload)), io.BytesIO(payload))
         tmp, final, n = self.partials[-1]
@@ -174,7 +178,7 @@ class _ShardSink:
                 shards.append(self.uploaded[final])
                 continue
             os.replace(tmp, final)
-            shards.append(ShardInfo(_listed_path(final, manifest_path), n, final.stat().st_size,
+            shards.append(ShardInfo(listed_path(final, manifest_path), n, final.stat().st_size,
                                     sha256_file(final)))
         return shards
 
@@ -187,29 +191,37 @@ class _ShardSink:
 
 def write_shards(items: Sequence[SourceItem], classes: list[str], out_dir: Path | str, name: str,
                  shard_size: int, seed: int, source: str, manifest_path: Path | str,
-                 skip_bad: bool = False, workers: int = 0) -> DataManifest:
+                 skip_bad: bool = False, workers: int = 0, max_memory_mb: int = 0) -> DataManifest:
     """Shuffle ``items`` with ``seed``, write them as shards of ``shard_size`` (into a folder or
     an s3:// / gs:// prefix) and the manifest (a file or a URL).
 
     See the module docstring for the all-or-nothing guarantee.
     """
+    order = np.random.default_rng(seed).permutation(len(items))
+    return write_stream((items[i] for i in order), len(items), classes, out_dir, name, shard_size, seed, source,
+                        manifest_path, skip_bad, workers, max_memory_mb or DEFAULT_MAX_MEMORY_MB)
+
+
+def write_stream(stream: Iterable[SourceItem], total: int, classes: list[str], out_dir: Path | str, name: str,
+                 shard_size: int, seed: int, source: str, manifest_path: Path | str,
+                 skip_bad: bool = False, workers: int = 0, max_memory_mb: int = DEFAULT_MAX_MEMORY_MB) -> DataManifest:
+    """Write ``total`` items, in the order ``stream`` gives them (already shuffled), as shards of
+    ``shard_size`` and their manifest; a quarter of ``max_memory_mb`` bounds the images in
+    flight to the encoding processes (their bytes, and as much again for their results)."""
     if shard_size < 1:
         raise ConfigError(f"make-shards: --shard-size {shard_size}: must be >= 1")
     bucket = out_dir if isinstance(out_dir, str) else None
     folder = Path(tempfile.mkdtemp(prefix="civt-shards-")) if bucket else Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    order = np.random.default_rng(seed).permutation(len(items))
-    shuffled = [items[i] for i in order]
     workers = workers or min(8, os.cpu_count() or 1)
     skipped: list[dict[str, str]] = []
     counts = {"jpeg_as_is": 0, f"reencoded_jpeg_q{JPEG_QUALITY}": 0}
     sink = _ShardSink(folder, name, bucket)
-    pool = ProcessPoolExecutor(workers) if workers > 1 and len(items) > 64 else None
+    pool = ProcessPoolExecutor(workers) if workers > 1 and total > 64 else None
     try:
-        encoded: Iterable = (pool.map(_encode_item, shuffled, chunksize=16) if pool
-                             else map(_encode_item, shuffled))
-        bar = Progress(len(shuffled), f"make-shards {name}", "images")
-        for item, result in zip(shuffled, encoded):
+        bar = Progress(total, f"make-shards {name}", "images")
+        for item, result in windowed(_encode_item, stream, pool, ENCODE_WINDOW * workers, max_memory_mb * 2**18,
+                                     item_bytes):
             bar.update(1)
             if isinstance(result, BadImageError):
                 if not skip_bad:
@@ -232,135 +244,44 @@ def write_shards(items: Sequence[SourceItem], classes: list[str], out_dir: Path 
         if bucket:
             shutil.rmtree(folder, ignore_errors=True)
     manifest = DataManifest(name=name, classes=classes, shards=shards, source=source, seed=seed,
-                            encoding=counts, skipped=skipped)
+                            encoding=counts, skipped=skipped,
+                            label_spread=LabelSpread.of(sink.labels, len(classes)))
     manifest.save(manifest_path)
     return manifest
 
 
-def expand_shard_pattern(pattern: str) -> list[Path]:
-    """A directory (all ``*.tar`` in it, sorted), a brace pattern, or a glob, in stable order."""
-    p = Path(pattern)
-    if p.is_dir():
-        paths = sorted(p.glob("*.tar"))
-    elif "{" in pattern:
-        paths = [Path(s) for s in braceexpand(pattern)]
-        missing = [str(x) for x in paths if not x.exists()]
-        if missing:
-            raise ShardError(f"{pattern}: {len(missing)} shard(s) missing, e.g. {missing[0]}")
-    else:
-        paths = [Path(s) for s in sorted(glob.glob(pattern))]
-    if not paths:
-        raise ShardError(f"{pattern}: matches no shard files")
-    return paths
+def windowed(fn: Callable, items: Iterable, pool: Executor | None, window: int, max_bytes: int = 0,
+             size: Callable[[Any], int] = lambda item: 0) -> Iterator[tuple]:
+    """``(item, fn(item))`` in the items' order, at most ``window`` items and about ``max_bytes``
+    of them (``size``; 0: no byte bound; one item always goes) in flight in ``pool`` (in this
+    process without one). ``Executor.map`` would submit every item at once: a million file
+    names and their results held until written."""
+    if pool is None:
+        yield from ((item, fn(item)) for item in items)
+        return
+    pending: deque = deque()
+    held = 0
+    for item in items:
+        nbytes = size(item)
+        while pending and (len(pending) >= window or (max_bytes and held + nbytes > max_bytes)):
+            head, future, done = pending.popleft()
+            held -= done
+            yield head, future.result()
+        pending.append((item, pool.submit(fn, item), nbytes))
+        held += nbytes
+    while pending:
+        head, future, _ = pending.popleft()
+        yield head, future.result()
 
 
-def scan_shards(pattern: str, name: str, manifest_path: Path | str,
-                classes: list[str] | None = None, like: DataManifest | None = None,
-                label_key: str = "cls") -> DataManifest:
-    """Count and check every sample of existing shards and write their manifest. ``like``: the
-    manifest of another split of the same data (the training one): its classes are used when
-    ``classes`` is not given, and a split holding fewer of them, or other names, is warned of
-    (``ClassesWarning``): a val split numbered on its own would score against the wrong names."""
-    check_label_key(label_key, "--label-key")
-    if classes is None and like is not None:
-        classes = like.classes
-    remote = remote_scheme(pattern) is not None
-    paths: Sequence[Path | str] = expand_remote(pattern) if remote else expand_shard_pattern(pattern)
-    shards, max_label, label_counts = [], -1, []
-    bar = Progress(len(paths), f"scan-shards {name}", "shards")
-    for path in paths:
-        data = read_shard_bytes(path, MAX_SHARD_BYTES + 1)  # one read: samples and sha256
-        n, counts = 0, Counter()
-        tar = unpacked(data, str(path))
-        for sample in iter_tar_samples(io.BytesIO(tar), str(path), len(classes) if classes else MAX_CLASSES,
-                                       label_key):
-            n += 1
-            counts[sample.label] += 1
-            max_label = max(max_label, sample.label)
-        if n == 0:
-            raise ShardError(f"{path}: holds no samples")
-        label_counts.append(counts)
-        where = str(path) if remote else _listed_path(Path(path), manifest_path)
-        shards.append(ShardInfo(where, n, len(data), sha256_bytes(data)))
-        bar.update(1)
-    bar.close()
-    if classes is None:
-        classes = [str(i) for i in range(max_label + 1)]
-    manifest = DataManifest(name=name, classes=classes, shards=shards, source=f"scan:{pattern}",
-                            label_key=label_key)
-    manifest.save(manifest_path)
-    warning = class_sorted_warning(paths, label_counts)
-    if warning:
-        warnings.warn(warning, ShardOrderWarning, stacklevel=2)
-    if like is not None:
-        held = len(set().union(*label_counts))
-        diff = class_difference(like.classes, classes)
-        if diff is not None:
-            warnings.warn(f"{manifest_path}: its classes differ from {like.name}'s ({diff})", ClassesWarning,
-                          stacklevel=2)
-        elif held < like.num_classes:
-            warnings.warn(f"{manifest_path}: holds samples of {held} of {like.name}'s {like.num_classes} "
-                          "classes", ClassesWarning, stacklevel=2)
-    return manifest
-
-
-class ClassesWarning(UserWarning):
-    """A split whose classes do not cover, or do not match, another split's."""
-
-
-class ShardOrderWarning(UserWarning):
-    """Shards whose samples are grouped by class (see ``class_sorted_warning``)."""
-
-
-def class_sorted_warning(paths: Sequence[Path | str], label_counts: Sequence[Counter]) -> str | None:
-    """A warning when most shards hold far fewer classes than shuffled data would.
-
-    Shards made by other tools are often written class by class. Stage two reads a shard at a
-    time and pairs Mixup/CutMix partners inside a shard (docs/cache-format.md), so such shards give
-    single-class batches and single-class mixing partners. A shard of n samples drawn from the
-    data's label distribution p would hold sum_c 1 - (1 - p_c)^n classes on average; a shard with
-    less than half of that counts as sorted."""
-    total = Counter()
-    for counts in label_counts:
-        total.update(counts)
-    n_all = sum(total.values())
-    if len(total) < 2:
-        return None
-    spread = []
-    for path, counts in zip(paths, label_counts):
-        n = sum(counts.values())
-        expected = sum(1.0 - (1.0 - c / n_all) ** n for c in total.values())
-        spread.append((path, n, len(counts), expected, max(counts.values()) / n))
-    sorted_like = [row for row in spread if row[2] < 0.5 * row[3]]
-    if 2 * len(sorted_like) < len(spread):
-        return None
-    lines = [f"{len(sorted_like)} of {len(spread)} shards look sorted by class: batches and "
-             "Mixup/CutMix partners (paired inside a shard) would be nearly single-class. "
-             "Rewrite them shuffled: `civt-cache make-shards MANIFEST OUT_DIR --name NAME` (recommended). Label spread:"]
-    lines += [f"  {os.path.basename(str(p))}: {n} samples, {k} classes (about {e:.0f} if shuffled), largest class "
-              f"{100 * top:.0f}%" for p, n, k, e, top in spread[:8]]
-    if len(spread) > 8:
-        lines.append(f"  ... and {len(spread) - 8} more shards")
-    return "\n".join(lines)
-
-
-def manifest_items(manifest: DataManifest) -> list[SourceItem]:
-    """Every sample of a manifest's shards (each read once, its sha256 checked) as items to
-    write anew: ``make-shards MANIFEST OUT`` rewrites shards made elsewhere (e.g. sorted by
-    class) shuffled. The encoded images are held in memory until written, so a data set over
-    half of this machine's memory is refused with its size."""
-    from civt_cache.data.shards import read_shard
-
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    size = sum(s.bytes for s in manifest.shards)
-    if size > memory // 2:
-        raise ConfigError(f"{manifest.location}: {size / 2**30:.1f} GiB of shards; rewriting holds them in memory, "
-                          f"more than half of this machine's {memory / 2**30:.1f} GiB")
-    items = []
-    for shard in range(len(manifest.shards)):
-        path = manifest.shard_path(shard)
-        items += [SourceItem(s.key, s.label, f"{path}: sample {s.key!r}", s.image) for s in read_shard(manifest, shard)]
-    return items
+def item_bytes(item: SourceItem) -> int:
+    """An item's encoded size before it is read (its file's size), for the encoding window."""
+    if item.data is not None:
+        return len(item.data)
+    try:
+        return os.stat(item.origin).st_size
+    except OSError:
+        return 0  # the worker reads it and reports the error with the file's name
 
 
 def iter_in_memory(images: Iterable[tuple[str, int, bytes]], origin: str) -> Iterator[SourceItem]:

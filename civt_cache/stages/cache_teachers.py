@@ -31,7 +31,7 @@ from civt_cache.cache.scan import scan_cache
 from civt_cache.cache.spec import CacheSpec
 from civt_cache.cache.store import CacheStore
 from civt_cache.config import MAX_BATCH, MAX_EPOCHS, MAX_WORKERS, require
-from civt_cache.data.manifest import load_manifest
+from civt_cache.data.manifest import load_training_manifest
 from civt_cache.distributed import DistInfo, barrier, device_layout, distributed_session
 from civt_cache.errors import CacheMismatchError, NonFiniteError
 from civt_cache.fsutil import is_url
@@ -62,6 +62,7 @@ class CacheJob:
     lease_seconds: float = LEASE_SECONDS
     repair: bool = False  # check every committed unit's checksums first; redo the damaged ones
     threads: int = 0  # intra-op threads; 0: OMP_NUM_THREADS if set, else cores less workers
+    allow_sorted_shards: bool = False  # cache shards sorted by class (``data.spread``) deliberately
 
     def __post_init__(self) -> None:
         if isinstance(self.teachers, str):
@@ -249,8 +250,8 @@ def _open(job: CacheJob, manifest: Any, info: DistInfo) -> tuple[CacheStore, lis
 
 
 def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
-    manifest = load_manifest(job.manifest)
-    manifest.check_shard_files()  # before the cache is created: a refusal leaves nothing behind
+    manifest = load_training_manifest(job.manifest, job.allow_sorted_shards, lambda msg: tqdm.write(
+        f"cache-teachers: {msg}", file=sys.stderr) if info.is_main else None)  # before the cache is made
     store, teachers = _open(job, manifest, info)
     names = [t.name for t in teachers]
     plan = plan_units(store, names, info, job.claim, job.repair)

@@ -15,7 +15,7 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from civt_cache.config import MAX_BATCH, MAX_EPOCHS, MAX_WORKERS, require
-from civt_cache.data.manifest import load_manifest, require_same_classes
+from civt_cache.data.manifest import load_manifest, load_training_manifest, require_same_classes
 from civt_cache.distributed import (
     DistInfo,
     all_gather_objects,
@@ -32,6 +32,7 @@ from civt_cache.loader.batches import (
     StudentBatches,
     batch_inputs,
     batch_loader,
+    coverage_line,
     epoch_plan,
     planned_steps,
     steps_per_epoch,
@@ -115,6 +116,7 @@ class StudentJob:
     resume: bool = False
     force: bool = False  # a fresh run may replace another run's files in ``out``
     max_steps: int = 0  # stop after this many steps in all (tests and benchmarks); 0: no limit
+    allow_sorted_shards: bool = False  # train on shards sorted by class (``data.spread``) deliberately
 
     def __post_init__(self) -> None:
         require("train-student",
@@ -156,10 +158,10 @@ def train_student(job: StudentJob) -> dict[str, Any]:
 
 def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
     log = (lambda msg: tqdm.write(f"train-student: {msg}")) if info.is_main else (lambda msg: None)
-    manifest, val_manifest = load_manifest(job.manifest), load_manifest(job.val_manifest)
+    manifest = load_training_manifest(job.manifest, job.allow_sorted_shards, log)  # before the run folder is made
+    val_manifest = load_manifest(job.val_manifest)
     require_same_classes(manifest, str(job.manifest), val_manifest, str(job.val_manifest))
-    for m in (manifest, val_manifest):  # before the run folder is made: a refusal leaves nothing
-        m.check_shard_files()
+    val_manifest.check_shard_files()
     teachers = TargetSource(TEACHER_SETS[job.teachers], job.online, job.teacher, job.cache, manifest,
                             job.manifest, job.recipe, job.epochs, job.cycle_cache,
                             job.seed if job.view_seed is None else job.view_seed, job.view_seed is not None,
@@ -218,11 +220,11 @@ class _Run:
         if job.recipe.mixing and job.recipe.mix_mode == "batch" and job.batch_size != job.recipe.mix_batch:
             log(f"warning: batches of {job.batch_size} per rank, Mixup/CutMix draws shared by blocks of "
                 f"{job.recipe.mix_batch} views (the recipe's mix_batch): a batch does not hold one draw as timm's")
-        self.steps = [steps_per_epoch(manifest, job.seed, e, info.world_size, job.batch_size)
-                      for e in range(job.epochs)]
+        self.steps = [steps_per_epoch(manifest, info.world_size, job.batch_size)] * job.epochs
         if self.steps[0] == 0:
-            raise ConfigError(f"batch size {job.batch_size} x {info.world_size} rank(s) exceeds a rank's "
-                              f"share of {manifest.num_samples} samples: no whole step per epoch")
+            raise ConfigError(f"batch size {job.batch_size} x {info.world_size} rank(s) exceeds the "
+                              f"{manifest.num_samples} samples: no whole step per epoch")
+        log(coverage_line(manifest, info.world_size, job.batch_size))
         self.optimizer, self.schedule = optimizer_and_schedule(
             self.model, "adamw", lr, job.weight_decay, sum(self.steps), int(job.warmup_epochs * self.steps[0]),
             job.min_lr)

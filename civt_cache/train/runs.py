@@ -26,7 +26,7 @@ RUN_FILES = ("last.pth.tar", "metrics.jsonl", "results.json", "curves.png", "sum
              "model_best.pth.tar", "args.yaml", "tb")
 #: Settings a resume may change: where and how fast it runs, not what it trains.
 RESUMABLE_CHANGES = frozenset({"workers", "threads", "device", "compile", "checkpoint_every", "log_every", "prefetch",
-                               "resume", "max_steps", "force", "out", "log",
+                               "resume", "max_steps", "force", "out", "log", "allow_sorted_shards",
                                "checkpoint_hist"})
 
 

@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # extra flags for the CLI targets, e.g. make train-student ARGS=--resume
 ARGS ?=
 
-.PHONY: setup test test-slow rehearsal timm-tests demo prepare reproduce cache-teachers train-student bench bench-imagenet bench-threads gpu-check clean
+.PHONY: setup test test-slow rehearsal timm-tests demo prepare reproduce cache-teachers train-student bench bench-imagenet bench-scale bench-threads gpu-check clean
 
 setup: $(STAMP)
 
@@ -85,6 +85,13 @@ bench: setup
 SAMPLES ?= 256
 bench-imagenet: setup
 	$(CLI) bench imagenet --samples $(SAMPLES)
+
+# ImageNet's counts without its compute at fractions of them (1,281,167 samples, 1,025 shards,
+# 30,750 units per teacher): each operation's time, peak RSS and growth exponent. The slow tier
+# runs it at 1/256 and 1/64 and fails on a growth exponent over 1.2 (tests/test_scale.py).
+FRACTIONS ?= 0.015625 0.0625 0.25
+bench-scale: setup
+	$(CLI) bench scale $(foreach f,$(FRACTIONS),--fraction $(f))
 
 # On a GPU machine without network access whose python3 already holds torch, timm, typer, tqdm
 # and pytest: the packages it lacks come as wheels in $(WHEELS) (fetched on a networked machine

@@ -32,7 +32,6 @@ from civt_cache.loader.batches import (
     StudentBatches,
     batch_inputs,
     batch_loader,
-    coverage_line,
     epoch_plan,
     planned_steps,
     steps_per_epoch,
@@ -220,11 +219,11 @@ class _Run:
         if job.recipe.mixing and job.recipe.mix_mode == "batch" and job.batch_size != job.recipe.mix_batch:
             log(f"warning: batches of {job.batch_size} per rank, Mixup/CutMix draws shared by blocks of "
                 f"{job.recipe.mix_batch} views (the recipe's mix_batch): a batch does not hold one draw as timm's")
-        self.steps = [steps_per_epoch(manifest, info.world_size, job.batch_size)] * job.epochs
+        self.steps = [steps_per_epoch(manifest, job.seed, e, info.world_size, job.batch_size)
+                      for e in range(job.epochs)]
         if self.steps[0] == 0:
-            raise ConfigError(f"batch size {job.batch_size} x {info.world_size} rank(s) exceeds the "
-                              f"{manifest.num_samples} samples: no whole step per epoch")
-        log(coverage_line(manifest, info.world_size, job.batch_size))
+            raise ConfigError(f"batch size {job.batch_size} x {info.world_size} rank(s) exceeds a rank's "
+                              f"share of {manifest.num_samples} samples: no whole step per epoch")
         self.optimizer, self.schedule = optimizer_and_schedule(
             self.model, "adamw", lr, job.weight_decay, sum(self.steps), int(job.warmup_epochs * self.steps[0]),
             job.min_lr)

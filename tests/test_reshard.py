@@ -31,17 +31,22 @@ def _noise_jpegs(count: int, seed: int) -> list[bytes]:
     return out
 
 
-def _sorted_shards(folder: Path, images: list[bytes], classes: int, per_shard: int) -> list[tuple[str, int]]:
-    """Shards written class by class (as many tools write them); returns (key, label) of each."""
+def _write_tars(folder: Path, prefix: str, samples: list[tuple[str, int, bytes]], per_shard: int) -> None:
+    """(key, label, jpeg) samples in this order as tar shards of ``per_shard`` (KEY.jpg + KEY.cls)."""
     folder.mkdir(parents=True)
-    samples = [(f"k{i:05d}", i * classes // len(images)) for i in range(len(images))]
     for s in range(0, len(samples), per_shard):
-        with tarfile.open(folder / f"sorted-{s // per_shard:06d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
-            for (key, label), data in zip(samples[s:s + per_shard], images[s:s + per_shard]):
+        with tarfile.open(folder / f"{prefix}-{s // per_shard:06d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, label, data in samples[s:s + per_shard]:
                 for ext, payload in (("jpg", data), ("cls", str(label).encode())):
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
+
+
+def _sorted_shards(folder: Path, images: list[bytes], classes: int, per_shard: int) -> list[tuple[str, int]]:
+    """Shards written class by class (as many tools write them); returns (key, label) of each."""
+    samples = [(f"k{i:05d}", i * classes // len(images)) for i in range(len(images))]
+    _write_tars(folder, "sorted", [(k, label, data) for (k, label), data in zip(samples, images)], per_shard)
     return samples
 
 
@@ -110,19 +115,11 @@ def test_resharding_refuses_a_bound_under_a_shard_naming_it(tmp_path) -> None:
 def test_both_stages_refuse_class_sorted_shards_naming_the_fix_and_the_flag(world, tmp_path, stage) -> None:
     """The digits written class by class: refused before anything is made, naming make-shards
     and --allow-sorted-shards; with the flag, the stage runs and says it was asked to."""
-    from civt_cache.data.shards import read_shard as read
     from .conftest import cache_args, student_args
 
     src = load_manifest(world["manifest"])
-    samples = sorted((s for i in range(len(src.shards)) for s in read(src, i)), key=lambda s: s.label)
-    (tmp_path / "in").mkdir()
-    for start in range(0, len(samples), 36):
-        with tarfile.open(tmp_path / "in" / f"c-{start // 36:06d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
-            for s in samples[start:start + 36]:
-                for ext, payload in (("jpg", s.image), ("cls", str(s.label).encode())):
-                    info = tarfile.TarInfo(f"{s.key}.{ext}")
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
+    samples = sorted((s for i in range(len(src.shards)) for s in read_shard(src, i)), key=lambda s: s.label)
+    _write_tars(tmp_path / "in", "c", [(s.key, s.label, s.image) for s in samples], 36)
     scanned = run_cli("scan-shards", str(tmp_path / "in"), "--name", "c", "--manifest", str(tmp_path / "c.json"))
     assert "look sorted by class" in scanned.stderr
     raw = json.loads((tmp_path / "c.json").read_text())

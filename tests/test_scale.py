@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from civt_cache.bench.scale import START_UP, bench_scale, growth
+from civt_cache.bench.scale import bench_scale, over_growth
 
 
 @pytest.mark.slow
 def test_no_operation_grows_faster_than_linearly_in_imagenets_counts(tmp_path) -> None:
     text, table = bench_scale([1 / 256, 1 / 64], keep=tmp_path)
     print(text)
-    start_up = table.rows[START_UP]
-    over = {op: growth(points, start_up) for op, points in table.rows.items()
-            if not op.startswith("  ") and op != START_UP and (growth(points, start_up) or 0) > 1.2}
+    over = over_growth(table, 1.2)
     assert not over, f"{over}\n{text}"
     said = {op: points[1 / 64].said for op, points in table.rows.items()}
     assert "480 unit(s)" in said["stage one (30,750 x F units x 2 teachers, 0 workers)"]  # 16 shards x 30

@@ -94,11 +94,11 @@ def bench_scale_cmd(fraction: list[float] = typer.Option([1 / 64, 1 / 16], help=
                     ) -> None:
     """ImageNet's shard, unit and sample counts without its compute: each operation's time and
     peak RSS at each fraction, and its growth exponent."""
-    from civt_cache.bench.scale import bench_scale, growth
+    from civt_cache.bench.scale import bench_scale, over_growth
 
     text, table = bench_scale(fraction, samples, units, tmp)
     typer.echo(text)
-    over = [op for op, points in table.rows.items() if max_growth and (growth(points) or 0) > max_growth]
+    over = over_growth(table, max_growth) if max_growth else {}
     if over:
-        typer.echo(f"growth over {max_growth}: " + "; ".join(over), err=True)
+        typer.echo(f"growth over {max_growth}: " + "; ".join(f"{op} ({b:.2f})" for op, b in over.items()), err=True)
         raise typer.Exit(1)

@@ -107,11 +107,10 @@ class ScaleTable:
         self.rows.setdefault(op, {})[fraction] = m
 
 
-def measured(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> Measured:
+def measured(args: list[str], cwd: Path) -> Measured:
     """Run ``civt-cache ARGS`` (or ``["--code", CODE]``) as its own process: wall time and peak RSS."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _MEASURED, *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run([sys.executable, "-c", _MEASURED, *args], cwd=cwd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"bench scale: {' '.join(args[:3])} failed:\n{proc.stderr[-3000:]}")
@@ -225,6 +224,20 @@ def growth(points: dict[float, Measured], start_up: dict[float, Measured] | None
 START_UP = "a process's start-up (python, torch, civt_cache.cli)"
 
 
+def table_growth(table: ScaleTable) -> dict[str, float | None]:
+    """Each operation's growth exponent as the table prints it: above the start-up row, except
+    for that row and the derived rows (indented) under an operation."""
+    start_up = table.rows.get(START_UP)
+    return {op: growth(points, None if op == START_UP or op.startswith("  ") else start_up)
+            for op, points in table.rows.items()}
+
+
+def over_growth(table: ScaleTable, limit: float) -> dict[str, float]:
+    """The measured operations (not start-up, not derived rows) whose growth exceeds ``limit``."""
+    return {op: b for op, b in table_growth(table).items()
+            if op != START_UP and not op.startswith("  ") and b is not None and b > limit}
+
+
 def _cell(m: Measured) -> str:
     if not m.rss_mib:
         return f"{m.seconds:,.2f}"
@@ -235,10 +248,8 @@ def format_scale(table: ScaleTable, fractions: list[float]) -> str:
     head = "| operation | " + " | ".join(f"F = 1/{round(1 / f)}" if f < 1 else "F = 1"
                                          for f in fractions) + " | growth b |"
     lines = [head, "|" + "---|" * (len(fractions) + 2)]
-    start_up = table.rows.get(START_UP)
-    for op, points in table.rows.items():
+    for (op, points), b in zip(table.rows.items(), table_growth(table).values()):
         cells = [_cell(points[f]) if f in points else "-" for f in fractions]
-        b = growth(points, None if op == START_UP or op.startswith("  ") else start_up)
         lines.append(f"| {op} | " + " | ".join(cells) + (f" | {b:.2f} |" if b is not None else " | - |"))
     return "\n".join(lines + table.notes)
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from civt_cache.data.manifest import DataManifest
 from civt_cache.data.shards import read_shard
-from civt_cache.data.writer import DEFAULT_MAX_MEMORY_MB, SourceItem
+from civt_cache.data.writer import SourceItem
 from civt_cache.errors import ConfigError
 from civt_cache.fsutil import out_of_space
 from civt_cache.progress import Progress
@@ -45,7 +45,7 @@ class ShuffleSpool:
     Use as a context manager: the spool is removed on exit, finished or not."""
 
     def __init__(self, manifest: DataManifest, seed: int, max_memory_mb: int, folder: Path) -> None:
-        budget = (max_memory_mb or DEFAULT_MAX_MEMORY_MB) * 2**20
+        budget = max_memory_mb * 2**20
         largest = max(range(len(manifest.shards)), key=lambda i: manifest.shards[i].bytes)
         need = 2 * manifest.shards[largest].bytes  # its bytes and its samples, parsed
         if need > budget:

@@ -16,6 +16,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
+
 from civt_cache.errors import ConfigError, ManifestError
 
 #: The flag that takes sorted shards deliberately (both stages).
@@ -55,17 +57,15 @@ class LabelSpread:
             return None
         return cls(counts, shards)
 
-    def sorted_shards(self, sizes: Sequence[int]) -> list[tuple[int, int, float]]:
-        """Per shard (samples ``sizes[i]``): (classes held, about how many shuffled data would
-        hold, largest class share), for the shards that hold under half the shuffled count."""
-        n_all = sum(self.class_counts)
-        present = [c for c in self.class_counts if c]
-        rows = []
-        for i, ((held, top), n) in enumerate(zip(self.shards, sizes)):
-            expected = sum(1.0 - (1.0 - c / n_all) ** n for c in present)
-            if held < 0.5 * expected:
-                rows.append((i, held, expected, top / n))
-        return rows
+    def sorted_shards(self, sizes: Sequence[int]) -> list[tuple[int, int, float, float]]:
+        """(shard, classes held, about how many shuffled data would hold, largest class share) of
+        each shard (samples ``sizes[i]``) that holds under half the shuffled count. The shuffled
+        count depends on a shard's size alone, so it is computed once per size (ImageNet's 1,025
+        shards have two), not once per shard and class at every stage's start."""
+        p = np.array([c for c in self.class_counts if c], np.float64) / sum(self.class_counts)
+        expected = {n: float(np.sum(1.0 - (1.0 - p) ** n)) for n in set(sizes)}
+        return [(i, held, expected[n], top / n) for i, ((held, top), n) in enumerate(zip(self.shards, sizes))
+                if held < 0.5 * expected[n]]
 
     def sorted_message(self, names: Sequence[str], sizes: Sequence[int]) -> str | None:
         """A message naming the sorted shards when at least half of them look sorted, else None."""

@@ -9,7 +9,8 @@ each uploaded (and its local copy removed) as soon as it is complete; the manife
 last, so it never lists a shard that is not there.
 
 Memory does not grow with the data: images are encoded by a pool of processes through a window
-of at most ``ENCODE_WINDOW`` per process in flight, written as they come, and a manifest's
+of at most ``ENCODE_WINDOW`` per process in flight and a quarter of ``--max-memory-mb`` of their
+bytes, written as they come, and a manifest's
 shards are shuffled through files on disk (``data.reshard``), never held in memory.
 """
 from __future__ import annotations
@@ -20,8 +21,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections import Counter
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,7 +191,7 @@ class _ShardSink:
 
 def write_shards(items: Sequence[SourceItem], classes: list[str], out_dir: Path | str, name: str,
                  shard_size: int, seed: int, source: str, manifest_path: Path | str,
-                 skip_bad: bool = False, workers: int = 0, max_memory_mb: int = 0) -> DataManifest:
+                 skip_bad: bool = False, workers: int = 0, max_memory_mb: int = DEFAULT_MAX_MEMORY_MB) -> DataManifest:
     """Shuffle ``items`` with ``seed``, write them as shards of ``shard_size`` (into a folder or
     an s3:// / gs:// prefix) and the manifest (a file or a URL).
 
@@ -199,7 +199,7 @@ def write_shards(items: Sequence[SourceItem], classes: list[str], out_dir: Path 
     """
     order = np.random.default_rng(seed).permutation(len(items))
     return write_stream((items[i] for i in order), len(items), classes, out_dir, name, shard_size, seed, source,
-                        manifest_path, skip_bad, workers, max_memory_mb or DEFAULT_MAX_MEMORY_MB)
+                        manifest_path, skip_bad, workers, max_memory_mb)
 
 
 def write_stream(stream: Iterable[SourceItem], total: int, classes: list[str], out_dir: Path | str, name: str,

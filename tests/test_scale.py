@@ -10,7 +10,8 @@ from civt_cache.bench.scale import bench_scale, over_growth
 
 @pytest.mark.slow
 def test_no_operation_grows_faster_than_linearly_in_imagenets_counts(tmp_path) -> None:
-    text, table = bench_scale([1 / 256, 1 / 64], keep=tmp_path)
+    # beside the other slow tests on a shared machine: the read-only operations twice, the faster kept
+    text, table = bench_scale([1 / 256, 1 / 64], keep=tmp_path, repeats=2)
     print(text)
     over = over_growth(table, 1.2)
     assert not over, f"{over}\n{text}"

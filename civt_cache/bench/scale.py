@@ -17,7 +17,8 @@ with its peak RSS (the command's own process: loader workers and encoders are bo
 ``tests/test_reshard.py``). The table gives each
 operation's seconds and MiB at each fraction and the growth exponent fitted over the fractions
 (time ~ F^b, on the seconds above a process's start-up, the fastest of three measured beside
-them, floored at ``NOISE_S``): b near 1 is
+them, floored at ``NOISE_S``; the operations that change nothing they read, the fastest of
+``--repeats``): b near 1 is
 linear, b over 1 grows faster than the data. Stage one runs with 0 workers, so its overhead per
 unit (its time, less its rerun's start-up, per unit, less the views and teacher forwards of a
 unit timed alone, both at one thread) is not hidden behind workers computing beside it.
@@ -119,6 +120,12 @@ def measured(args: list[str], cwd: Path) -> Measured:
     return Measured(seconds, own / 1024, child / 1024, proc.stdout + proc.stderr)
 
 
+def fastest(args: list[str], cwd: Path, runs: int) -> Measured:
+    """The fastest of ``runs`` runs of an operation that changes nothing it reads: noise on a
+    shared machine only ever adds time, so the minimum is the operation's own cost."""
+    return min((measured(args, cwd) for _ in range(max(1, runs))), key=lambda m: m.seconds)
+
+
 def tiny_jpeg(rng: np.random.Generator, size: int) -> bytes:
     import io
 
@@ -129,7 +136,7 @@ def tiny_jpeg(rng: np.random.Generator, size: int) -> bytes:
     return buf.getvalue()
 
 
-def sample_world(table: ScaleTable, fraction: float, root: Path) -> None:
+def sample_world(table: ScaleTable, fraction: float, root: Path, repeats: int = 1) -> None:
     """The sample-count operations at ``fraction`` of ImageNet's samples."""
     n = round(IMAGENET_SAMPLES * fraction)
     rng = np.random.default_rng(0)
@@ -142,8 +149,8 @@ def sample_world(table: ScaleTable, fraction: float, root: Path) -> None:
     made = measured(["make-shards", str(folder), str(root / "shards"), "--name", "in", "--shard-size", "1250",
                      "--manifest", str(root / "in.json"), "--workers", "2"], root)
     table.add("make-shards from a class folder", fraction, made)
-    scanned = measured(["scan-shards", str(root / "shards"), "--name", "scan", "--manifest",
-                        str(root / "scan.json")], root)
+    scanned = fastest(["scan-shards", str(root / "shards"), "--name", "scan", "--manifest",
+                       str(root / "scan.json")], root, repeats)
     table.add("scan-shards (read + sha256 of every shard)", fraction, scanned)
     shards = sorted((root / "shards").glob("*.tar"))
     t0 = time.perf_counter()
@@ -153,10 +160,10 @@ def sample_world(table: ScaleTable, fraction: float, root: Path) -> None:
               measured(["make-shards", str(root / "scan.json"), str(root / "resharded"), "--name", "re",
                         "--shard-size", "1250", "--manifest", str(root / "re.json"), "--workers", "2"], root))
     table.add("stage two's epoch plan, 8 ranks x 8 workers", fraction,
-              measured(["--code", _PLAN.format(manifest=str(root / "in.json"))], root))
+              fastest(["--code", _PLAN.format(manifest=str(root / "in.json"))], root, repeats))
 
 
-def unit_world(table: ScaleTable, fraction: float, root: Path) -> None:
+def unit_world(table: ScaleTable, fraction: float, root: Path, repeats: int = 1) -> None:
     """The unit-count operations at ``fraction`` of ImageNet's shards (30,750 x F units)."""
     import timm
     import torch
@@ -187,14 +194,15 @@ def unit_world(table: ScaleTable, fraction: float, root: Path) -> None:
     compute = measured(["--code", _COMPUTE.format(cache=str(root / "cache"), manifest=str(root / "u.json"),
                                                   units=min(shards, 16), teachers=specs)], root)
     per_unit = float([ln for ln in compute.said.splitlines() if ln.startswith("PER_UNIT_S")][-1].split()[1])
-    rerun = measured(stage_one, root)
+    rerun = fastest(stage_one, root, repeats)
     table.add("stage one's rerun on the finished cache", fraction, rerun)
     overhead = (whole.seconds - rerun.seconds) / units - per_unit
     table.add("  stage one's overhead per unit (ms)", fraction, Measured(overhead * 1e3, 0.0))
     cache = str(root / "cache")
-    table.add("inspect", fraction, measured(["inspect", cache], root))
-    table.add("verify --samples 8", fraction, measured(["verify", cache, "--samples", "8", "--device", "cpu"], root))
-    table.add("verify --full", fraction, measured(["verify", cache, "--full"], root))
+    table.add("inspect", fraction, fastest(["inspect", cache], root, repeats))
+    table.add("verify --samples 8", fraction, fastest(["verify", cache, "--samples", "8", "--device", "cpu"], root,
+                                                      repeats))
+    table.add("verify --full", fraction, fastest(["verify", cache, "--full"], root, repeats))
     student = ["train-student", "--pipeline", str(root / "scale.toml"), "--manifest", str(root / "u.json"),
                "--val-manifest", str(root / "u.json"), "--cache", cache, "--model", "civt_micro",
                "--epochs", str(EPOCHS), "--batch-size", "8", "--workers", "2", "--device", "cpu",
@@ -255,19 +263,19 @@ def format_scale(table: ScaleTable, fractions: list[float]) -> str:
 
 
 def bench_scale(fractions: list[float], sample_count: bool = True, unit_count: bool = True,
-                keep: Path | None = None) -> tuple[str, ScaleTable]:
-    """The table of every operation at every fraction (see the module docstring)."""
+                keep: Path | None = None, repeats: int = 1) -> tuple[str, ScaleTable]:
+    """The table of every operation at every fraction (see the module docstring); operations
+    that change nothing they read are timed ``repeats`` times, the fastest kept."""
     table = ScaleTable()
     for fraction in sorted(fractions):
         with tempfile.TemporaryDirectory(dir=keep) as tmp:
-            runs = [measured(["--code", "import torch, civt_cache.cli"], Path(tmp)) for _ in range(3)]
-            table.add(START_UP, fraction, min(runs, key=lambda m: m.seconds))
+            table.add(START_UP, fraction, fastest(["--code", "import torch, civt_cache.cli"], Path(tmp), 3))
             if sample_count:
                 (Path(tmp) / "s").mkdir()
-                sample_world(table, fraction, Path(tmp) / "s")
+                sample_world(table, fraction, Path(tmp) / "s", repeats)
             if unit_count:
                 (Path(tmp) / "u").mkdir()
-                unit_world(table, fraction, Path(tmp) / "u")
+                unit_world(table, fraction, Path(tmp) / "u", repeats)
     table.notes.append(f"fractions of ImageNet-1k: {IMAGENET_SAMPLES:,} samples; {IMAGENET_SHARDS:,} shards x "
                        f"{EPOCHS // EPOCHS_PER_UNIT} units ({EPOCHS} epochs, {EPOCHS_PER_UNIT} a unit) per teacher; "
                        f"{os.cpu_count()} cores")

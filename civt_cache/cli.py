@@ -253,8 +253,19 @@ def main() -> None:
         line = one_line_error(e)
         if line is None or os.environ.get("CIVT_DEBUG"):
             raise
-        typer.echo(f"civt-cache: error: {line}", err=True)
+        typer.echo(f"civt-cache: error: {line}{_restart_note()}", err=True)
         raise SystemExit(2) from None
+
+
+def _restart_note() -> str:
+    """What a refusal adds under torchrun's restarts: torchrun restarts a group whose rank
+    exited non-zero, refusals included, and each restart meets the same refusal; it says so
+    once, so a log of four identical lines reads as one refusal, not four failures."""
+    from civt_cache.distributed import torchrun_restart
+
+    restart = torchrun_restart()
+    return (f" (torchrun restart {restart}: the same refusal again; it stays refused, and torchrun "
+            "ends once its --max-restarts are spent)") if restart else ""
 
 
 if __name__ == "__main__":

@@ -153,8 +153,8 @@ def eval_cmd(
     name: Optional[str] = typer.Option(None, help="Evaluate the pipeline's [teachers.NAME] checkpoint [the student's model_best.pth.tar]."),
     manifest: Optional[str] = typer.Option(None, help="(a file or URL) Validation data manifest [[student] val_manifest]."),
     arch: Optional[str] = typer.Option(None, help="Architecture [the one the checkpoint records]."),
-    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint file."),
-    img_size: Optional[int] = typer.Option(None, help="Image size [[recipe] img_size, else the checkpoint's]."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint file, or a Hugging Face folder (model.safetensors + config.json)."),
+    img_size: Optional[int] = typer.Option(None, help="Image size [[recipe] img_size, else the one the checkpoint records (ours, timm train.py's args, a Hugging Face config.json), else the model cfg's]."),
     use_ema: bool = typer.Option(False, "--use-ema", help="The checkpoint's EMA weights (state_dict_ema), as timm's validate.py."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
@@ -179,7 +179,7 @@ def eval_cmd(
     metrics = evaluate_checkpoint(manifest, arch,
                                   Path(need(checkpoint, "--checkpoint", "[teachers.NAME] checkpoint or [student] out")),
                                   img_size if img_size is not None else setting(cfg, "recipe.img_size", None, int, pipeline),
-                                  device, ema=use_ema)
+                                  device, ema=use_ema, log=lambda line: typer.echo(line, err=True))
     if json_out:
         typer.echo(json.dumps(metrics))
         return

@@ -31,16 +31,33 @@ MAX_BATCH = 1 << 16
 MAX_WORKERS = 256
 
 
+#: A pipeline's tables (``[teachers.NAME]`` one per teacher). Anything else is a typo that would
+#: otherwise be ignored: ``[studnet] lr = 1.0`` trained at the default lr.
+PIPELINE_TABLES = ("data", "recipe", "cache", "student", "teachers")
+
+
 def load_pipeline(path: Path | None) -> dict[str, Any]:
+    """A pipeline TOML's tables, refused whole when it holds anything this tool would ignore or
+    cannot read (an unknown table or top-level key, a URL where none may be)."""
     if path is None:
         return {}
     try:
         cfg = tomllib.loads(Path(path).read_text())
+        _refuse_urls(cfg, str(path), ())
     except FileNotFoundError:
         raise ConfigError(f"{path}: pipeline file not found") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML ({e})") from None
-    _refuse_urls(cfg, str(path), ())
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a pipeline (tables hold settings, "
+                          "two levels at most)") from None
+    for key, value in cfg.items():
+        if key not in PIPELINE_TABLES or not isinstance(value, dict):
+            raise ConfigError(f"{path}: {f'[{key}]' if isinstance(value, dict) else repr(key)} is not a pipeline "
+                              f"table; the tables are {', '.join(f'[{t}]' for t in PIPELINE_TABLES)}")
+    for name, table in cfg.get("teachers", {}).items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [teachers] {name} is not a table; a teacher is [teachers.NAME]")
     return cfg
 
 

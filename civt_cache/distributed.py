@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -83,13 +84,22 @@ def collective_timeout() -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def elastic_run() -> tuple[str | None, int]:
-    """torchrun's run id (``--rdzv-id``, random under ``--standalone``; None outside torchrun
-    or when it is torchrun's default ``none``, which every job shares) and this agent's restart
-    count. The count alone cannot tell a restarted group: an agent restarts its ranks without
-    counting when another node's ranks failed, so a node can rejoin at count 0."""
-    run = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    return (run if run and run != "none" else None), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+def torchrun_job() -> str | None:
+    """What names the torchrun job this process runs in, the same across its restarts: its run
+    id (``--rdzv-id``, random under ``--standalone``) or, where that is torchrun's default
+    ``none`` that every job shares, this node's agent (host and pid: a restart keeps the agent,
+    and the rendezvous orders the agents the same way each round, so rank 0 stays on its node).
+    None outside torchrun. A restart count cannot name a job: an agent restarts its ranks without
+    counting when another node's ranks failed, and a new job may inherit nothing to compare."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run is None:
+        return None
+    return run if run and run != "none" else f"agent {socket.gethostname()}:{os.getppid()}"
+
+
+def torchrun_restart() -> int:
+    """This agent's restart count (0 outside torchrun and at a job's first start)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
 def collective_failure(e: BaseException) -> bool:

@@ -6,6 +6,7 @@ traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import errno
+import re
 
 
 class CivtError(ValueError):
@@ -68,6 +69,12 @@ _DISK_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
                 errno.ENOTDIR: "not a directory", errno.EISDIR: "is a directory"}
 
 
+#: torch's DataLoader, when one of its worker processes dies (SIGKILL from the OOM killer, a
+#: segfault): "DataLoader worker (pid 123) is killed by signal: Killed." or "DataLoader worker
+#: (pid(s) 123, 124) exited unexpectedly".
+_LOST_WORKER = re.compile(r"DataLoader worker \(pid\(?s?\)? ?([\d, ]+)\) (?:is killed by signal: ([\w ]+?)\.|exited unexpectedly)")
+
+
 def one_line_error(e: BaseException) -> str | None:
     """The one line the CLI prints for an error a user can cause or fix (bad input, wrong
     config, a full or failing disk), or None for a bug, which keeps its traceback.
@@ -81,6 +88,13 @@ def one_line_error(e: BaseException) -> str | None:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
         return (f"out of memory ({first[:200]}): lower --batch-size, the decode budget "
                 "(--decode-budget) or --workers")
+    lost = _LOST_WORKER.search(str(e)) if isinstance(e, RuntimeError) else None
+    if lost is not None:
+        how = f"killed by signal {lost.group(2)}" if lost.group(2) else "lost (it exited unexpectedly)"
+        return (f"a data loader worker (pid {lost.group(1)}) was {how}, most often by the kernel's "
+                "out-of-memory killer (see `dmesg`): lower --workers, --batch-size or the decode budget "
+                "(--decode-budget), then run the same command again to continue (train-student: with "
+                "--resume; cache-teachers keeps every committed unit)")
     if not isinstance(e, ValueError):  # CivtError is a ValueError, as are library config errors
         return None
     text = str(e).strip()

@@ -43,6 +43,20 @@ def refuse_url(text: str, where: str, allowed: tuple[str, ...] = ()) -> None:
                           f"{text.split('://', 1)[0].lower()}://BUCKET/PATH")
 
 
+def folder_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be the folder a command writes into, or None (a URL, a folder, or a
+    free name). A dangling or self-looping symbolic link reads as "not there" to ``exists``, and
+    making the folder then fails with FileExistsError: it is named here instead."""
+    if is_url(path):
+        return None
+    p = Path(path)
+    if p.is_symlink() and not p.exists():
+        return "a symbolic link to nothing (dangling, or a loop)"
+    if p.exists() and not p.is_dir():
+        return "a file"
+    return None
+
+
 def url_host(text: str) -> str:
     """The bucket (or host) of a URL: what stands between ``://`` and the next ``/``."""
     return text.split("://", 1)[1].split("/", 1)[0] if "://" in text else ""

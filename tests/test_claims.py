@@ -18,6 +18,7 @@ import pytest
 
 from civt_cache import load_manifest
 from civt_cache.cache.leases import Leases, claim_units, this_process
+from civt_cache.cache.create import create_or_open
 from civt_cache.cache.spec import CacheSpec
 from civt_cache.cache.store import CacheStore
 from civt_cache.views.recipe import Recipe
@@ -63,7 +64,7 @@ def test_two_claimers_share_units_and_take_over_expired_ones(world, tmp_path) ->
     holds; a unit whose holder stalled past its lease is taken over, so every unit is done once."""
     manifest = load_manifest(world["manifest"])
     spec = CacheSpec.for_manifest(manifest, Recipe(img_size=32), 0, 2, 1, 5)
-    store = CacheStore.create_or_open(tmp_path / "c", spec)
+    store = create_or_open(tmp_path / "c", spec)
     units = store.units()
     node_a, node_b = Leases(store.root, "node-a:1", 0.5), Leases(store.root, "node-b:2", 60)
     a = claim_units(store, node_a, units, ["conv"])
@@ -171,7 +172,7 @@ def test_a_unit_is_committed_once_by_a_conditional_create(world, tmp_path) -> No
     a record from before the cache grew counts as not committed and is replaced."""
     manifest = load_manifest(world["manifest"])
     spec = CacheSpec.for_manifest(manifest, Recipe(img_size=32), 0, 2, 1, 5)
-    store = CacheStore.create_or_open(tmp_path / "c", spec)
+    store = create_or_open(tmp_path / "c", spec)
     first = {"sha256": "a", "epochs": ["a"]}
     assert store.commit_unit(0, 0, 3, first, {}, False) is None
     theirs = store.commit_unit(0, 0, 3, {"sha256": "b", "epochs": ["b"]}, {}, False)
@@ -220,9 +221,9 @@ def test_a_cache_created_twice_at_once_with_other_settings_is_refused(world, tmp
     mine = CacheSpec.for_manifest(manifest, Recipe(img_size=32), 0, 2, 1, 5)
     theirs = CacheSpec.for_manifest(manifest, Recipe(img_size=32), 0, 4, 2, 5)
     root = tmp_path / "c"
-    store = CacheStore.create_or_open(root, mine)
+    store = create_or_open(root, mine)
     publish(store.objects, "late/", lambda tmp: build_cache(tmp, theirs))  # their metadata, landed last
     for name in ("views/params/zarr.json", "views/samples/zarr.json"):
         (root / name).write_bytes((root / "late" / name).read_bytes())
     with pytest.raises(CacheMismatchError, match=r"views/params is int32 \(4, .*two processes created it"):
-        CacheStore.create_or_open(root, mine)
+        create_or_open(root, mine)

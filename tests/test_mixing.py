@@ -90,9 +90,10 @@ def test_a_students_batch_shares_one_draw_in_batch_mode(digits) -> None:
     holds one Mixup/CutMix draw, and those are most batches."""
     manifest = load_manifest(digits["train"])
     recipe = Recipe(img_size=32, mix_batch=32)
-    plan = epoch_plan(manifest, 5, 0, 0, 1, 32, 2)
-    data = StudentBatches(manifest, recipe, 5, plan, EpochSource(epoch=0, view_seed=9))
-    shared = [len(_draws(batch.records[:batch.size])) == 1 for batch in data]
-    whole = [len(b) == 1 and b[0][1] % 32 == 0 for b in plan.batches]
-    assert all(s for s, w in zip(shared, whole) if w)
-    assert sum(whole) / plan.steps > 0.8
+    for rank, world in [(0, 1), (1, 2), (2, 3)]:  # a rank's share may begin mid-shard
+        plan = epoch_plan(manifest, 5, 0, rank, world, 32, 2)
+        data = StudentBatches(manifest, recipe, 5, plan, EpochSource(epoch=0, view_seed=9))
+        shared = [len(_draws(batch.records[:batch.size])) == 1 for batch in data]
+        whole = [len(b) == 1 and b[0][1] % 32 == 0 for b in plan.batches]
+        assert all(s for s, w in zip(shared, whole) if w)
+        assert sum(whole) / plan.steps > 0.7, (rank, world)

@@ -104,6 +104,8 @@ def test_civt_outputs_and_drop_path() -> None:
     m = timm.create_model("civt_micro", num_classes=10, drop_path_rate=0.2)
     assert m.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
     x = torch.randn(3, 3, 32, 32)
+    assert m(x).shape == (3, 10)  # timm's convention: one tensor in training too
+    m.set_distilled_training(True)
     heads = m(x)
     assert isinstance(heads, tuple) and [h.shape for h in heads] == [(3, 10)] * 3
     m.eval()
@@ -186,3 +188,40 @@ def test_civt_timm_conventions(name: str, size: int, tmp_path) -> None:
     assert loaded.pos_embed.shape == (1, 3 + 4 * n, d)
     assert torch.equal(loaded.pos_embed[:, :3], src.pos_embed[:, :3])  # the three tokens kept
     assert loaded(torch.randn(1, 3, big, big)).shape == (1, 7)
+
+
+def test_a_civt_trains_in_timms_own_training_task() -> None:
+    """timm's train.py drives a model through ``timm.task.ClassificationTask``, with its Mixup,
+    soft-target loss, optimizer factory and EMA: a CivT trains there like any classifier (one
+    tensor from its training forward), and co-advise's stage two switches its heads on with
+    timm's ``set_distilled_training``."""
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.task import ClassificationTask
+    from timm.utils import ModelEmaV3
+
+    torch.manual_seed(0)
+    model = timm.create_model("civt_micro", num_classes=10, img_size=32, drop_path_rate=0.1)
+    task = ClassificationTask(model, criterion=SoftTargetCrossEntropy(), verbose=False)
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    ema = ModelEmaV3(model, decay=0.9)
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    losses = []
+    task.train()
+    for _ in range(4):
+        xm, target = mixup(x.clone(), y)
+        out = task(xm, target)
+        assert out["output"].shape == (8, 10)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        ema.update(model)
+        losses.append(float(out["loss"]))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert ema.module.eval()(x).shape == (8, 10)
+    from civt_cache.models.civt import coadvise_student
+
+    heads = coadvise_student("civt_micro", num_classes=10, img_size=32).train()(x)
+    assert isinstance(heads, tuple) and len(heads) == 3

@@ -129,8 +129,8 @@ def _student_args(data: dict, out: Path, *extra: str) -> list[str]:
             "--device", "cpu", "--checkpoint-every", "3", "--out", str(out), *extra]
 
 
-def _torchrun_node(rdzv: str, run_id: str, logs: Path, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(NODES), "--nproc-per-node", str(RANKS),
+def _torchrun_node(rdzv: str, run_id: str, logs: Path, args: list[str], ranks: int = RANKS) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(NODES), "--nproc-per-node", str(ranks),
             "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv, "--rdzv-id", run_id, "--max-restarts", "3",
             "--log-dir", str(logs), "--tee", "3", "-m", "civt_cache.cli", *args]
 
@@ -171,22 +171,23 @@ def test_stage_one_on_two_claiming_nodes_one_killed(data, tmp_path) -> None:
         assert np.array_equal(ref[k], got[k], equal_nan=ref[k].dtype.kind == "f"), k
 
 
-def _rank_steps(logs: Path) -> dict[int, dict[int, int]]:
+def _rank_steps(logs: Path, world: int) -> dict[int, dict[int, int]]:
     """{epoch: {global rank: steps}} from the lines every rank writes of itself, as each node's
     torchrun collects them from its ranks over all attempts (``--tee``; the per-rank files of
     ``--log-dir`` keep only the last attempt of a number, and a node restarted because another
     failed reuses its number)."""
     steps: dict[int, dict[int, int]] = {}
     for log in logs.glob("node*.out"):
-        for epoch, rank, world, n in re.findall(r"epoch (\d+): rank (\d+) of (\d+): (\d+) steps", log.read_text()):
-            assert int(world) == NODES * RANKS
+        for epoch, rank, size, n in re.findall(r"epoch (\d+): rank (\d+) of (\d+): (\d+) steps", log.read_text()):
+            assert int(size) == world
             steps.setdefault(int(epoch), {})[int(rank)] = int(n)
     return steps
 
 
-def _stage_two(data: dict, out: Path, logs: Path, kill_in_epoch: int | None) -> list[Tree]:
+def _stage_two(data: dict, out: Path, logs: Path, kill_in_epoch: int | None, ranks: int) -> list[Tree]:
     rdzv = f"127.0.0.1:{free_port()}"
-    nodes = [Tree(_torchrun_node(rdzv, out.name, logs / f"node{n}", _student_args(data, out)), logs / f"node{n}.out",
+    nodes = [Tree(_torchrun_node(rdzv, out.name, logs / f"node{n}", _student_args(data, out), ranks),
+                  logs / f"node{n}.out",
                   {**os.environ, **RESTARTABLE}) for n in range(NODES)]
     if kill_in_epoch is not None:
         ckpt = out / "last.pth.tar"
@@ -208,32 +209,39 @@ def _stage_two(data: dict, out: Path, logs: Path, kill_in_epoch: int | None) -> 
     return nodes
 
 
-def test_stage_two_on_two_nodes_with_a_rank_killed_and_the_group_restarted(data, tmp_path) -> None:
+@pytest.mark.parametrize("ranks", sorted({1, RANKS}))
+def test_stage_two_on_two_nodes_with_a_rank_killed_and_the_group_restarted(data, tmp_path, ranks) -> None:
     if not run_cli("inspect", f"s3://{BUCKET}/cache", check=False).returncode == 0:
         run_cli(*_cache_args(data, f"s3://{BUCKET}/cache", "--workers", str(WORKERS)))
     start = time.time()
-    ref_nodes = _stage_two(data, tmp_path / "uninterrupted", tmp_path / "logs-ref", None)
+    ref_nodes = _stage_two(data, tmp_path / "uninterrupted", tmp_path / "logs-ref", None, ranks)
     took = time.time() - start
-    nodes = _stage_two(data, tmp_path / "killed", tmp_path / "logs-killed", kill_in_epoch=2)
+    nodes = _stage_two(data, tmp_path / "killed", tmp_path / "logs-killed", 2, ranks)
     for node in [*ref_nodes, *nodes]:
         assert_gone(sorted(node.seen - {node.proc.pid}))
     attempts = {p.name for p in (tmp_path / "logs-killed").rglob("attempt_*")}
     assert len(attempts) >= 2, attempts  # the group was restarted
     for logs in ("logs-ref", "logs-killed"):
-        steps = _rank_steps(tmp_path / logs)
+        steps = _rank_steps(tmp_path / logs, NODES * ranks)
         assert sorted(steps) == list(range(1, EPOCHS + 1)), steps
         for epoch, by_rank in steps.items():
-            assert sorted(by_rank) == list(range(NODES * RANKS)) and len(set(by_rank.values())) == 1, (logs, epoch, by_rank)
+            assert sorted(by_rank) == list(range(NODES * ranks)) and len(set(by_rank.values())) == 1, (logs, epoch, by_rank)
     ref = torch.load(tmp_path / "uninterrupted" / "last.pth.tar", weights_only=True)
     got = torch.load(tmp_path / "killed" / "last.pth.tar", weights_only=True)
     assert (got["epoch"], got["step"]) == (EPOCHS, 0)
-    # equal up to float rounding: the first step after a restart sums the ranks' gradients in
-    # DDP's first bucket order, later steps in the order it rebuilds after one step, and a sum
-    # of more than two ranks' values is rounded by its order (at 2 ranks it is bit-equal)
-    exact = NODES * RANKS <= 2
+    # bit-equal at 2 ranks; beyond, equal up to float rounding: the first step after a restart
+    # sums the ranks' gradients in DDP's first bucket order, later steps in the order it rebuilds
+    # after one step, a sum of more than two ranks' values is rounded by its order, and the
+    # steps after it carry that rounding on. So each tensor is compared at its own scale (an
+    # element near zero differs by the rounding of its tensor, not of itself).
+    exact = NODES * ranks <= 2
+    apart = {}
     for k in ref["state_dict"]:
         a, b = ref["state_dict"][k].float(), got["state_dict"][k].float()
-        assert torch.equal(a, b) if exact else torch.allclose(a, b, rtol=1e-4, atol=1e-5), k
+        off, scale = float((a - b).abs().max()) if a.numel() else 0.0, float(a.abs().max()) if a.numel() else 0.0
+        if not (torch.equal(a, b) if exact else off <= 1e-4 * scale + 1e-6):
+            apart[k] = (off, scale)
+    assert not apart, f"(max |difference|, max |value|) of the tensors that differ: {apart}"
     rows = [[json.loads(l) for l in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
             for r in ("uninterrupted", "killed")]
     one_sample = 100.0 / load_manifest(data["val"]).num_samples
@@ -242,4 +250,4 @@ def test_stage_two_on_two_nodes_with_a_rank_killed_and_the_group_restarted(data,
         for key in ("train_loss", "loss_ce", "loss_conv"):
             assert a[key] == pytest.approx(b[key], rel=0 if exact else 1e-5), key
         assert abs(a["val_top1"] - b["val_top1"]) <= (0 if exact else one_sample + 1e-9)
-    print(f"rehearsal stage two: {NODES} nodes x {RANKS} ranks x {WORKERS} workers, uninterrupted run {took:.0f} s")
+    print(f"rehearsal stage two: {NODES} nodes x {ranks} ranks x {WORKERS} workers, uninterrupted run {took:.0f} s")

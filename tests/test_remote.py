@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from civt_cache import load_manifest
+from civt_cache.cache.create import create_or_open
 from civt_cache.cache.spec import CacheSpec
 from civt_cache.cache.store import CacheStore
 from civt_cache.data import remote
@@ -317,7 +318,7 @@ def test_a_second_teacher_added_in_the_same_process_is_seen(world, s3) -> None:
     listed by the very process that added it (the two-teacher stage one depends on it)."""
     manifest = load_manifest(world["manifest"])
     spec = CacheSpec.for_manifest(manifest, Recipe(img_size=32), 0, 2, 1, 5)
-    store = CacheStore.create_or_open(f"s3://{BUCKET}/caches/two-teachers", spec)
+    store = create_or_open(f"s3://{BUCKET}/caches/two-teachers", spec)
     for name in ("conv", "inv"):
         store.ensure_teacher({"name": name, "arch": "resnet10t", "checkpoint_sha256": name * 8,
                               "num_classes": manifest.num_classes})

@@ -17,3 +17,4 @@ def test_no_operation_grows_faster_than_linearly_in_imagenets_counts(tmp_path) -
     assert not over, f"{over}\n{text}"
     said = {op: points[1 / 64].said for op, points in table.rows.items()}
     assert "480 unit(s)" in said["stage one (30,750 x F units x 2 teachers, 0 workers)"]  # 16 shards x 30
+    assert "each epoch trains" in said["train-student to its first step"]

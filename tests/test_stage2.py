@@ -18,6 +18,7 @@ import torch
 from civt_cache import CacheMismatchError, load_manifest
 from civt_cache.loader.batches import EpochSource, StudentBatches, epoch_plan, shard_order, shards_plan, steps_per_epoch
 from civt_cache.loader.soft_targets import mixed_targets, pseudo_logits
+from civt_cache.models.civt import coadvise_student
 from civt_cache.models.teachers import build_teacher, teacher_logits
 from civt_cache.stages.cache_teachers import CacheJob, cache_teachers
 from civt_cache.stages.train_student import StudentJob, train_student
@@ -74,7 +75,7 @@ def test_cached_step_equals_online_step(digits, full_cache) -> None:
     x = torch.stack([it["view"] for it in items])
     assert torch.equal(x, torch.stack([it["view"] for it in online_items]))
     torch.manual_seed(0)
-    student = timm.create_model("civt_micro", num_classes=10, drop_path_rate=0.0)
+    student = coadvise_student("civt_micro", num_classes=10, drop_path_rate=0.0)
     target = mixed_targets(torch.tensor([it["label"] for it in items]),
                            torch.tensor([it["partner_label"] for it in items]),
                            torch.tensor([it["lam"] for it in items]), 10, 0.1)
@@ -130,13 +131,14 @@ def test_schedule_is_the_official_cosine_over_all_steps() -> None:
     assert optimizer.param_groups[0]["lr"] == pytest.approx(2.575e-4, rel=1e-3)  # not 3.52e-4
 
 
-def test_ranks_get_disjoint_shards_and_equal_steps(digits) -> None:
+def test_ranks_get_disjoint_samples_and_equal_steps(digits) -> None:
     m = load_manifest(digits["train"])
     for epoch in range(3):
         plans = [epoch_plan(m, 0, epoch, r, 2, 64, 2) for r in range(2)]
-        parts = [{shard for batch in p.batches for shard, _, _ in batch} for p in plans]
+        parts = [{(shard, i) for batch in p.batches for shard, a, b in batch for i in range(a, b)} for p in plans]
         assert not parts[0] & parts[1]
-        assert plans[0].steps == plans[1].steps == steps_per_epoch(m, 0, epoch, 2, 64) > 0
+        assert len(parts[0] | parts[1]) > m.num_samples - 2 * 64
+        assert plans[0].steps == plans[1].steps == steps_per_epoch(m, 2, 64) > 0
     assert shard_order(0, 0, 6) != shard_order(0, 1, 6)  # reshuffled per epoch
 
 
@@ -215,7 +217,7 @@ def test_ddp_two_processes_on_cpu(digits, full_cache, tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = _metrics(run)[0]
     m = load_manifest(digits["val"])
-    assert row["steps"] == steps_per_epoch(m, 0, 0, 2, 16) > 0
+    assert row["steps"] == steps_per_epoch(m, 2, 16) > 0
     assert 0.0 <= row["val_top1"] <= 100.0
     state = torch.load(run / "last.pth.tar", weights_only=True)
     assert state["world_size"] == 2 and len(state["ranks"]) == 2  # each rank's own state
@@ -310,7 +312,7 @@ def test_cached_batches_for_ones_own_loop(digits, full_cache) -> None:
     cache, _ = full_cache
     m = load_manifest(digits["val"])
     loader = civt_cache.CachedBatches(digits["val"], cache, 32, epoch=1, seed=3, workers=0, device="cpu")
-    assert loader.recipe == RECIPE and len(loader) == steps_per_epoch(m, 3, 1, 1, 32)
+    assert loader.recipe == RECIPE and len(loader) == steps_per_epoch(m, 1, 32)
     got = list(loader)
     assert len(got) == len(loader)
     source = EpochSource(1, 0, cache, 1, ("conv", "inv"))

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from civt_cache.bench.pil_reference import apply_records, decode_rgb, eval_view, render_base
 from civt_cache.bench.probes import PeakMemory
+from civt_cache.cache.create import create_or_open
 from civt_cache.cache.spec import CacheSpec
 from civt_cache.data.synthetic import photo_like_jpeg, write_imagenet_like
 from civt_cache.errors import BadImageError
@@ -232,7 +233,7 @@ def test_a_cache_of_another_views_version_is_refused(tmp_path: Path) -> None:
 
     m = write_imagenet_like(tmp_path / "d", 4)
     spec = CacheSpec.for_manifest(m, Recipe(img_size=32), 0, 1, 1, 5)
-    CacheStore.create_or_open(tmp_path / "c", spec)
+    create_or_open(tmp_path / "c", spec)
     meta = json.loads((tmp_path / "c" / "zarr.json").read_text())
     meta["attributes"]["views_version"] = 1
     (tmp_path / "c" / "zarr.json").write_text(json.dumps(meta))

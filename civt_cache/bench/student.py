@@ -11,7 +11,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 
 from civt_cache.bench.probes import PeakMemory, sync
@@ -19,6 +18,7 @@ from civt_cache.cache.store import CacheStore
 from civt_cache.data.manifest import load_manifest
 from civt_cache.distributed import device_layout, pick_device
 from civt_cache.errors import ConfigError
+from civt_cache.models.civt import coadvise_student
 from civt_cache.stages.train_student import StudentJob, train_student
 from civt_cache.train.optim import optimizer_and_schedule
 
@@ -66,8 +66,8 @@ def train_rate(job: StudentJob, steps: int) -> float:
 def _new_student(job: StudentJob, num_classes: int, device: torch.device) -> tuple[torch.nn.Module, Any]:
     """The student and optimiser ``train_student`` would build for ``job``."""
     torch.manual_seed(job.seed)
-    model = timm.create_model(job.model, num_classes=num_classes, img_size=job.recipe.img_size,
-                              drop_path_rate=job.drop_path).to(device)
+    model = coadvise_student(job.model, num_classes=num_classes, img_size=job.recipe.img_size,
+                             drop_path_rate=job.drop_path).to(device)
     model = device_layout(model, device)
     optimizer, _ = optimizer_and_schedule(model, "adamw", 1e-4, job.weight_decay, 1000, 0, 1e-5)
     return model.train(), optimizer

@@ -39,6 +39,11 @@ def committed_components(record: dict[str, Any]) -> list[str]:
     return (["views"] if record.get("views") else []) + list(record["teachers"])
 
 
+def any_committed(objects: CacheRoot) -> bool:
+    """Whether any unit of the cache has a commit record (one listing of ``progress/``)."""
+    return any(_RECORD.match(key) for key in objects.listing("progress"))
+
+
 class Commits:
     """The commit records of one cache."""
 

@@ -121,10 +121,11 @@ def unpack_targets(targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return targets[..., :k], targets[..., k:2 * k].astype(np.int64), targets[..., 2 * k]
 
 
-def publish(objects: CacheRoot, prefix: str, build: Callable[[Path], None]) -> None:
+def publish(objects: CacheRoot, prefix: str, build: Callable[[Path], None], replace: bool = False) -> None:
     """Make a zarr group at ``prefix`` of ``objects``: built by ``build(path)`` in a temp folder,
     its array metadata written, then its ``zarr.json`` created conditionally (last, so a group
-    is there only whole); when another process created it first, its group is kept."""
+    is there only whole); when another process created it first, its group is kept. With
+    ``replace``, a group already there is overwritten (``cache.create``: one nothing pins)."""
     with tempfile.TemporaryDirectory(prefix="civt-cache-new-") as tmp:
         build(Path(tmp))
         files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
@@ -132,6 +133,9 @@ def publish(objects: CacheRoot, prefix: str, build: Callable[[Path], None]) -> N
         for f in files:
             if f != top:
                 objects.write(f"{prefix}{f.relative_to(tmp).as_posix()}", f.read_bytes())
-        objects.create(f"{prefix}zarr.json", top.read_bytes())
+        if replace:
+            objects.write(f"{prefix}zarr.json", top.read_bytes())
+        else:
+            objects.create(f"{prefix}zarr.json", top.read_bytes())
 
 

@@ -17,6 +17,7 @@ finds that out when it renews or before it writes, and leaves the unit to the ne
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -79,8 +80,8 @@ class Leases:
 
     def _read(self, key: str) -> Lease | None:
         """The lease in ``key`` (a name ``_NAME`` matches); None when it was released meanwhile.
-        An object that does not parse blocks its unit for one lease from when it was first
-        seen, then is taken over."""
+        An object that does not parse (or whose ``expires`` is not a finite time) blocks its unit
+        for one lease from when it was first seen, then is taken over."""
         m = _NAME.match(key)
         assert m is not None, key
         shard, block, generation = (int(g) for g in m.groups())
@@ -89,7 +90,10 @@ class Leases:
             return None
         try:
             parsed = json.loads(data)
-            return Lease(shard, block, generation, str(parsed["owner"]), float(parsed["expires"]))
+            expires = float(parsed["expires"])
+            if not math.isfinite(expires):  # NaN would never expire (NaN >= now is False): unreadable
+                raise ValueError(f"expires {expires}")
+            return Lease(shard, block, generation, str(parsed["owner"]), expires)
         except (ValueError, KeyError, TypeError):
             first = _unreadable_since.setdefault((str(self.objects), key), time.time())
             return Lease(shard, block, generation, "unreadable", first + self.seconds)

@@ -99,25 +99,6 @@ class CacheStore:
         group = zarr.open_group(objects.zarr_store(read_only=mode == "r"), mode=mode, zarr_format=3)
         return cls(objects, group, CacheSpec.from_attrs(attrs))
 
-    @classmethod
-    def create_or_open(cls, root: str | Path, spec: CacheSpec) -> "CacheStore":
-        """Open the cache at ``root`` if it matches ``spec`` (else refuse, saying what differs),
-        grow it when ``spec`` asks for more epochs of it, or create it."""
-        objects = CacheRoot(root)
-        if not objects.exists("zarr.json"):
-            publish(objects, "", lambda tmp: build_cache(tmp, spec))
-        store = cls.open(root, mode="r+")
-        torn = layout_differences(store.group, store.spec)
-        if torn:
-            raise CacheMismatchError(f"{root}: its arrays do not match its own settings ({'; '.join(torn)}): "
-                                     "two processes created it with different settings at once; remove it and "
-                                     "run cache-teachers again")
-        if store.spec.grows_to(spec):
-            store = store.grow(spec.epochs)
-            spec = replace(spec, epochs_per_unit=store.spec.epochs_per_unit)
-        store.check_spec(spec)
-        return store
-
     def grow(self, epochs: int) -> "CacheStore":
         """Extend the cache to ``epochs`` in place: every array gets the new epochs (new objects,
         the committed ones untouched), and the epoch count in the attributes is written last, so
@@ -135,6 +116,18 @@ class CacheStore:
                 array.resize((epochs, *array.shape[1:]))
         g.update_attributes({"epochs": epochs})
         return CacheStore.open(self.root, mode="r+")
+
+    def check_still_made_for_me(self) -> None:
+        """Refuse to commit into a cache made again meanwhile with other settings (``cache.create``
+        remakes a cache no unit pins): one read of its metadata, before a process's first commit.
+        More epochs are no other settings: another process may grow the cache meanwhile."""
+        now = CacheStore.open(self.root).spec
+        diffs = (now.differences(replace(self.spec, epochs=now.epochs)) if now.epochs >= self.spec.epochs
+                 else [f"epochs: cache has {now.epochs}, this run {self.spec.epochs}"])
+        if diffs:
+            raise CacheMismatchError(f"{self.root}: was made again by another run with other settings while this "
+                                     f"one computed its first unit ({'; '.join(diffs)}); nothing of this run "
+                                     "was committed")
 
     def check_spec(self, spec: CacheSpec) -> None:
         diffs = self.spec.differences(spec)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from civt_cache.data.spread import LabelSpread, refuse_sorted_shards
-from civt_cache.data.remote import REMOTE_SCHEMES, read_remote, remote_scheme, write_remote
+from civt_cache.data.remote import REMOTE_SCHEMES, read_remote, remote_scheme, require_pipe_allowed, write_remote
 from civt_cache.errors import ManifestError
 from civt_cache.fsutil import atomic_write_bytes, canonical_sha256, json_bytes, refuse_url
 
@@ -128,6 +128,8 @@ class DataManifest:
         bounded and checked for the listed size (``shards.read_shard``), so no request is spent here."""
         info, path = self.shards[shard], self.shard_path(shard)
         if isinstance(path, str):
+            if remote_scheme(path) == "pipe":
+                require_pipe_allowed(path)
             return path
         try:
             st = path.stat()
@@ -142,9 +144,9 @@ class DataManifest:
         return path
 
     def check_shard_files(self) -> None:
-        """``check_shard_file`` for every local shard (a ``stat`` each): run before a command
-        creates anything, so a manifest pointing at a missing file, a device or a FIFO is
-        refused without leaving an empty cache or run folder behind."""
+        """``check_shard_file`` for every shard (a ``stat`` each; a ``pipe:`` URL refused unless
+        allowed): run before a command creates anything, so a manifest pointing at a missing
+        file, a device or a FIFO is refused without leaving an empty cache or run folder behind."""
         for shard in range(len(self.shards)):
             self.check_shard_file(shard)
 

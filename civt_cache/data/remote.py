@@ -41,13 +41,19 @@ def remote_scheme(text: str) -> str | None:
     return m.group(1).lower() if m and m.group(1).lower() in REMOTE_SCHEMES else None
 
 
+def require_pipe_allowed(url: str) -> None:
+    """Refuse a ``pipe:`` URL unless PIPE_ENV=1: checked when a manifest's shards are first
+    looked at, before a command creates anything, and again where the command runs."""
+    if os.environ.get(PIPE_ENV) != "1":
+        raise ConfigError(f"{url}: a pipe: URL runs a shell command; set {PIPE_ENV}=1 to allow it")
+
+
 def _pipe_bytes(url: str, limit: int) -> bytes:
     """The output of a ``pipe:`` URL's command (run by webdataset's ``gopen``, as WebDataset
     runs it), at most ``limit`` bytes; a command that fails is an error naming it."""
     import webdataset
 
-    if os.environ.get(PIPE_ENV) != "1":
-        raise ConfigError(f"{url}: a pipe: URL runs a shell command; set {PIPE_ENV}=1 to allow it")
+    require_pipe_allowed(url)
     try:
         with webdataset.gopen(url, "rb") as stream:
             parts, held = [], 0

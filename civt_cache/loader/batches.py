@@ -4,7 +4,8 @@ records and cached top-k (no pixels: ``StudentBatch``); ``batch_views`` builds t
 training device with the view engine. (Training on the CPU, the workers run the engine
 themselves, in parallel with the step.)
 
-Order: shards per epoch in a permutation keyed by (seed, epoch), dealt to ranks round-robin;
+Order: shards per epoch in a permutation keyed by (seed, epoch), one stream of samples shared
+out to ranks in equal parts (``loader.plan``);
 inside a shard, the records' mixing order (``views.records.mix_order``, partners side by side)
 in blocks of the recipe's ``mix_batch``, the whole blocks in an order keyed by (seed, epoch,
 shard) and a partial one last, so that batches cut along blocks (``loader.plan``) hold one
@@ -30,7 +31,7 @@ from civt_cache.cache.store import CacheStore
 from civt_cache.data.manifest import DataManifest
 from civt_cache.distributed import device_layout
 from civt_cache.errors import RankError
-from civt_cache.loader.plan import RankPlan, epoch_steps, rank_plan, worker_steps
+from civt_cache.loader.plan import RankPlan, epoch_coverage, epoch_steps, rank_plan, worker_steps
 from civt_cache.loader.soft_targets import mixed_targets, pseudo_logits
 from civt_cache.loader.units import ShardRead
 from civt_cache.processes import worker_init
@@ -49,16 +50,24 @@ def shard_order(seed: int, epoch: int, num_shards: int) -> list[int]:
 def epoch_plan(manifest: DataManifest, seed: int, epoch: int, rank: int, world: int, batch_size: int,
                workers: int) -> RankPlan:
     """This rank's batch plan for an epoch (``loader.plan``): shards in the epoch's keyed
-    order, dealt to ranks round-robin, the same step count on every rank."""
+    order, their samples shared by the ranks, the same step count on every rank."""
     counts = _counts(manifest)
     return rank_plan(counts, shard_order(seed, epoch, len(counts)), rank, world, batch_size, workers)
 
 
-def steps_per_epoch(manifest: DataManifest, seed: int, epoch: int, world: int, batch_size: int) -> int:
-    """Steps every rank runs in an epoch (``loader.plan.epoch_steps``): known before any
-    shard is read, so the schedule counts them up front."""
-    counts = _counts(manifest)
-    return epoch_steps(counts, shard_order(seed, epoch, len(counts)), world, batch_size)
+def steps_per_epoch(manifest: DataManifest, world: int, batch_size: int) -> int:
+    """Steps every rank runs in an epoch (``loader.plan.epoch_steps``), the same in every
+    epoch: known before any shard is read, so the schedule counts them up front."""
+    return epoch_steps(_counts(manifest), world, batch_size)
+
+
+def coverage_line(manifest: DataManifest, world: int, batch_size: int) -> str:
+    """What a run says of its epochs (``loader.plan.epoch_coverage``): how many of the epoch's
+    samples it trains, so a dropped remainder is never silent."""
+    trained, total = epoch_coverage(_counts(manifest), world, batch_size)
+    return (f"each epoch trains {trained:,} of its {total:,} samples ({trained // (world * batch_size):,} steps x "
+            f"{batch_size} x {world} rank(s)); its last {total - trained:,}, under a batch per rank, wait for "
+            "the next epoch's order")
 
 
 def shards_plan(manifest: DataManifest, shards: list[int], batch_size: int, workers: int = 1) -> RankPlan:

@@ -7,10 +7,13 @@ workers. Letting each loader worker cut its own shards into batches loses each w
 partial batch, so a rank yields fewer batches than counted, unevenly across ranks, and the
 ranks wait on each other for ever at the end of an epoch. The plan makes the count a fact:
 
-- the epoch's shard order is dealt to ranks round-robin; every rank runs ``steps`` =
-  the smallest rank's samples // batch size (the rest of the larger ranks is dropped);
+- the epoch's shards, in the epoch's order, make one stream of samples; every rank runs
+  ``steps`` = the epoch's samples // (ranks x batch size) and takes the next ``steps`` x batch
+  size samples of the stream, so ranks share samples, not whole shards: a shard on the border of
+  two ranks' shares is split between them, and the epoch trains every sample but the stream's
+  last ``samples mod (ranks x batch size)``, under one batch per rank (``epoch_coverage``);
 - a rank's step ``i`` is made by its loader worker ``i mod W``. Each worker owns the rank's
-  shards ``w, w + W, ...`` and cuts them into whole batches for as many of its own steps as they
+  shard segments ``w, w + W, ...`` and cuts them into whole batches for as many of its own steps as they
   fill: each shard's batches start at multiples of the batch size of its order, where its
   mixing blocks start (``loader.batches``), and the shards' tails are gathered into batches of
   their own between them; what is left of every worker (its last partial batch, or whole batches beyond its
@@ -44,10 +47,35 @@ class RankPlan:
         return len(self.batches)
 
 
-def epoch_steps(counts: Sequence[int], order: Sequence[int], world: int, batch_size: int) -> int:
-    """Steps every rank runs in an epoch with this shard ``order``: the smallest rank's share,
-    in whole batches."""
-    return min(sum(counts[s] for s in order[r::world]) for r in range(world)) // batch_size
+def epoch_steps(counts: Sequence[int], world: int, batch_size: int) -> int:
+    """Steps every rank runs in an epoch: the epoch's samples shared by the ranks, in whole
+    batches."""
+    return sum(counts) // (world * batch_size)
+
+
+def epoch_coverage(counts: Sequence[int], world: int, batch_size: int) -> tuple[int, int]:
+    """(samples trained, samples in the epoch): the stream's last ``samples mod (world x
+    batch_size)`` samples, under one batch per rank, wait for the next epoch's order."""
+    return epoch_steps(counts, world, batch_size) * world * batch_size, sum(counts)
+
+
+def rank_segments(counts: Sequence[int], order: Sequence[int], rank: int, world: int,
+                  batch_size: int) -> list[Segment]:
+    """Rank ``rank``'s share of the stream of samples of the shards in ``order`` (an epoch's:
+    all of them): the segments of the ``steps x batch_size`` samples from ``rank x steps x
+    batch_size`` on."""
+    share = epoch_steps([counts[s] for s in order], world, batch_size) * batch_size
+    low, high = rank * share, (rank + 1) * share
+    segments: list[Segment] = []
+    offset = 0
+    for shard in order:
+        start, stop = max(low, offset), min(high, offset + counts[shard])
+        if start < stop:
+            segments.append((shard, start - offset, stop - offset))
+        offset += counts[shard]
+        if offset >= high:
+            break
+    return segments
 
 
 def rank_plan(counts: Sequence[int], order: Sequence[int], rank: int, world: int, batch_size: int,
@@ -55,13 +83,13 @@ def rank_plan(counts: Sequence[int], order: Sequence[int], rank: int, world: int
     """Rank ``rank``'s batches for an epoch whose shards come in ``order`` (``counts[s]``: shard
     ``s``'s samples), laid out for ``workers`` loader workers (0 counts as 1)."""
     w_count = max(1, workers)
-    steps = epoch_steps(counts, order, world, batch_size)
-    shards = list(order[rank::world])
+    steps = epoch_steps([counts[s] for s in order], world, batch_size)
+    segments = rank_segments(counts, order, rank, world, batch_size)
     slots = [len(range(w, steps, w_count)) for w in range(w_count)]
     own: list[list[Batch]] = []
     pool: list[Segment] = []
     for w in range(w_count):
-        stream = _aligned([(s, 0, counts[s]) for s in shards[w::w_count]], batch_size)
+        stream = _aligned(segments[w::w_count], batch_size)
         total = sum(stop - start for _, start, stop in stream)
         whole = min(slots[w], total // batch_size)
         batches, rest = _cut(stream, whole, batch_size)
@@ -73,16 +101,21 @@ def rank_plan(counts: Sequence[int], order: Sequence[int], rank: int, world: int
 
 
 def _aligned(stream: list[Segment], batch_size: int) -> list[Segment]:
-    """The segments reordered so that each shard's whole batches come first, starting at its
-    position 0, and its tail (the rest, under a batch) waits with the other tails until they
-    fill whole batches, which come next; the last tails end the stream. Cut in order, every
-    batch is then either ``batch_size`` consecutive positions of one shard or made of tails."""
+    """The segments reordered so that each segment's whole batches come first, starting at
+    multiples of ``batch_size`` of its shard's positions (where the mixing blocks start: a rank's
+    share may begin mid-shard), and its head and tail (the positions before and after them, each
+    under a batch) wait with the other pieces until they fill whole batches, which come next;
+    the last pieces end the stream. Cut in order, every batch is then either ``batch_size``
+    consecutive positions of one shard, from a multiple of ``batch_size``, or made of pieces."""
     out: list[Segment] = []
     tails: list[Segment] = []
     for shard, start, stop in stream:
-        cut = start + (stop - start) // batch_size * batch_size
-        if cut > start:
-            out.append((shard, start, cut))
+        first = min(stop, -(-start // batch_size) * batch_size)
+        cut = first + (stop - first) // batch_size * batch_size
+        if first > start:
+            tails.append((shard, start, first))
+        if cut > first:
+            out.append((shard, first, cut))
         if stop > cut:
             tails.append((shard, cut, stop))
         held = sum(b - a for _, a, b in tails)

@@ -3,8 +3,10 @@ inductive bias, each advised by its own teacher through its own token and head.
 
 Sequence: [cls, conv token, involution token, patch tokens] + learned position embedding, where
 the patch tokens are conv-stem tokens + involution-stem tokens, and the conv / involution tokens
-are the means of each stem's tokens. Training forward returns (class, conv, involution) logits;
-eval returns their mean. Module names match the official co-advise code (conv_embed.conv,
+are the means of each stem's tokens. Forward returns the mean of the (class, conv, involution)
+logits, in training too, as timm's distilled DeiT does: a CivT trains in timm's train.py like
+any classifier. ``set_distilled_training(True)`` (timm's switch; stage two sets it) makes the
+training forward return the three logits, one per loss term. Module names match the official co-advise code (conv_embed.conv,
 inv_embed.stem, head_conv, head_inv). Unlike the official code, ``drop_path_rate`` reaches the
 blocks. Registered in timm as civt_micro/tiny/small/base, with timm's ViT conventions:
 ``forward_features`` (normed tokens), ``forward_head(pre_logits=True)`` (the mean of the three
@@ -94,6 +96,7 @@ class CivT(nn.Module):
         self.head = self._linear_head(num_classes)
         self.head_conv = self._linear_head(num_classes)
         self.head_inv = self._linear_head(num_classes)
+        self.distilled_training = False
         self._init_weights()
 
     def _linear_head(self, num_classes: int) -> nn.Module:
@@ -114,6 +117,12 @@ class CivT(nn.Module):
                 nn.init.kaiming_normal_(m.weight)
             elif isinstance(m, Involution):  # its kernel-generating conv starts unbiased, as officially
                 nn.init.zeros_(m.conv2.conv.bias)
+
+    @torch.jit.ignore
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """timm's switch for models with distillation heads: with it, the training forward
+        returns every head's logits (co-advise's loss needs one per token) instead of their mean."""
+        self.distilled_training = enable
 
     def no_weight_decay(self) -> set[str]:
         """Parameters AdamW must not decay (timm's optimizer factory reads this)."""
@@ -189,13 +198,14 @@ class CivT(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False
                      ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """From ``forward_features``' tokens: (class, conv, involution) logits in training, their
-        mean in eval; ``pre_logits``: the mean of the three prefix tokens."""
+        """From ``forward_features``' tokens: the three heads' mean logits, or in distilled
+        training (class, conv, involution) logits; ``pre_logits``: the mean of the three prefix
+        tokens."""
         if pre_logits:
             return x[:, :self.num_prefix_tokens].mean(1)
         cls_logits = self.head(x[:, 0])
         conv_logits, inv_logits = self.head_conv(x[:, 1]), self.head_inv(x[:, 2])
-        if self.training:
+        if self.distilled_training and self.training and not torch.jit.is_scripting():
             return cls_logits, conv_logits, inv_logits
         return (cls_logits + conv_logits + inv_logits) / 3
 
@@ -207,6 +217,16 @@ class CivT(nn.Module):
     def forward(self, x: torch.Tensor
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         return self.forward_head(self.forward_features(x))
+
+
+def coadvise_student(name: str, **kwargs: Any) -> CivT:
+    """A registered CivT (``timm.create_model(name, **kwargs)``) as co-advise trains it: in
+    distilled training, so its training forward gives each head's logits to its loss term."""
+    import timm
+
+    model = timm.create_model(name, **kwargs)
+    model.set_distilled_training(True)
+    return model
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: CivT) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from torch import nn
 from civt_cache.distributed import device_autocast, device_layout
 from civt_cache.errors import ConfigError
 from civt_cache.fsutil import sha256_file
-from civt_cache.models.checkpoints import classifier_name, load_checkpoint_file, match_layout
+from civt_cache.models.checkpoints import classifier_name, load_checkpoint_file, match_layout, recorded_img_size
 from civt_cache.views.recipe import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -32,7 +32,7 @@ class Teacher:
     num_classes: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    img_size: int | None = None  # what train-teacher trained it at (its checkpoint says so)
+    img_size: int | None = None  # what it was trained at, where its file says (``recorded_img_size``)
     classes: list[str] | None = None  # the class names it was trained on, where its checkpoint says
 
     def identity(self) -> dict[str, Any]:
@@ -93,9 +93,9 @@ def build_teacher(spec: str, device: torch.device | str = "cpu") -> Teacher:
         raise ConfigError(f"{ckpt}: does not fit {arch}: {str(e).splitlines()[-1].strip()}") from None
     mean = tuple(meta.get("mean", model.pretrained_cfg.get("mean", IMAGENET_MEAN)))
     std = tuple(meta.get("std", model.pretrained_cfg.get("std", IMAGENET_STD)))
-    img_size, classes = meta.get("img_size"), meta.get("classes")
+    classes = meta.get("classes")
     return Teacher(name, arch, str(ckpt), checkpoint_sha256(ckpt), model.eval().to(device), num_classes,
-                   mean, std, int(img_size) if isinstance(img_size, int) else None,  # type: ignore[arg-type]
+                   mean, std, recorded_img_size(meta)[0],  # type: ignore[arg-type]
                    [str(c) for c in classes] if isinstance(classes, list) else None)
 
 

@@ -12,9 +12,7 @@ time under leases (``cache.leases``) by any number of processes on any nodes sha
 """
 from __future__ import annotations
 
-import queue
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,16 +23,18 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from civt_cache.cache.leases import LEASE_SECONDS, Lease, Leases, this_process, unit_needs
+from civt_cache.cache.leases import LEASE_SECONDS, Leases, this_process, unit_needs
 from civt_cache.cache.objects import cache_location
 from civt_cache.cache.scan import scan_cache
 from civt_cache.cache.spec import CacheSpec
+from civt_cache.cache.create import create_or_open
 from civt_cache.cache.store import CacheStore
+from civt_cache.cache.unit_writer import LeaseRenewer, UnitWriter
 from civt_cache.config import MAX_BATCH, MAX_EPOCHS, MAX_WORKERS, require
 from civt_cache.data.manifest import load_training_manifest
 from civt_cache.distributed import DistInfo, barrier, device_layout, distributed_session
 from civt_cache.errors import CacheMismatchError, NonFiniteError
-from civt_cache.fsutil import is_url
+from civt_cache.fsutil import folder_problem
 from civt_cache.loader.units import UnitGroup, UnitReader
 from civt_cache.models.teachers import Teacher, build_teacher, parse_teacher_spec, teacher_logits
 from civt_cache.progress import Progress
@@ -73,8 +73,7 @@ class CacheJob:
                 epochs_per_unit=(self.epochs_per_unit, 1 <= self.epochs_per_unit <= MAX_EPOCHS,
                                  f"in 1..{MAX_EPOCHS}"),
                 topk=(self.topk, self.topk >= 1, ">= 1"),
-                out=(str(self.out), is_url(self.out) or not Path(self.out).exists() or Path(self.out).is_dir(),
-                     "a folder (that path is a file)"),
+                out=(str(self.out), folder_problem(self.out) is None, f"a folder (that path is {folder_problem(self.out)})"),
                 batch_size=(self.batch_size, 1 <= self.batch_size <= MAX_BATCH, f"in 1..{MAX_BATCH}"),
                 workers=(self.workers, 0 <= self.workers <= MAX_WORKERS, f"in 0..{MAX_WORKERS}"),
                 threads=(self.threads, 0 <= self.threads <= MAX_WORKERS, f"in 0..{MAX_WORKERS} (0: auto)"),
@@ -83,108 +82,6 @@ class CacheJob:
         self.out = cache_location(self.out)  # an unknown scheme is refused here, in one line
         for spec in self.teachers:
             parse_teacher_spec(spec)
-
-
-class _Writer(threading.Thread):
-    """Writes finished units and commits them; errors surface in the main thread. Under a lease
-    a unit is written only while the lease is still ours, and the lease is let go after the
-    commit."""
-
-    def __init__(self, store: CacheStore, leases: Leases | None, renewer: _Renewer) -> None:
-        super().__init__(daemon=True)
-        self.store, self.leases, self.renewer = store, leases, renewer
-        self.q, self.error, self.committed = queue.Queue(maxsize=4), None, 0
-
-    def run(self) -> None:
-        while (job := self.q.get()) is not None:
-            if self.error is None:
-                try:
-                    self._write(*job)
-                except BaseException as e:  # reported by put()/finish()
-                    self.error = e
-
-    def _write(self, item: UnitGroup, acc: dict[str, Any]) -> None:
-        shard, block, lease = item.shard, item.block, item.lease
-        if lease is not None and not (self.leases and self.leases.holds(lease)):
-            tqdm.write(f"cache-teachers: unit (shard {shard}, block {block}): its lease was taken "
-                       "over while this process stalled; leaving the unit to its new holder", file=sys.stderr)
-            self.renewer.drop(lease)
-            return
-        prior = item.prior
-        views, teachers = self._write_objects(item, acc)
-        first = self.store.commit_unit(shard, block, len(acc["keys"]), views, teachers, prior is not None)
-        if first is not None and (first.get("views") != views or any(
-                first["teachers"].get(n) != sums for n, sums in teachers.items())):
-            # another process committed it meanwhile (took the lease over while this one stalled)
-            # with other bytes, and ours may have landed over its objects: ours go again, last
-            tqdm.write(f"cache-teachers: unit (shard {shard}, block {block}) was committed by another "
-                       "process meanwhile with other bytes; writing this process's again", file=sys.stderr)
-            views, teachers = self._write_objects(item, acc)
-            self.store.commit_unit(shard, block, len(acc["keys"]), views, teachers, True)
-        self.committed += 1
-        if lease is not None and self.leases is not None:
-            self.renewer.drop(lease)
-            self.leases.release(lease)
-
-    def _write_objects(self, item: UnitGroup, acc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Write the unit's new components; their checksums beside those already committed."""
-        shard, block, prior = item.shard, item.block, item.prior
-        views = prior["views"] if prior else {}
-        teachers = dict(prior["teachers"]) if prior else {}
-        if acc["new_views"]:
-            views = self.store.write_views(shard, block, acc["keys"], acc["labels"], acc["records"])
-        for name, parts in acc["teachers"].items():
-            teachers[name] = self.store.write_teacher(name, shard, block, np.stack(parts["logits"]),
-                                                      np.stack(parts["indices"]), np.stack(parts["lse"]))
-        return views, teachers
-
-    def check(self) -> None:
-        """Raise the error a write met, if any."""
-        if self.error is not None:
-            raise self.error
-
-    def put(self, job: tuple) -> None:
-        self.check()
-        self.q.put(job)
-
-    def finish(self) -> None:
-        self.q.put(None)
-        self.join()
-        if self.error is not None:
-            raise self.error
-
-
-class _Renewer(threading.Thread):
-    """Renews the leases of the units this process is computing, every third of a lease."""
-
-    def __init__(self, leases: Leases | None) -> None:
-        super().__init__(daemon=True)
-        self.leases, self.held, self.lock, self.stop = leases, {}, threading.Lock(), threading.Event()
-
-    def hold(self, lease: Lease | None) -> None:
-        if lease is not None:
-            with self.lock:
-                self.held.setdefault((lease.shard, lease.block), lease)
-
-    def drop(self, lease: Lease) -> None:
-        with self.lock:
-            self.held.pop((lease.shard, lease.block), None)
-
-    def run(self) -> None:
-        while self.leases is not None and not self.stop.wait(self.leases.seconds / 3):
-            with self.lock:
-                for unit, lease in list(self.held.items()):
-                    renewed = self.leases.renew(lease)
-                    if renewed is None:  # taken over: the writer will not commit it
-                        del self.held[unit]
-                    else:
-                        self.held[unit] = renewed
-
-    def close(self) -> list[Lease]:
-        """Stop renewing; the leases still held (units not committed: an error stopped them)."""
-        self.stop.set()
-        with self.lock:
-            return list(self.held.values())
 
 
 @dataclass
@@ -237,9 +134,18 @@ def _open(job: CacheJob, manifest: Any, info: DistInfo) -> tuple[CacheStore, lis
     teachers = [build_teacher(t, info.device) for t in job.teachers]
     if len({t.name for t in teachers}) != len(teachers):
         raise CacheMismatchError("two teachers share a name; name them NAME=ARCH:CKPT")
-    store = CacheStore.create_or_open(job.out, spec)
     for t in teachers:
-        store.ensure_teacher(t.identity())
+        if t.num_classes != manifest.num_classes:
+            raise CacheMismatchError(f"teacher {t.name!r} ({t.checkpoint}) predicts {t.num_classes} classes, "
+                                     f"the data has {manifest.num_classes} ({job.manifest})")
+    identities = [t.identity() for t in teachers]
+    if info.is_main:  # made (or made again) by one process, then opened by the others
+        store = create_or_open(job.out, spec, identities, lambda msg: tqdm.write(f"cache-teachers: {msg}",
+                                                                                 file=sys.stderr))
+    barrier(info)
+    if not info.is_main:
+        store = create_or_open(job.out, spec, identities)
+    for t in teachers:
         if job.compile:
             t.model = torch.compile(t.model)
         t.model = device_layout(t.model, info.device)
@@ -258,11 +164,11 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
     for note in plan.notes:
         tqdm.write(f"cache-teachers: {note}", file=sys.stderr)
     leases = Leases(store.objects, this_process(), job.lease_seconds) if job.claim else None
-    renewer = _Renewer(leases)
+    renewer = LeaseRenewer(leases)
     renewer.start()
-    writer = _Writer(store, leases, renewer)
+    writer = UnitWriter(store, leases, renewer)
     writer.start()
-    units, start, done = plan.units, time.perf_counter(), 0
+    units, start, done, said = plan.units, time.perf_counter(), 0, 0
     bar = Progress(sum(manifest.shards[s].num_samples * len(store.block_epochs(b)) for s, b in units),
                    f"cache-teachers (rank 0 of {info.world_size})" if info.distributed else "cache-teachers",
                    "views", enabled=info.is_main)
@@ -277,6 +183,9 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
             units = [u for u in units if unit_needs(store.unit_record(*u), names)]
             if units:
                 writer.check()  # a failed write would leave its unit leased by us for ever
+                if len(units) != said:  # said when the count changes, not every round
+                    said = len(units)
+                    tqdm.write(f"cache-teachers: {_waiting_line(leases, units)}", file=sys.stderr)
                 time.sleep(min(5.0, leases.seconds / 4))
     finally:
         bar.close()
@@ -293,8 +202,19 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
             "views_per_s": done / elapsed if elapsed > 0 else 0.0, "rank": info.rank}
 
 
+def _waiting_line(leases: Leases, units: list[tuple[int, int]]) -> str:
+    """What a claiming process says while the units left are held by others, so a wait is
+    never silent: how many, and who holds the first and for how long."""
+    lease = leases.current(*units[0])
+    held = (f"unit (shard {units[0][0]}, block {units[0][1]}) is leased by {lease.owner} for "
+            f"{max(0.0, lease.expires - time.time()):.0f} s more" if lease is not None else
+            f"unit (shard {units[0][0]}, block {units[0][1]}) is being released")
+    return (f"waiting for {len(units)} unit(s) other processes are computing: {held}; a unit whose "
+            "lease runs out is taken over")
+
+
 def _compute(job: CacheJob, info: DistInfo, store: CacheStore, teachers: list[Teacher], loader: DataLoader,
-             writer: _Writer, renewer: _Renewer, bar: Progress) -> int:
+             writer: UnitWriter, renewer: LeaseRenewer, bar: Progress) -> int:
     """Run the teachers on every group the loader brings; each finished unit goes to the
     writer. Returns the number of views done."""
     pending: dict[tuple[int, int], dict[str, Any]] = {}

@@ -28,10 +28,12 @@ from civt_cache.distributed import (
     same_steps_on_every_rank,
 )
 from civt_cache.errors import CheckpointError, ConfigError, NonFiniteError
+from civt_cache.fsutil import folder_problem
 from civt_cache.loader.batches import (
     StudentBatches,
     batch_inputs,
     batch_loader,
+    coverage_line,
     epoch_plan,
     planned_steps,
     steps_per_epoch,
@@ -55,16 +57,8 @@ from civt_cache.train.records import (
     write_results,
     write_summary,
 )
-from civt_cache.train.runs import (
-    RunLock,
-    check_resumable,
-    finished_results,
-    load_checkpoint,
-    record_torchrun_job,
-    removed_unless_checkpointed,
-    restarted_by_torchrun,
-    start_fresh,
-)
+from civt_cache.train.runs import RunLock, open_run, removed_unless_checkpointed
+from civt_cache.models.civt import coadvise_student
 from civt_cache.train.step import train_step
 from civt_cache.views.recipe import Recipe
 
@@ -119,10 +113,10 @@ class StudentJob:
 
     def __post_init__(self) -> None:
         require("train-student",
-                model=(self.model, timm.is_model(self.model), "a registered model, e.g. civt_tiny"),
+                model=(self.model, self.model in timm.list_models("civt_*"),
+                       f"a CivT model: {', '.join(timm.list_models('civt_*'))}"),
                 teachers=(self.teachers, self.teachers in TEACHER_SETS, f"one of {list(TEACHER_SETS)}"),
-                out=(str(self.out), not Path(self.out).exists() or Path(self.out).is_dir(),
-                     "a folder (that path is a file)"),
+                out=(str(self.out), folder_problem(self.out) is None, f"a folder (that path is {folder_problem(self.out)})"),
                 epochs=(self.epochs, 1 <= self.epochs <= MAX_EPOCHS, f"in 1..{MAX_EPOCHS}"),
                 batch_size=(self.batch_size, 1 <= self.batch_size <= MAX_BATCH, f"in 1..{MAX_BATCH}"),
                 workers=(self.workers, 0 <= self.workers <= MAX_WORKERS, f"in 0..{MAX_WORKERS}"),
@@ -165,28 +159,9 @@ def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
                             job.manifest, job.recipe, job.epochs, job.cycle_cache,
                             job.seed if job.view_seed is None else job.view_seed, job.view_seed is not None,
                             info.device, log)
-    ckpt_path = job.out / "last.pth.tar"
-    state, resume = None, job.resume
-    if info.is_main:  # rank 0 owns the folder: one run writes it at a time
-        lock.acquire()
-        if not resume and restarted_by_torchrun(job.out):  # continue, never start over
-            log(f"restarted by torchrun: continuing the run from {ckpt_path}")
-            resume = True
-        record_torchrun_job(job.out)
-    resume = bool(all_gather_objects(info, resume)[0])  # every rank as rank 0 decided
-    if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        check_resumable(ckpt_path, state, job_record(job), info.world_size)
-        if state["epoch"] >= job.epochs:
-            log(f"{job.out}: this run already finished its {job.epochs} epoch(s); nothing to do "
-                f"(results in {job.out / 'results.json'})")
-            done = finished_results(job.out)
-            return {**done, "results_file": str(job.out / "results.json")} if info.is_main else done
-    else:
-        if resume:  # files here are of this run, killed before its first checkpoint
-            log(f"--resume: no checkpoint at {ckpt_path}; starting fresh")
-        start_fresh(job.out, job.force or resume, remove=info.is_main)
-    barrier(info)
+    state, done = open_run(job.out, job.resume, job.force, job_record(job), job.epochs, info, lock, log)
+    if done is not None:
+        return done
     run = _Run(job, info, manifest, val_manifest, teachers, log)
     if state is not None:
         run.resume(state)
@@ -209,8 +184,8 @@ class _Run:
         self.device = device = info.device
         self.ckpt_path = job.out / "last.pth.tar"
         torch.manual_seed(job.seed + info.rank)  # per-rank drop path (DDP broadcasts rank 0's weights)
-        self.model = timm.create_model(job.model, num_classes=manifest.num_classes, img_size=job.recipe.img_size,
-                                       drop_path_rate=job.drop_path).to(device)
+        self.model = coadvise_student(job.model, num_classes=manifest.num_classes, img_size=job.recipe.img_size,
+                                      drop_path_rate=job.drop_path).to(device)
         self.model = device_layout(self.model, device)
         batch = job.batch_size * info.world_size  # the global batch
         lr = job.lr if job.lr is not None else 5e-4 * batch / 512
@@ -219,11 +194,11 @@ class _Run:
         if job.recipe.mixing and job.recipe.mix_mode == "batch" and job.batch_size != job.recipe.mix_batch:
             log(f"warning: batches of {job.batch_size} per rank, Mixup/CutMix draws shared by blocks of "
                 f"{job.recipe.mix_batch} views (the recipe's mix_batch): a batch does not hold one draw as timm's")
-        self.steps = [steps_per_epoch(manifest, job.seed, e, info.world_size, job.batch_size)
-                      for e in range(job.epochs)]
+        self.steps = [steps_per_epoch(manifest, info.world_size, job.batch_size)] * job.epochs
         if self.steps[0] == 0:
-            raise ConfigError(f"batch size {job.batch_size} x {info.world_size} rank(s) exceeds a rank's "
-                              f"share of {manifest.num_samples} samples: no whole step per epoch")
+            raise ConfigError(f"batch size {job.batch_size} x {info.world_size} rank(s) exceeds the "
+                              f"{manifest.num_samples} samples: no whole step per epoch")
+        log(coverage_line(manifest, info.world_size, job.batch_size))
         self.optimizer, self.schedule = optimizer_and_schedule(
             self.model, "adamw", lr, job.weight_decay, sum(self.steps), int(job.warmup_epochs * self.steps[0]),
             job.min_lr)

@@ -91,7 +91,7 @@ def _train(job: TeacherJob, info: DistInfo) -> dict[str, Any]:
     sgd = job.opt.lower() == "sgd"
     lr = job.lr if job.lr is not None else (0.1 if sgd else 1e-3) * job.batch_size / 256
     wd = job.weight_decay if job.weight_decay is not None else (1e-4 if sgd else 0.05)
-    steps = [steps_per_epoch(manifest, job.seed, e, 1, job.batch_size) for e in range(job.epochs)]
+    steps = [steps_per_epoch(manifest, 1, job.batch_size)] * job.epochs
     if steps[0] == 0:
         raise ConfigError(f"batch size {job.batch_size} exceeds the {manifest.num_samples} samples")
     optimizer, schedule = optimizer_and_schedule(model, job.opt, lr, wd, sum(steps),

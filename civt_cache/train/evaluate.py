@@ -15,9 +15,10 @@ from civt_cache.data.manifest import DataManifest, class_difference, load_manife
 from civt_cache.distributed import DistInfo, all_reduce_sum, device_autocast, device_layout, distributed_session
 from civt_cache.errors import ConfigError, ManifestError
 from civt_cache.loader.batches import ValBatches, batch_loader, val_views
-from civt_cache.models.checkpoints import load_checkpoint_file
-from civt_cache.models.teachers import EMA_SUFFIX, build_teacher
+from civt_cache.models.checkpoints import load_checkpoint_file, recorded_img_size
+from civt_cache.models.teachers import EMA_SUFFIX, build_teacher, checkpoint_file
 from civt_cache.progress import Progress
+from civt_cache.views.engine import EVAL_CROP_PCT
 from civt_cache.views.recipe import Recipe
 
 
@@ -78,17 +79,27 @@ def plain_logits(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def evaluate_checkpoint(manifest_path: Path | str, arch: str | None, checkpoint: Path, img_size: int | None,
-                        device: str = "auto", batch_size: int = 128, ema: bool = False) -> dict[str, float]:
-    """Top-1/top-5 of a checkpoint on a manifest (for CivT: each head and their mean); ``arch``
-    None: the one the checkpoint records (ours and timm's train.py record it); ``ema``: its EMA
-    weights."""
-    if arch is None:
-        arch = load_checkpoint_file(checkpoint, ema)[1].get("arch")
-        if not isinstance(arch, str):
-            raise ConfigError(f"{checkpoint}: records no architecture; give --arch")
+                        device: str = "auto", batch_size: int = 128, ema: bool = False,
+                        log: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Top-1/top-5 of a checkpoint (a file, or a Hugging Face folder as ``--teacher`` takes) on
+    a manifest (for CivT: each head and their mean); ``arch`` None: the one the checkpoint
+    records (ours and timm's train.py record it); ``ema``: its EMA weights. The image size is
+    ``img_size``, else the one the checkpoint records (``recorded_img_size``), else the model
+    cfg's; ``log`` hears which, and the crop."""
+    path, _ = checkpoint_file(str(checkpoint))
+    meta = load_checkpoint_file(path, ema)[1]
+    arch = arch or meta.get("arch")
+    if not isinstance(arch, str):
+        raise ConfigError(f"{checkpoint}: records no architecture; give --arch")
     with distributed_session(device) as info:
         teacher = build_teacher(f"{arch}:{checkpoint}{EMA_SUFFIX if ema else ''}", info.device)
-        size = img_size or teacher.img_size or teacher.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+        recorded, where = recorded_img_size(meta)
+        size, source = ((img_size, "--img-size") if img_size else (recorded, f"{checkpoint}: {where}") if recorded
+                        else (teacher.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1],
+                              f"{arch}'s default cfg; the checkpoint records no size"))
+        if log is not None:
+            log(f"eval: {arch} at {size} px ({source}): short side resized to {int(size / EVAL_CROP_PCT)}, "
+                f"centre crop {size} (crop_pct {EVAL_CROP_PCT})")
         recipe = Recipe(img_size=int(size), mean=teacher.mean, std=teacher.std)
         heads = civt_heads if hasattr(teacher.model, "forward_heads") else plain_logits
         manifest = load_manifest(manifest_path)

@@ -14,9 +14,9 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
-from civt_cache.distributed import elastic_run
+from civt_cache.distributed import DistInfo, all_gather_objects, barrier, torchrun_job
 from civt_cache.errors import CheckpointError, ConfigError
 from civt_cache.fsutil import atomic_write_bytes
 from civt_cache.models.checkpoints import load_torch_file
@@ -91,24 +91,25 @@ def removed_unless_checkpointed(run_dir: Path, lock: RunLock, owner: bool) -> It
         lock.release()
 
 
-#: Under torchrun, the run id of the job that writes the folder: a rank started again in the same
-#: job (torchrun restarted the group) continues the run instead of being refused as a new one.
+#: Under torchrun, the job that writes the folder (``distributed.torchrun_job``): a rank started
+#: again in that job (torchrun restarted the group) continues the run instead of being refused as
+#: a new one. Written only once the run is this job's (started fresh or resumed), never by a
+#: start that was refused, so torchrun's restarts of a refused start stay refused.
 ELASTIC_FILE = ".elastic-run"
 
 
 def restarted_by_torchrun(run_dir: Path) -> bool:
-    """Whether this start is torchrun restarting the job that writes ``run_dir`` (its run id
-    is the one the folder records, or this agent counts a restart)."""
-    run, restarts = elastic_run()
+    """Whether this start is torchrun restarting the job that writes ``run_dir``."""
+    job = torchrun_job()
     mine = (run_dir / ELASTIC_FILE).read_text().strip() if (run_dir / ELASTIC_FILE).is_file() else None
-    return restarts > 0 or (run is not None and mine == run)
+    return job is not None and mine == job
 
 
 def record_torchrun_job(run_dir: Path) -> None:
     """Record the torchrun job writing ``run_dir`` (see ``restarted_by_torchrun``)."""
-    run, _ = elastic_run()
-    if run is not None:
-        atomic_write_bytes(run_dir / ELASTIC_FILE, f"{run}\n".encode())
+    job = torchrun_job()
+    if job is not None:
+        atomic_write_bytes(run_dir / ELASTIC_FILE, f"{job}\n".encode())
 
 
 def other_run_files(run_dir: Path) -> list[str]:
@@ -165,3 +166,36 @@ def finished_results(run_dir: Path) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: the run's checkpoint says it finished, but its results "
                               f"cannot be read ({e})") from None
+
+
+def open_run(run_dir: Path, resume: bool, force: bool, asked: dict[str, Any], epochs: int, info: DistInfo,
+             lock: RunLock, log: Callable[[str], None]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Whether this start continues the run in ``run_dir`` or starts one, decided by rank 0
+    (which takes the folder's lock) and followed by every rank: (the checkpoint to resume from,
+    or None; the results of a run that already ran its ``epochs``, or None). A start of the
+    torchrun job that writes the folder continues it by itself; any other start into a folder
+    holding a run's files is refused unless ``resume`` or ``force``."""
+    ckpt_path = run_dir / "last.pth.tar"
+    if info.is_main:  # rank 0 owns the folder: one run writes it at a time
+        lock.acquire()
+        if not resume and restarted_by_torchrun(run_dir):  # continue, never start over
+            log(f"restarted by torchrun: continuing the run from {ckpt_path}")
+            resume = True
+    resume = bool(all_gather_objects(info, resume)[0])  # every rank as rank 0 decided
+    state = None
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        check_resumable(ckpt_path, state, asked, info.world_size)
+        if state["epoch"] >= epochs:
+            log(f"{run_dir}: this run already finished its {epochs} epoch(s); nothing to do "
+                f"(results in {run_dir / 'results.json'})")
+            done = finished_results(run_dir)
+            return state, {**done, "results_file": str(run_dir / "results.json")} if info.is_main else done
+    else:
+        if resume:  # files here are of this run, killed before its first checkpoint
+            log(f"--resume: no checkpoint at {ckpt_path}; starting fresh")
+        start_fresh(run_dir, force or resume, remove=info.is_main)
+    if info.is_main:  # the run is this job's only now: a refused start never records itself
+        record_torchrun_job(run_dir)
+    barrier(info)
+    return state, None

@@ -352,7 +352,11 @@ def _normalize(v: torch.Tensor, p: DeviceArrays, out: torch.Tensor | None = None
                          out=out)
 
 
-def eval_views(images: Sequence[torch.Tensor], recipe: Recipe, crop_pct: float = 0.875) -> torch.Tensor:
+#: timm's (and DeiT's) evaluation crop: the short side resized to S / 0.875, the centre S kept.
+EVAL_CROP_PCT = 0.875
+
+
+def eval_views(images: Sequence[torch.Tensor], recipe: Recipe, crop_pct: float = EVAL_CROP_PCT) -> torch.Tensor:
     """Validation views: short side resized to S / crop_pct (torchvision's rounding), centre
     crop S, normalised; the resize computes only the centre window."""
     s = recipe.img_size

@@ -90,6 +90,12 @@ class Recipe:
         for name in ("hflip", "erase_prob", "mix_prob", "mix_switch_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"recipe {name} must be a probability, got {getattr(self, name)}")
+        for name in ("crop_scale", "crop_ratio"):
+            low_high = tuple(getattr(self, name))
+            if len(low_high) != 2 or not all(isinstance(v, (int, float)) and 0 < v < float("inf") for v in low_high) \
+                    or low_high[0] > low_high[1]:
+                raise ConfigError(f"recipe {name} {list(low_high)}: must be [low, high] with 0 < low <= high "
+                                  "(timm's order)")
         if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
             raise ConfigError("recipe mixup_alpha / cutmix_alpha must be >= 0")
         if self.mix_mode not in MIX_MODES:

@@ -1,0 +1,212 @@
+"""A new user's first day, at its edges: every refusal leaves nothing that pins a setting, a
+refused run stays refused under torchrun's restarts, and what a daily timm user types works."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+from tests.conftest import (
+    TINY,
+    assert_gone,
+    cache_args,
+    children,
+    descendants,
+    free_port,
+    refused,
+    run_cli,
+    student_args,
+)
+
+
+def _own_shards(world: dict, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the data (shards and manifest) this test may damage: (manifest, first shard)."""
+    shards = tmp_path / "shards"
+    shutil.copytree(world["root"] / "shards", shards)
+    raw = json.loads(world["manifest"].read_text())
+    for s in raw["shards"]:
+        s["path"] = str(shards / Path(s["path"]).name)
+    (tmp_path / "val.json").write_text(json.dumps(raw))
+    shutil.copy(world["root"] / "conv.pth", tmp_path / "conv.pth")
+    return tmp_path / "val.json", shards / Path(raw["shards"][0]["path"]).name
+
+
+def test_refusals_before_the_first_unit_create_no_cache(world, tmp_path) -> None:
+    """A teacher of other classes, a pipe: shard not allowed, a reversed crop scale: each is
+    refused before the cache folder exists, so the corrected rerun starts clean."""
+    manifest, _ = _own_shards(world, tmp_path)
+    root = manifest.parent
+    out = tmp_path / "cache"
+    torch.manual_seed(0)
+    torch.save(timm.create_model("resnet10t", num_classes=5).state_dict(), tmp_path / "five.pth")
+    args = cache_args(root, out)
+    args[args.index("--teacher") + 1] = f"conv=resnet10t:{tmp_path / 'five.pth'}"
+    refused(run_cli(*args, check=False), "predicts 5 classes", "the data has 10")
+    assert not out.exists()
+
+    raw = json.loads(manifest.read_text())
+    raw["shards"][0]["path"] = f"pipe:cat {raw['shards'][0]['path']}"
+    (root / "piped.json").write_text(json.dumps(raw))
+    args = cache_args(root, out)
+    args[args.index("--manifest") + 1] = str(root / "piped.json")
+    refused(run_cli(*args, check=False), "pipe:cat", "CIVT_ALLOW_PIPE=1")
+    assert not out.exists()
+
+    reversed_scale = tmp_path / "reversed.toml"
+    reversed_scale.write_text(Path(TINY).read_text().replace("crop_scale = [0.35, 1.0]", "crop_scale = [1.0, 0.1]"))
+    args = cache_args(root, out)
+    args[args.index("--pipeline") + 1] = str(reversed_scale)
+    refused(run_cli(*args, check=False), "crop_scale [1.0, 0.1]", "0 < low <= high")
+    assert not out.exists()
+
+
+def test_a_cache_with_no_committed_unit_pins_no_setting(world, tmp_path) -> None:
+    """A shard that fails its checksum stops the run in its first unit, after the cache was made:
+    the rerun with the shard restored and another seed is not refused ("seed: cache has 0") but
+    makes the cache again, says so, and finishes it sound. One unit committed pins the seed."""
+    manifest, shard = _own_shards(world, tmp_path)
+    good = shard.read_bytes()
+    blob = bytearray(good)
+    blob[5000] ^= 0x01
+    shard.write_bytes(bytes(blob))
+    out = tmp_path / "cache"
+    refused(run_cli(*cache_args(manifest.parent, out), check=False), str(shard), "sha256 differs")
+    assert (out / "zarr.json").exists() and not list((out / "progress").glob("s*.json"))
+    shard.write_bytes(good)
+    proc = run_cli(*cache_args(manifest.parent, out, "--seed", "1"))
+    assert "holds no committed unit, so it is made again" in proc.stderr and "seed: cache has 0, asked 1" in proc.stderr
+    assert "complete, all sound -> OK" in run_cli("verify", str(out), "--full").stdout
+    pinned = run_cli(*cache_args(manifest.parent, out, "--seed", "2"), check=False)
+    refused(pinned, "cache does not match the request")
+    assert "seed: cache has 1, asked 2" in pinned.stderr
+
+
+def _torchrun(*args: str, port: int) -> subprocess.CompletedProcess:
+    """One torchrun node of the README's multi-node shape (c10d rendezvous, torchrun's default
+    run id ``none``, restarts allowed), one rank."""
+    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "1",
+                           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--max-restarts", "2",
+                           "-m", "civt_cache.cli", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_a_refused_start_stays_refused_through_torchruns_restarts(world, tmp_path) -> None:
+    """The README's torchrun command run a second time into the same --out: refused ("holds
+    another run's files") at the start and at every restart torchrun makes of it, never turned
+    into a resume that prints the old run's result; the old run's files are untouched."""
+    run = tmp_path / "run"
+    first = _torchrun(*student_args(world, world["ref"], run), port=free_port())
+    assert first.returncode == 0, first.stderr[-3000:]
+    kept = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    again = _torchrun(*student_args(world, world["ref"], run), port=free_port())
+    out = again.stdout + again.stderr
+    assert again.returncode != 0
+    refusals = [l for l in out.splitlines() if "holds another run's files" in l]
+    assert len(refusals) == 3, out[-3000:]  # the start and torchrun's 2 restarts
+    assert sum("torchrun restart" in l and "stays refused" in l for l in refusals) == 2
+    assert "continuing the run" not in out and "val top-1" not in out and "already finished" not in out
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"} == kept
+
+
+def test_eval_takes_the_size_a_checkpoint_records_and_says_it(world, tmp_path) -> None:
+    """A timm train.py checkpoint of a 32 px model is scored at 32 px (its args.img_size), not at
+    its architecture's cfg (176 px for resnet10t); a Hugging Face folder (model.safetensors +
+    config.json) is taken as --teacher takes it, at its config's input_size; the line says which."""
+    from safetensors.torch import save_file
+
+    sd = torch.load(world["root"] / "conv.pth", weights_only=True)
+    timm_ckpt = tmp_path / "timm-train.pth.tar"
+    torch.save({"epoch": 3, "arch": "resnet10t", "state_dict": sd,
+                "args": argparse.Namespace(model="resnet10t", img_size=32, input_size=None)}, timm_ckpt)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file(sd, hf / "model.safetensors")
+    (hf / "config.json").write_text(json.dumps({"architecture": "resnet10t", "num_classes": 10,
+                                                "pretrained_cfg": {"input_size": [3, 32, 32]}}))
+    scores = {}
+    for ckpt, where in ((timm_ckpt, "its args.img_size"), (hf, "config.json's input_size")):
+        proc = run_cli("eval", "--manifest", str(world["manifest"]), "--checkpoint", str(ckpt), "--json")
+        assert f"eval: resnet10t at 32 px ({ckpt}: {where}): short side resized to 36, centre crop 32" in proc.stderr
+        scores[where] = json.loads(proc.stdout)["val_top1"]
+    bare = run_cli("eval", "--manifest", str(world["manifest"]), "--checkpoint", str(world["root"] / "conv.pth"),
+                   "--arch", "resnet10t", "--json")
+    assert "at 176 px (resnet10t's default cfg; the checkpoint records no size)" in bare.stderr
+    at_32 = run_cli("eval", "--manifest", str(world["manifest"]), "--checkpoint", str(world["root"] / "conv.pth"),
+                    "--arch", "resnet10t", "--img-size", "32", "--json")
+    assert "at 32 px (--img-size)" in at_32.stderr
+    assert scores["its args.img_size"] == scores["config.json's input_size"] == json.loads(at_32.stdout)["val_top1"]
+
+
+def test_a_lease_that_never_expires_is_taken_over_and_no_wait_is_silent(world, tmp_path) -> None:
+    """A lease whose ``expires`` is NaN (shown as expired by inspect) is taken over by --claim
+    after one lease, as an unreadable one is, instead of being waited on for ever; the wait
+    says which unit it waits for and who holds it."""
+    cache = tmp_path / "cache"
+    shutil.copytree(world["ref"], cache)
+    (cache / "progress" / "s000000-b0000.json").unlink()
+    (cache / "progress" / "index.json.gz").unlink(missing_ok=True)
+    (cache / "leases").mkdir(exist_ok=True)
+    (cache / "leases" / "s000000-b0000.g0000.json").write_text('{"owner": "elsewhere:1", "expires": NaN}')
+    proc = run_cli(*cache_args(world["root"], cache, "--claim", "--lease-seconds", "2"))
+    assert "waiting for 1 unit(s) other processes are computing: unit (shard 0, block 0) is leased by unreadable" \
+        in proc.stderr
+    assert "complete, all sound -> OK" in run_cli("verify", str(cache), "--full").stdout
+
+
+def test_a_loader_worker_killed_as_the_oom_killer_does_ends_in_one_line(world, tmp_path) -> None:
+    """kill -9 of one of train-student's loader workers (outside torchrun): one line naming the
+    worker, the likely cause (memory) and how to continue, exit 2; no process is left behind."""
+    args = student_args(world, world["ref"], tmp_path / "run", "--epochs", "50", "--cycle-cache", "--workers", "2")
+    proc = subprocess.Popen([sys.executable, "-m", "civt_cache.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen: set[int] = set()
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and len(children(proc.pid)) < 2 and proc.poll() is None:
+            time.sleep(0.1)
+        workers = children(proc.pid)
+        assert len(workers) >= 2, "no loader workers appeared"
+        seen |= set(descendants(proc.pid))
+        os.kill(workers[-1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    line = [ln for ln in err.splitlines() if ln.startswith("civt-cache: error: ")]
+    assert len(line) == 1 and f"pid {workers[-1]}" in line[0] and "out-of-memory" in line[0] and "--resume" in line[0]
+    assert_gone(sorted(seen))
+
+
+def test_pipelines_with_tables_or_depth_this_tool_would_ignore_are_refused(world, tmp_path) -> None:
+    """``[studnet] lr = 1.0`` (a typo) and a top-level key were ignored, training at the default
+    lr; a pipeline nested 100,000 deep ended in a RecursionError traceback."""
+    for name, text, needle in (("typo", "[studnet]\nlr = 1.0\n", "[studnet] is not a pipeline table"),
+                               ("top", "lr = 1.0\n", "'lr' is not a pipeline table"),
+                               ("deep", "a = " + "[" * 100_000 + "]" * 100_000 + "\n", "nested too deeply")):
+        pipeline = tmp_path / f"{name}.toml"
+        pipeline.write_text(text + Path(TINY).read_text() if name != "deep" else text)  # before any table
+        args = student_args(world, world["ref"], tmp_path / "run")
+        args[args.index("--pipeline") + 1] = str(pipeline)
+        refused(run_cli(*args, check=False), str(pipeline), needle)
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_dangling_or_looping_symlink_as_out_is_refused_naming_it(world, tmp_path) -> None:
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for link in ("dangling", "loop"):
+        out = tmp_path / link
+        refused(run_cli(*cache_args(world["root"], out), check=False), str(out), "symbolic link to nothing")
+        refused(run_cli(*student_args(world, world["ref"], out), check=False), str(out), "symbolic link to nothing")
+        assert out.is_symlink() and not (tmp_path / "nowhere").exists()

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pytest
 import timm
 import torch
 
@@ -210,3 +212,61 @@ def test_a_dangling_or_looping_symlink_as_out_is_refused_naming_it(world, tmp_pa
         refused(run_cli(*cache_args(world["root"], out), check=False), str(out), "symbolic link to nothing")
         refused(run_cli(*student_args(world, world["ref"], out), check=False), str(out), "symbolic link to nothing")
         assert out.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def test_make_shards_on_a_full_disk_names_the_shard_and_the_space_and_leaves_no_partial(tmp_path) -> None:
+    """A full disk while make-shards writes: one line naming the shard file and the space left,
+    no hidden ``.partial`` file, no manifest."""
+    from PIL import Image
+
+    src = tmp_path / "src"
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (src / cls).mkdir(parents=True)
+        for i in range(40):  # noise: ~12 kB each as JPEG, 480 kB in all
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(src / cls / f"{i}.jpg", quality=95)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        out = disk / "shards"
+        proc = run_cli("make-shards", str(src), str(out), "--name", "x", "--manifest", str(tmp_path / "m.json"),
+                       "--shard-size", "16", "--workers", "1", check=False)
+        line = refused(proc, "disk full", "MB left on its file system")
+        assert f"{out}/x-0000" in line, line
+        assert not [p.name for p in out.iterdir() if p.name.startswith(".")], list(out.iterdir())
+        assert not (tmp_path / "m.json").exists()
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_a_mid_epoch_checkpoint_keeps_the_seconds_of_the_images_it_counts(world, tmp_path) -> None:
+    """A checkpoint mid-epoch counted its steps' images but not their seconds when no progress
+    line had come yet (--log-every beyond them), so the epoch resumed from it (a torchrun restart)
+    reported 863 img/s for a real 94: the images and the seconds are now counted together."""
+    run = tmp_path / "run"
+    run_cli(*student_args(world, world["ref"], run, "--epochs", "2", "--max-steps", "6", "--log-every", "50"))
+    sums = torch.load(run / "last.pth.tar", weights_only=True)["ranks"][0]["sums"]
+    assert sums["n"] == 6 * 32 and sums["seconds"] > 0
+    run_cli(*student_args(world, world["ref"], run, "--epochs", "2", "--resume", "--log-every", "50"))
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    per_step = first["train_seconds"] / first["steps"]
+    assert per_step >= 0.5 * sums["seconds"] / 6, (first, sums)  # no epoch faster than its own first steps
+
+
+@pytest.mark.parametrize("damaged", ["views/params/zarr.json", "teachers/conv/targets/zarr.json"])
+def test_a_truncated_array_metadata_file_is_named_and_repair_writes_it_again(world, tmp_path, damaged) -> None:
+    from tests.test_faults import assert_same_cache
+
+    cache = tmp_path / "cache"
+    shutil.copytree(world["ref"], cache)
+    meta = cache / damaged
+    meta.write_bytes(meta.read_bytes()[:40])
+    refused(run_cli(*student_args(world, cache, tmp_path / "run"), check=False), str(meta), "--repair")
+    refused(run_cli(*cache_args(world["root"], cache), check=False), str(meta), "--repair")
+    proc = run_cli(*cache_args(world["root"], cache, "--repair"))
+    assert f"--repair: wrote {meta} again" in proc.stderr
+    assert "complete, all sound -> OK" in run_cli("verify", str(cache), "--full").stdout
+    assert_same_cache(cache, world["ref"])

@@ -17,22 +17,24 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from civt_cache.cache.commits import any_committed
-from civt_cache.cache.layout import build_cache, layout_differences, publish
+from civt_cache.cache.layout import build_cache, layout_differences, metadata_problems, publish, rewrite_metadata
 from civt_cache.cache.objects import CacheRoot
 from civt_cache.cache.spec import CacheSpec
 from civt_cache.cache.store import CacheStore
-from civt_cache.errors import CacheMismatchError
+from civt_cache.errors import CacheMismatchError, CorruptUnitError
 
 
 def create_or_open(root: str | Path, spec: CacheSpec, teachers: Sequence[dict[str, Any]] = (),
-                   log: Callable[[str], None] | None = None) -> CacheStore:
+                   log: Callable[[str], None] | None = None, repair: bool = False) -> CacheStore:
     """The cache at ``root`` for ``spec`` with the empty arrays of each teacher identity in
     ``teachers``: made when absent or pinned by nothing, else opened, grown or refused saying
-    what differs."""
+    what differs. Damaged array metadata is refused naming the object, or with ``repair``
+    written again from the cache's own settings."""
     objects = CacheRoot(root)
     if not objects.exists("zarr.json"):
         publish(objects, "", lambda tmp: build_cache(tmp, spec))
     store = CacheStore.open(root, mode="r+")
+    _check_metadata(store, repair, log)
     differs = ([] if store.spec.grows_to(spec) else store.spec.differences(spec)) + _teacher_differences(store, teachers)
     if differs and not _pinned(objects):
         if log is not None:
@@ -52,6 +54,29 @@ def create_or_open(root: str | Path, spec: CacheSpec, teachers: Sequence[dict[st
     for identity in teachers:
         store.ensure_teacher(identity)
     return store
+
+
+def _check_metadata(store: CacheStore, repair: bool, log: Callable[[str], None] | None) -> None:
+    """Refuse a cache whose array metadata is damaged, naming the object; with ``repair`` write
+    it again (it follows from the cache's settings and its teachers' identities)."""
+    try:
+        identities = store.teachers()
+    except (ValueError, KeyError):  # the teachers group's own metadata is the damaged one
+        identities = {}
+    broken = metadata_problems(store.objects, list(identities))
+    if not broken:
+        return
+    if not repair:
+        key, why = next(iter(broken.items()))
+        raise CorruptUnitError(f"{store.objects.name(key)}: array metadata {why}"
+                               + (f" (and {len(broken) - 1} more)" if len(broken) > 1 else "")
+                               + "; `cache-teachers --repair` writes it again from the cache's settings")
+    rewrite_metadata(store.objects, store.spec, list(broken), identities)
+    if not identities and store.teachers():  # readable now: their arrays' metadata next
+        rewrite_metadata(store.objects, store.spec, list(metadata_problems(store.objects, list(store.teachers()))),
+                         store.teachers())
+    if log is not None:
+        log(f"--repair: wrote {', '.join(str(store.objects.name(k)) for k in broken)} again from the cache's settings")
 
 
 def _teacher_differences(store: CacheStore, teachers: Sequence[dict[str, Any]]) -> list[str]:

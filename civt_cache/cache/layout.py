@@ -34,9 +34,10 @@ landed over its own (``layout_differences``).
 """
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import zarr
@@ -139,3 +140,33 @@ def publish(objects: CacheRoot, prefix: str, build: Callable[[Path], None], repl
             objects.create(f"{prefix}zarr.json", top.read_bytes())
 
 
+
+
+def metadata_problems(objects: CacheRoot, teachers: Sequence[str]) -> dict[str, str]:
+    """The cache's array and group metadata objects (under its root group) that are missing or
+    do not parse, by key: zarr reads them with no file named, and nothing computes around them."""
+    keys = ["views/zarr.json", "teachers/zarr.json", *(f"{a}/zarr.json" for a in VIEW_ARRAYS),
+            *(f"teachers/{t}/{a}/zarr.json" for t in teachers for a in TEACHER_ARRAYS)]
+    out = {}
+    for key in keys:
+        data = objects.read(key)
+        if data is None:
+            out[key] = "missing"
+            continue
+        try:
+            json.loads(data)
+        except ValueError as e:
+            out[key] = f"unreadable ({e})"
+    return out
+
+
+def rewrite_metadata(objects: CacheRoot, spec: CacheSpec, keys: Sequence[str],
+                     identities: dict[str, dict[str, Any]]) -> None:
+    """Write the metadata objects ``keys`` again as a cache for ``spec`` (with its teachers'
+    ``identities``) has them: they follow from the settings, unlike the chunks they describe."""
+    with tempfile.TemporaryDirectory(prefix="civt-cache-meta-") as tmp:
+        build_cache(Path(tmp), spec)
+        for name, identity in identities.items():
+            build_teacher(Path(tmp) / "teachers" / name, spec, identity)
+        for key in keys:
+            objects.write(key, (Path(tmp) / key).read_bytes())

@@ -161,7 +161,12 @@ class CacheStore:
     def _array(self, name: str) -> zarr.Array:
         """An array of the cache, its metadata read once per store."""
         if name not in self._arrays_open:
-            self._arrays_open[name] = self.group[name]
+            try:
+                self._arrays_open[name] = self.group[name]
+            except (ValueError, KeyError) as e:  # zarr names no file: this does
+                raise CorruptUnitError(f"{self.objects.name(name + '/zarr.json')}: array metadata unreadable or "
+                                       f"missing ({type(e).__name__}: {str(e)[:120]}); `cache-teachers --repair` "
+                                       "writes it again from the cache's settings") from None
         return self._arrays_open[name]
 
     # ---- units --------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from civt_cache.data.manifest import DataManifest, ShardInfo
 from civt_cache.data.remote import upload_file
 from civt_cache.data.spread import LabelSpread
 from civt_cache.errors import BadImageError, ConfigError
-from civt_cache.fsutil import sha256_file
+from civt_cache.fsutil import out_of_space, sha256_file
 from civt_cache.progress import Progress
 
 JPEG_QUALITY = 95
@@ -151,8 +151,14 @@ class _ShardSink:
             self.writer = tarfile.open(self.partials[-1][0], "w", format=tarfile.USTAR_FORMAT)
             self.labels.append(Counter())
         self.labels[-1][label] += 1
-        for ext, payload in (("jpg", jpeg), ("cls", str(label).encode())):
-            self.writer.addfile(_tarinfo(f"{key}.{ext}", len(payload)), io.BytesIO(payload))
+        try:
+            for ext, payload in (("jpg", jpeg), ("cls", str(label).encode())):
+                self.writer.addfile(_tarinfo(f"{key}.{ext}", len(payload)), io.BytesIO(payload))
+        except OSError as e:  # a full disk: named with the shard's final name and the space left
+            full = out_of_space(e, self.partials[-1][1])
+            if full is not None:
+                raise full from None
+            raise
         tmp, final, n = self.partials[-1]
         self.partials[-1] = (tmp, final, n + 1)
 
@@ -160,9 +166,16 @@ class _ShardSink:
         """Close the shard being written; a complete one bound for a bucket goes there now."""
         if self.writer is None:
             return
-        self.writer.close()
-        self.writer = None
         tmp, final, n = self.partials[-1]
+        try:
+            self.writer.close()
+        except OSError as e:
+            full = out_of_space(e, final)
+            if full is not None:
+                raise full from None
+            raise
+        finally:
+            self.writer = None
         if self.bucket and complete and n:
             url = f"{self.bucket.rstrip('/')}/{final.name}"
             self.uploaded[final] = ShardInfo(url, n, tmp.stat().st_size, sha256_file(tmp))
@@ -183,10 +196,16 @@ class _ShardSink:
         return shards
 
     def discard(self) -> None:
-        """After an error: no partial shard is kept (nor uploaded)."""
-        self.close(complete=False)
-        for tmp, _, _ in self.partials:
-            tmp.unlink(missing_ok=True)
+        """After an error: no partial shard is kept (nor uploaded), also when closing the one
+        being written fails again (a full disk fails its last flush too)."""
+        try:
+            self.close(complete=False)
+        except OSError:
+            pass
+        finally:
+            self.writer = None
+            for tmp, _, _ in self.partials:
+                tmp.unlink(missing_ok=True)
 
 
 def write_shards(items: Sequence[SourceItem], classes: list[str], out_dir: Path | str, name: str,

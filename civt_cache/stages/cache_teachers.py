@@ -141,7 +141,7 @@ def _open(job: CacheJob, manifest: Any, info: DistInfo) -> tuple[CacheStore, lis
     identities = [t.identity() for t in teachers]
     if info.is_main:  # made (or made again) by one process, then opened by the others
         store = create_or_open(job.out, spec, identities, lambda msg: tqdm.write(f"cache-teachers: {msg}",
-                                                                                 file=sys.stderr))
+                                                                                 file=sys.stderr), job.repair)
     barrier(info)
     if not info.is_main:
         store = create_or_open(job.out, spec, identities)

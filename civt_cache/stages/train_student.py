@@ -209,6 +209,7 @@ class _Run:
         # the workers the epoch in progress was planned for; the (epoch, step) being run, for errors
         self.plan_workers, self.position = job.workers, (0, 0)
         self.sums = {"loss": 0.0, "ce": 0.0, "conv": 0.0, "inv": 0.0, "n": 0.0, "seconds": 0.0}
+        self.tick = time.perf_counter()  # when the seconds in ``sums`` were last counted
         self.window = LossWindow(job.log_every, self.sums, lambda value, where: bad_batch(value, where, manifest))
         self.ema = ModelEmaV3(self.model, decay=job.model_ema_decay) if job.model_ema else None
         self.board = tensorboard_writer(job.out) if job.log == "tensorboard" and info.is_main else None
@@ -275,7 +276,7 @@ class _Run:
             sums.update(dict.fromkeys(sums, 0.0))
         self.ddp_model.train()
         bar = Progress(steps, f"epoch {epoch + 1}/{job.epochs}", "steps", info.is_main, skip)
-        tick = time.perf_counter()
+        self.tick = time.perf_counter()
 
         def inputs(item: tuple[int, Any]) -> tuple[int, Any, torch.Tensor, torch.Tensor, dict]:
             step, batch = item  # decoded and augmented on the device
@@ -293,7 +294,7 @@ class _Run:
                 self.ema.update(self.model, step=self.global_step)
             self.schedule.step_update(self.global_step)
             if window.add(loss, parts, x.shape[0], (self.global_step, epoch, step, batch.rows[:batch.size])):
-                tick = show_progress(bar, window, sums, tick, info.world_size)
+                self.tick = show_progress(bar, window, sums, self.tick, info.world_size)
             bar.update(1)
             if job.checkpoint_every and self.global_step % job.checkpoint_every == 0 and step + 1 < steps:
                 self.checkpoint(epoch, step + 1)
@@ -303,7 +304,7 @@ class _Run:
                 self.stopped_at = {"epoch": epoch, "step": step + 1}
                 return True
         window.read()
-        show_progress(bar, window, sums, tick, info.world_size)
+        self.tick = show_progress(bar, window, sums, self.tick, info.world_size)
         bar.close()
         same_steps_on_every_rank(info, f"train-student: epoch {epoch + 1}", steps - skip)
         return False
@@ -344,6 +345,9 @@ class _Run:
     def checkpoint(self, epoch: int, step: int) -> None:
         """Every rank's RNG and loss sums gathered, written by rank 0 if the weights are finite."""
         self.window.read()  # a non-finite loss stops the run before anything is written
+        now = time.perf_counter()  # the steps just read count with their seconds: a run resumed
+        self.sums["seconds"] += now - self.tick  # from here divides its images by its time
+        self.tick = now
         info = self.info
         ranks = all_gather_objects(info, {  # each rank's RNG (drop path), loss sums and buffers
             "rng_cpu": torch.get_rng_state(), "sums": dict(self.sums),

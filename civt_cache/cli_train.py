@@ -21,7 +21,7 @@ def train_student_cmd(
     val_manifest: Optional[str] = typer.Option(None, help="(a file or URL) Validation data manifest."),
     cache: Optional[str] = typer.Option(None, help="Teacher cache from cache-teachers (folder or s3:// / gs:// prefix)."),
     model: Optional[str] = typer.Option(None, help="Student: civt_micro | civt_tiny | civt_small | civt_base."),
-    img_size: Optional[int] = typer.Option(None, help="View size, overriding [recipe] img_size; must match the cache's [224]."),
+    img_size: Optional[int] = typer.Option(None, help="View size, overriding [recipe] img_size [the cache's; 224 without a cache]."),
     epochs: Optional[int] = typer.Option(None, help="Training epochs (at most the cached ones unless --cycle-cache)."),
     teachers: Optional[str] = typer.Option(None, help="both | conv | inv | none (ablations)."),
     online: Optional[bool] = typer.Option(None, "--online/--cached", help="Run the teachers live instead of reading the cache."),
@@ -66,12 +66,14 @@ def train_student_cmd(
     from civt_cache.stages.train_student import StudentJob, train_student
 
     cfg = with_run_args(load_pipeline(pipeline), config)
-    recipe = {"randaugment": aa, "mixup_alpha": mixup, "cutmix_alpha": cutmix, "erase_prob": reprob}
-    cfg["recipe"] = {**cfg.get("recipe", {}), **{k: v for k, v in recipe.items() if v is not None}}
+    flags = {"--aa": ("randaugment", aa), "--mixup": ("mixup_alpha", mixup), "--cutmix": ("cutmix_alpha", cutmix),
+             "--reprob": ("erase_prob", reprob), "--img-size": ("img_size", img_size)}
+    cfg["recipe"] = recipe_of_the_cache(cfg, {flag: kv for flag, kv in flags.items() if kv[1] is not None},
+                                        cache or cfg.get("student", {}).get("cache"), pipeline, config)
     if output is not None:
         out = output / (experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{model or cfg.get('student', {}).get('model', 'civt')}")
     job = build_config(StudentJob, cfg, "student", dict(
-        manifest=manifest, val_manifest=val_manifest, cache=cache, model=model, img_size=img_size,
+        manifest=manifest, val_manifest=val_manifest, cache=cache, model=model,
         epochs=epochs, teachers=teachers, online=online, teacher=teacher, seed=seed,
         view_seed=view_seed, cycle_cache=cycle_cache, batch_size=batch_size, lr=lr, min_lr=min_lr,
         warmup_epochs=warmup_epochs, weight_decay=weight_decay, clip_grad=clip_grad, label_smoothing=smoothing,
@@ -86,6 +88,31 @@ def train_student_cmd(
         at = res["stopped_at"]
         typer.echo(f"stopped by --max-steps at epoch {at['epoch'] + 1} step {at['step']}; "
                    f"--resume continues from {res['checkpoint']}")
+
+
+def recipe_of_the_cache(cfg: dict[str, Any], flags: dict[str, tuple[str, Any]], cache: str | None,
+                        pipeline: Optional[Path], config: Optional[Path]) -> dict[str, Any]:
+    """The view recipe a run trains on: the one its cache was made with (a cache replays its
+    own views, so the run needs no pipeline to say them again), or without a cache the
+    pipeline's [recipe] under the flags. A recipe value given that contradicts the cache's is
+    refused, naming the flag or the file that gave it."""
+    given = {key: (f"{pipeline or config}: [recipe] {key}", value) for key, value in cfg.get("recipe", {}).items()}
+    given.update({key: (flag, value) for flag, (key, value) in flags.items()})
+    if cache is None:
+        return {key: value for key, (_, value) in given.items()}
+    from civt_cache.cache.store import CacheStore
+    from civt_cache.errors import ConfigError
+    from civt_cache.views.recipe import Recipe
+
+    cached = CacheStore.open(cache).spec.recipe.to_json()
+    for key, (where, value) in given.items():
+        if key not in cached:
+            continue  # an unknown key: Recipe names it
+        if Recipe.from_json({**cached, key: value}).to_json()[key] != cached[key]:
+            raise ConfigError(f"{where} {value!r}: the cache {cache} was made with {key} = {cached[key]!r}, and "
+                              "its views are replayed as made; drop the setting (the cache's recipe is used) or "
+                              "build a cache with it")
+    return {**cached, **{key: value for key, (_, value) in given.items() if key not in cached}}
 
 
 def with_run_args(cfg: dict[str, Any], config: Optional[Path]) -> dict[str, Any]:

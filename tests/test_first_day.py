@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import timm
+import yaml
 import torch
 
 from tests.conftest import (
@@ -270,3 +271,25 @@ def test_a_truncated_array_metadata_file_is_named_and_repair_writes_it_again(wor
     assert f"--repair: wrote {meta} again" in proc.stderr
     assert "complete, all sound -> OK" in run_cli("verify", str(cache), "--full").stdout
     assert_same_cache(cache, world["ref"])
+
+
+def test_the_cache_carries_its_recipe(world, tmp_path) -> None:
+    """train-student --cache needs no pipeline to repeat the cache's views: it trains on the
+    recipe the cache was made with; a flag or a pipeline value that contradicts it is refused,
+    naming the flag or the file."""
+    from civt_cache.cache.store import CacheStore
+
+    args = student_args(world, world["ref"], tmp_path / "run")
+    at = args.index("--pipeline")
+    bare = args[:at] + args[at + 2:]
+    run_cli(*bare)
+    recorded = yaml.safe_load((tmp_path / "run" / "args.yaml").read_text())["recipe"]
+    assert recorded == CacheStore.open(world["ref"]).spec.recipe.to_json()
+    refused(run_cli(*bare, "--img-size", "64", "--out", str(tmp_path / "r2"), check=False),
+            "--img-size 64", "was made with img_size = 32")
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(Path(TINY).read_text().replace("[recipe]\n", "[recipe]\nerase_prob = 0.5\n"))
+    args[at + 1] = str(pipeline)
+    refused(run_cli(*args[:-1], str(tmp_path / "r3"), check=False), f"{pipeline}: [recipe] erase_prob 0.5",
+            "was made with erase_prob = 0.25")
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()

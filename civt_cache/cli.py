@@ -246,6 +246,7 @@ def main() -> None:
 
     if "--help" in sys.argv[1:]:
         _show_job_defaults()
+    sys.argv[1:] = resume_as_timm_types_it(sys.argv[1:])
     try:
         refuse_misplaced_urls(sys.argv[1:])
         app(standalone_mode=True)
@@ -255,6 +256,24 @@ def main() -> None:
             raise
         typer.echo(f"civt-cache: error: {line}{_restart_note()}", err=True)
         raise SystemExit(2) from None
+
+
+def resume_as_timm_types_it(args: list[str]) -> list[str]:
+    """``--resume PATH`` / ``--resume=PATH`` (timm's) as ``--resume --resume-path PATH``: the
+    switch and its optional value, which a typer option cannot be at once. A token after
+    ``--resume`` is its path unless it is a flag (the commands that resume take no arguments)."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--resume="):
+            out += ["--resume", "--resume-path", arg.split("=", 1)[1]]
+        elif arg == "--resume" and i + 1 < len(args) and not args[i + 1].startswith("-"):
+            out += ["--resume", "--resume-path", args[i + 1]]
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out
 
 
 def _restart_note() -> str:

@@ -56,7 +56,8 @@ def train_student_cmd(
     out: Optional[Path] = typer.Option(None, help="Run directory (checkpoints, metrics, plot)."),
     output: Optional[Path] = typer.Option(None, help="timm's layout: the run goes to OUTPUT/EXPERIMENT (instead of --out)."),
     experiment: Optional[str] = typer.Option(None, help="Run name under --output [the model's name and the date, as timm's]."),
-    resume: Optional[bool] = typer.Option(None, "--resume/--fresh", help="Continue from RUN_DIR/last.pth.tar."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--fresh", help="Continue the run in --out from its last.pth.tar, with its own settings (its args.yaml); `--resume PATH` (a run folder or its last.pth.tar) as timm's."),
+    resume_path: Optional[Path] = typer.Option(None, "--resume-path", hidden=True, help="What `--resume PATH` becomes (cli.main)."),
     force: Optional[bool] = typer.Option(None, "--force/--no-force", help="Start fresh in a folder holding another run's files, replacing them."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps in all."),
     allow_sorted_shards: Optional[bool] = typer.Option(None, "--allow-sorted-shards", help="Train on shards whose label spread shows them sorted by class, deliberately (refused otherwise)."),
@@ -65,7 +66,13 @@ def train_student_cmd(
     from civt_cache.config import build_config, load_pipeline
     from civt_cache.stages.train_student import StudentJob, train_student
 
-    cfg = with_run_args(load_pipeline(pipeline), config)
+    cfg = load_pipeline(pipeline)
+    if resume_path is not None:
+        out, resume = resumed_run(resume_path, out), True
+    if resume and config is None:  # a resume is the run's own settings: nothing to repeat
+        run_dir = out or cfg.get("student", {}).get("out")
+        config = Path(run_dir) / "args.yaml" if run_dir and (Path(run_dir) / "args.yaml").is_file() else None
+    cfg = with_run_args(cfg, config)
     flags = {"--aa": ("randaugment", aa), "--mixup": ("mixup_alpha", mixup), "--cutmix": ("cutmix_alpha", cutmix),
              "--reprob": ("erase_prob", reprob), "--img-size": ("img_size", img_size)}
     cfg["recipe"] = recipe_of_the_cache(cfg, {flag: kv for flag, kv in flags.items() if kv[1] is not None},
@@ -88,6 +95,27 @@ def train_student_cmd(
         at = res["stopped_at"]
         typer.echo(f"stopped by --max-steps at epoch {at['epoch'] + 1} step {at['step']}; "
                    f"--resume continues from {res['checkpoint']}")
+
+
+def resumed_run(path: Path, out: Optional[Path]) -> Path:
+    """The run folder ``--resume PATH`` continues: PATH itself, or the folder of its
+    ``last.pth.tar``; refused when PATH is another file (an epoch's weights hold no optimizer
+    or position) or names another run than ``--out``."""
+    from civt_cache.errors import ConfigError
+
+    if path.is_dir():
+        run_dir = path
+    elif path.name == "last.pth.tar" and path.is_file():
+        run_dir = path.parent
+    elif path.is_file():
+        raise ConfigError(f"--resume {path}: not a run's last.pth.tar (an epoch's weights, model_best or "
+                          "checkpoint-N, hold no optimizer or position); --resume takes a run folder or its "
+                          f"last.pth.tar (here {path.parent / 'last.pth.tar'})")
+    else:
+        raise ConfigError(f"--resume {path}: no such run folder or checkpoint")
+    if out is not None and out.resolve() != run_dir.resolve():
+        raise ConfigError(f"--resume {path} continues the run in {run_dir}, but --out names {out}; give one of them")
+    return run_dir
 
 
 def recipe_of_the_cache(cfg: dict[str, Any], flags: dict[str, tuple[str, Any]], cache: str | None,
@@ -115,6 +143,11 @@ def recipe_of_the_cache(cfg: dict[str, Any], flags: dict[str, tuple[str, Any]], 
     return {**cached, **{key: value for key, (_, value) in given.items() if key not in cached}}
 
 
+#: What args.yaml records of a start, not of the run's settings: read back, it is left out
+#: (``-c RUN/args.yaml`` of a resumed run must not resume, force or stop where it stopped).
+RECORD_ONLY = frozenset({"resume", "force", "world_size", "max_steps"})
+
+
 def with_run_args(cfg: dict[str, Any], config: Optional[Path]) -> dict[str, Any]:
     """The pipeline with a run's ``args.yaml`` (what ``train-student`` wrote) over its
     [student] and [recipe] tables: timm's ``-c args.yaml`` reruns a run's settings. Only the
@@ -132,7 +165,7 @@ def with_run_args(cfg: dict[str, Any], config: Optional[Path]) -> dict[str, Any]
     if not isinstance(args, dict):
         raise ConfigError(f"{config}: not a run's args.yaml (a mapping of settings)")
     recipe = args.pop("recipe", None) or {}
-    student = {k: v for k, v in args.items() if v is not None}
+    student = {k: v for k, v in args.items() if v is not None and k not in RECORD_ONLY}
     return {**cfg, "student": {**cfg.get("student", {}), **student}, "recipe": {**cfg.get("recipe", {}), **recipe}}
 
 

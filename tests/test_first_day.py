@@ -293,3 +293,23 @@ def test_the_cache_carries_its_recipe(world, tmp_path) -> None:
     refused(run_cli(*args[:-1], str(tmp_path / "r3"), check=False), f"{pipeline}: [recipe] erase_prob 0.5",
             "was made with erase_prob = 0.25")
     assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
+
+
+def test_resume_as_timm_users_type_it(world, tmp_path) -> None:
+    """``--resume RUN`` or ``--resume RUN/last.pth.tar`` alone continues a run with its own
+    settings (its args.yaml, which records the world size); a changed setting is refused by its
+    real flag (``--smoothing``), the views' change said key by key, the fix named."""
+    run = tmp_path / "run"
+    run_cli(*student_args(world, world["ref"], run, "--epochs", "2", "--max-steps", "3", "--smoothing", "0.2"))
+    assert yaml.safe_load((run / "args.yaml").read_text())["world_size"] == 1
+    refused(run_cli("train-student", "--resume", str(run / "args.yaml"), check=False), "not a run's last.pth.tar")
+    refused(run_cli("train-student", "--resume", str(run), "--smoothing", "0.1", check=False),
+            "--smoothing: checkpoint 0.2, asked 0.1", f"`--resume {run}` alone takes the run's own settings")
+    assert "--label-smoothing" not in run_cli("train-student", "--resume", str(run), "--smoothing", "0.1",
+                                              check=False).stderr
+    proc = run_cli("train-student", f"--resume={run / 'last.pth.tar'}", "--max-steps", "5")
+    assert "--resume continues from" in proc.stdout
+    proc = run_cli("train-student", "--resume", str(run))
+    assert "val top-1" in proc.stdout
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]

@@ -214,7 +214,7 @@ class _Run:
         self.ema = ModelEmaV3(self.model, decay=job.model_ema_decay) if job.model_ema else None
         self.board = tensorboard_writer(job.out) if job.log == "tensorboard" and info.is_main else None
         if info.is_main:
-            write_args(job.out, job_record(job))
+            write_args(job.out, {**job_record(job), "world_size": info.world_size})
         self.ddp_model = data_parallel(self.model, info)
         if job.compile:
             self.ddp_model = torch.compile(self.ddp_model)

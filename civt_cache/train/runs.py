@@ -24,6 +24,8 @@ from civt_cache.models.checkpoints import load_torch_file
 #: What a run writes; their presence means the folder holds a run.
 RUN_FILES = ("last.pth.tar", "metrics.jsonl", "results.json", "curves.png", "summary.csv",
              "model_best.pth.tar", "args.yaml", "tb")
+#: The flag of a setting whose flag is not its name with dashes (timm's names).
+FLAG_NAMES = {"label_smoothing": "--smoothing"}
 #: Settings a resume may change: where and how fast it runs, not what it trains.
 RESUMABLE_CHANGES = frozenset({"workers", "threads", "device", "compile", "checkpoint_every", "log_every", "prefetch",
                                "resume", "max_steps", "force", "out", "log", "allow_sorted_shards",
@@ -139,8 +141,18 @@ def resume_differences(saved: dict[str, Any], asked: dict[str, Any]) -> list[str
     """Settings that differ between a checkpoint's job and the resuming job, except those a
     resume may change (``RESUMABLE_CHANGES``)."""
     keys = sorted((set(saved) | set(asked)) - RESUMABLE_CHANGES)
-    return [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, asked {asked.get(k)!r}"
-            for k in keys if saved.get(k) != asked.get(k)]
+    out = []
+    for k in keys:
+        if saved.get(k) == asked.get(k):
+            continue
+        if k == "recipe" and isinstance(saved.get(k), dict) and isinstance(asked.get(k), dict):
+            changed = [f"{r} {saved[k].get(r)!r} -> {asked[k].get(r)!r}" for r in sorted(set(saved[k]) | set(asked[k]))
+                       if saved[k].get(r) != asked[k].get(r)]
+            out.append(f"the views ([recipe]): {', '.join(changed)}")
+        else:
+            out.append(f"{FLAG_NAMES.get(k, '--' + k.replace('_', '-'))}: checkpoint {saved.get(k)!r}, "
+                       f"asked {asked.get(k)!r}")
+    return out
 
 
 def check_resumable(ckpt: Path, state: dict[str, Any], asked: dict[str, Any],
@@ -155,7 +167,8 @@ def check_resumable(ckpt: Path, state: dict[str, Any], asked: dict[str, Any],
                      "global batch and data order would change)")
     if diffs:
         raise ConfigError(f"{ckpt}: --resume would train a different run: " + "; ".join(diffs)
-                          + ". Resume with the run's settings, or start fresh with --force")
+                          + f". `--resume {ckpt.parent}` alone takes the run's own settings (its args.yaml; "
+                          f"`-c {ckpt.parent / 'args.yaml'} --resume` with a pipeline), or start fresh with --force")
 
 
 def finished_results(run_dir: Path) -> dict[str, Any]:

@@ -243,13 +243,20 @@ def main() -> None:
 
     from civt_cache.config import refuse_misplaced_urls
     from civt_cache.errors import one_line_error
+    from civt_cache.stopping import Stopped, catch_stop_signals, kept_line
 
     if "--help" in sys.argv[1:]:
         _show_job_defaults()
     sys.argv[1:] = resume_as_timm_types_it(sys.argv[1:])
+    catch_stop_signals()
     try:
         refuse_misplaced_urls(sys.argv[1:])
         app(standalone_mode=True)
+    except Stopped as stop:  # Ctrl-C or SIGTERM: what is kept, and what continues
+        line = kept_line()
+        if line:
+            typer.echo(f"civt-cache: stopped by {stop}: {line}", err=True)
+        raise SystemExit(128 + stop.signum) from None
     except Exception as e:  # pragma: no cover - exercised through subprocess tests
         line = one_line_error(e)
         if line is None or os.environ.get("CIVT_DEBUG"):

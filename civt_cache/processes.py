@@ -22,6 +22,8 @@ import threading
 import time
 from typing import Callable
 
+from civt_cache.stopping import ignore_stop_signals
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -48,6 +50,7 @@ def die_with_parent(parent: int) -> None:
 
 def _init(parent: int, then: Callable[[int], None] | None, worker_id: int) -> None:
     die_with_parent(parent)
+    ignore_stop_signals()
     if then is not None:
         then(worker_id)
 

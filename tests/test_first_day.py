@@ -313,3 +313,82 @@ def test_resume_as_timm_users_type_it(world, tmp_path) -> None:
     assert "val top-1" in proc.stdout
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]
+
+
+def _stop_when(args: list[str], ready, signum: int) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``civt-cache ARGS`` in its own process group (as a terminal runs it), send ``signum``
+    to the group once ``ready()`` holds (Ctrl-C reaches every process of it), and return the
+    outcome and the seconds from the signal to the exit; no process of the group is left."""
+    proc = subprocess.Popen([sys.executable, "-m", "civt_cache.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen: set[int] = set()
+    try:
+        deadline = time.time() + 300
+        while not ready() and proc.poll() is None and time.time() < deadline:
+            seen |= set(descendants(proc.pid))
+            time.sleep(0.05)
+        assert proc.poll() is None, "the command ended before it could be stopped"
+        seen |= set(descendants(proc.pid))
+        sent = time.time()
+        os.killpg(proc.pid, signum)
+        out, err = proc.communicate(timeout=120)
+        took = time.time() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert_gone(sorted(seen))
+    return subprocess.CompletedProcess(args, proc.returncode, out, err), took
+
+
+def _stopped(proc: subprocess.CompletedProcess, signum: int, took: float, *needles: str) -> None:
+    assert proc.returncode == 128 + signum, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and "Aborted" not in proc.stderr, proc.stderr[-2000:]
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("civt-cache: stopped by ")]
+    assert len(line) == 1 and all(n in line[0] for n in needles), (needles, proc.stderr[-2000:])
+    assert took < 10, f"{took:.1f} s from the signal to the exit"
+
+
+def test_ctrl_c_or_sigterm_says_what_is_kept_and_what_continues(world, tmp_path) -> None:
+    """Each long command, stopped by Ctrl-C (SIGINT to its process group) or SIGTERM: one line of
+    what is kept and the command that continues, exit 128 + the signal, in seconds, nothing left
+    running; each rerun says what was already done and continues."""
+    run = tmp_path / "run"
+    args = student_args(world, world["ref"], run, "--epochs", "30", "--cycle-cache", "--workers", "2",
+                        "--checkpoint-every", "4")
+    proc, took = _stop_when(args, lambda: (run / "last.pth.tar").exists(), signal.SIGINT)
+    _stopped(proc, signal.SIGINT, took, f"{run / 'last.pth.tar'} keeps the run at step 4 of epoch 1 of 30",
+             f"`--resume {run}`")
+
+    cache = tmp_path / "cache"
+    args = cache_args(world["root"], cache, "--workers", "1")
+    proc, took = _stop_when(args, lambda: any((cache / "progress").glob("s*.json")), signal.SIGTERM)
+    _stopped(proc, signal.SIGTERM, took, "unit(s) committed by this process are kept", "continues with the units left")
+    again = run_cli(*args)
+    assert "unit(s) of 4 left to compute; the others are committed" in again.stderr
+
+    teacher = tmp_path / "t.pth"
+    args = ["train-teacher", "--pipeline", TINY, "--arch", "resnet10t", "--manifest", str(world["manifest"]),
+            "--val-manifest", str(world["manifest"]), "--epochs", "3", "--batch-size", "64", "--out", str(teacher)]
+    proc, took = _stop_when(args, lambda: teacher.with_name("t.pth.resume").exists(), signal.SIGINT)
+    _stopped(proc, signal.SIGINT, took, "t.pth.resume keeps 1 of 3 epoch(s); the same command continues")
+    again = run_cli(*args)
+    assert "resuming from" in again.stderr + again.stdout and "1 of 3 epoch(s) done" in again.stderr + again.stdout
+    assert teacher.exists() and not teacher.with_name("t.pth.resume").exists()
+    straight = tmp_path / "t2.pth"
+    run_cli(*args[:-1], str(straight))
+    a, b = (torch.load(p, weights_only=True)["state_dict"] for p in (teacher, straight))
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed teacher differs from the uninterrupted one"
+
+    from PIL import Image
+
+    src, shards = tmp_path / "src", tmp_path / "shards"
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (src / cls).mkdir(parents=True)
+        for i in range(300):
+            Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(src / cls / f"{i}.png")
+    args = ["make-shards", str(src), str(shards), "--name", "x", "--manifest", str(tmp_path / "x.json"),
+            "--shard-size", "50", "--workers", "2"]
+    proc, took = _stop_when(args, lambda: shards.exists() and any(shards.iterdir()), signal.SIGINT)
+    _stopped(proc, signal.SIGINT, took, "nothing of them is kept", "the same command starts again")
+    assert not list(shards.iterdir()) and not (tmp_path / "x.json").exists()

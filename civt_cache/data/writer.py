@@ -36,6 +36,7 @@ from civt_cache.data.remote import upload_file
 from civt_cache.data.spread import LabelSpread
 from civt_cache.errors import BadImageError, ConfigError
 from civt_cache.fsutil import out_of_space, sha256_file
+from civt_cache.stopping import check_stop, ignore_stop_signals, say_kept
 from civt_cache.progress import Progress
 
 JPEG_QUALITY = 95
@@ -229,6 +230,8 @@ def write_stream(stream: Iterable[SourceItem], total: int, classes: list[str], o
     flight to the encoding processes (their bytes, and as much again for their results)."""
     if shard_size < 1:
         raise ConfigError(f"make-shards: --shard-size {shard_size}: must be >= 1")
+    say_kept(lambda: f"make-shards publishes the shards of {name} and their manifest once all are written, so "
+                     "nothing of them is kept (no partial shard is left); the same command starts again")
     bucket = out_dir if isinstance(out_dir, str) else None
     folder = Path(tempfile.mkdtemp(prefix="civt-shards-")) if bucket else Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -236,11 +239,12 @@ def write_stream(stream: Iterable[SourceItem], total: int, classes: list[str], o
     skipped: list[dict[str, str]] = []
     counts = {"jpeg_as_is": 0, f"reencoded_jpeg_q{JPEG_QUALITY}": 0}
     sink = _ShardSink(folder, name, bucket)
-    pool = ProcessPoolExecutor(workers) if workers > 1 and total > 64 else None
+    pool = ProcessPoolExecutor(workers, initializer=ignore_stop_signals) if workers > 1 and total > 64 else None
     try:
         bar = Progress(total, f"make-shards {name}", "images")
         for item, result in windowed(_encode_item, stream, pool, ENCODE_WINDOW * workers, max_memory_mb * 2**18,
                                      item_bytes):
+            check_stop()
             bar.update(1)
             if isinstance(result, BadImageError):
                 if not skip_bad:

@@ -38,6 +38,7 @@ from civt_cache.fsutil import folder_problem
 from civt_cache.loader.units import UnitGroup, UnitReader
 from civt_cache.models.teachers import Teacher, build_teacher, parse_teacher_spec, teacher_logits
 from civt_cache.progress import Progress
+from civt_cache.stopping import check_stop, say_kept
 from civt_cache.views.engine import render_encoded
 from civt_cache.views.recipe import Recipe
 
@@ -163,11 +164,19 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
     plan = plan_units(store, names, info, job.claim, job.repair)
     for note in plan.notes:
         tqdm.write(f"cache-teachers: {note}", file=sys.stderr)
+    total = len(store.units())
+    if info.is_main and len(plan.units) < total:
+        share = total if job.claim or not info.distributed else f"rank 0's share of {total}"
+        tqdm.write(f"cache-teachers: {len(plan.units)} unit(s) of {share} left to compute; the others are "
+                   "committed", file=sys.stderr)
     leases = Leases(store.objects, this_process(), job.lease_seconds) if job.claim else None
     renewer = LeaseRenewer(leases)
     renewer.start()
     writer = UnitWriter(store, leases, renewer)
     writer.start()
+    say_kept(lambda: "" if not info.is_main else (
+        f"{writer.committed} unit(s) committed by {'rank 0' if info.distributed else 'this process'} are kept, "
+        f"with every unit committed before; the same command continues with the units left"))
     units, start, done, said = plan.units, time.perf_counter(), 0, 0
     bar = Progress(sum(manifest.shards[s].num_samples * len(store.block_epochs(b)) for s, b in units),
                    f"cache-teachers (rank 0 of {info.world_size})" if info.distributed else "cache-teachers",
@@ -239,6 +248,7 @@ def _compute(job: CacheJob, info: DistInfo, store: CacheStore, teachers: list[Te
 
     in_flight = None  # the previous group, its results still on their way to the host
     for item in loader:
+        check_stop()
         renewer.hold(item.lease)
         unit = (item.shard, item.block)
         acc = pending.setdefault(unit, {"groups": [], "new_views": item.new_views,

@@ -57,8 +57,15 @@ from civt_cache.train.records import (
     write_results,
     write_summary,
 )
-from civt_cache.train.runs import RunLock, open_run, removed_unless_checkpointed
+from civt_cache.train.runs import (
+    RunLock,
+    checkpoint_position,
+    kept_by_checkpoint,
+    open_run,
+    removed_unless_checkpointed,
+)
 from civt_cache.models.civt import coadvise_student
+from civt_cache.stopping import check_stop, say_kept
 from civt_cache.train.step import train_step
 from civt_cache.views.recipe import Recipe
 
@@ -165,6 +172,7 @@ def _train(job: StudentJob, info: DistInfo, lock: RunLock) -> dict[str, Any]:
     run = _Run(job, info, manifest, val_manifest, teachers, log)
     if state is not None:
         run.resume(state)
+    say_kept(run.kept)
     try:
         with lost_ranks_named(info, lambda: run.position):
             return run.fit()
@@ -206,6 +214,7 @@ class _Run:
             for orphan in job.out.glob(f".{self.ckpt_path.name}.*.tmp"):
                 orphan.unlink(missing_ok=True)
         self.start_epoch, self.start_step, self.global_step = 0, 0, 0
+        self.saved: tuple[int, int] | None = None  # (epoch, step) of the last checkpoint, said on a stop
         # the workers the epoch in progress was planned for; the (epoch, step) being run, for errors
         self.plan_workers, self.position = job.workers, (0, 0)
         self.sums = {"loss": 0.0, "ce": 0.0, "conv": 0.0, "inv": 0.0, "n": 0.0, "seconds": 0.0}
@@ -237,7 +246,8 @@ class _Run:
         torch.set_rng_state(mine["rng_cpu"])
         if self.device.type == "cuda" and mine["rng_cuda"] is not None:
             torch.cuda.set_rng_state(mine["rng_cuda"], self.device)
-        self.log(f"resumed from {self.ckpt_path} at epoch {self.start_epoch} step {self.start_step}")
+        self.saved = (self.start_epoch, self.start_step)
+        self.log(f"resumed from {self.ckpt_path}: {checkpoint_position(self.start_epoch, self.start_step, self.job.epochs)}")
 
     def fit(self) -> dict[str, Any]:
         job = self.job
@@ -286,6 +296,7 @@ class _Run:
         for step, batch, x, ce_target, cached in prefetched(
                 planned_steps(loader, dataset, epoch, info.rank, info.world_size), inputs, device, job.prefetch):
             self.position = (epoch, step)
+            check_stop()
             targets = self.teachers.targets(x, cached, job.recipe, device)
             loss, parts = train_step(self.ddp_model, self.optimizer, x, ce_target, targets, self.weights,
                                      job.clip_grad)
@@ -364,7 +375,12 @@ class _Run:
                 "plan_workers": self.plan_workers,
                 "job": job_record(self.job), "arch": self.job.model,
                 "state_dict_ema": self.ema.module.state_dict() if self.ema is not None else None})
+            self.saved = (epoch, step)
         barrier(info)
+
+    def kept(self) -> str:
+        """What a stop now keeps (rank 0 says it): the last checkpoint's position, and the command."""
+        return kept_by_checkpoint(self.ckpt_path, self.saved, self.job.epochs) if self.info.is_main else ""
 
     def close(self) -> None:
         if self.board is not None:

@@ -5,12 +5,13 @@ so ``ARCH:CHECKPOINT`` is all a cache needs."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+from tqdm import tqdm
 
 from civt_cache.data.manifest import load_manifest, require_same_classes
 from civt_cache.distributed import DistInfo, device_autocast, distributed_session
@@ -29,7 +30,9 @@ from civt_cache.progress import Progress
 from civt_cache.train.evaluate import evaluate, plain_logits
 from civt_cache.train.losses import soft_ce
 from civt_cache.train.optim import optimizer_and_schedule
+from civt_cache.stopping import check_stop, say_kept
 from civt_cache.train.records import save_checkpoint
+from civt_cache.train.runs import load_checkpoint
 from civt_cache.views.recipe import Recipe
 
 
@@ -96,14 +99,19 @@ def _train(job: TeacherJob, info: DistInfo) -> dict[str, Any]:
         raise ConfigError(f"batch size {job.batch_size} exceeds the {manifest.num_samples} samples")
     optimizer, schedule = optimizer_and_schedule(model, job.opt, lr, wd, sum(steps),
                                                  int(job.warmup_epochs * steps[0]), lr * 1e-3)
-    step, start = 0, time.perf_counter()
-    bar = Progress(sum(steps), f"train-teacher {job.arch}", "steps")
-    for epoch in range(job.epochs):
+    first, step, spent = _resumed(job, model, optimizer, schedule)
+    start, done = time.perf_counter() - spent, [first]  # done[0]: epochs kept in the resume file
+    say_kept(lambda: (f"{resume_file(job)} keeps {done[0]} of {job.epochs} epoch(s); the same command continues "
+                      "from there") if done[0] else "no epoch was finished yet, so nothing is kept; the same "
+                                                     "command starts again")
+    bar = Progress(sum(steps), f"train-teacher {job.arch}", "steps", initial=step)
+    for epoch in range(first, job.epochs):
         data = StudentBatches(manifest, recipe, job.seed,
                               epoch_plan(manifest, job.seed, epoch, 0, 1, job.batch_size, job.workers),
                               EpochSource(epoch, job.seed), views_in_workers=info.device.type == "cpu")
         model.train()
         for _, batch in planned_steps(batch_loader(data, job.workers), data, epoch):
+            check_stop()
             x, target, _ = batch_inputs(batch, recipe, manifest.num_classes, job.label_smoothing, info.device)
             with device_autocast(info.device):
                 loss = soft_ce(model(x), target)
@@ -113,6 +121,12 @@ def _train(job: TeacherJob, info: DistInfo) -> dict[str, Any]:
             step += 1
             schedule.step_update(step)
             bar.update(1, loss=f"{loss.item():.3f}", epoch=epoch + 1)
+        if epoch + 1 < job.epochs:  # the last epoch's state is the checkpoint itself
+            save_checkpoint(resume_file(job), {
+                "job": _resume_record(job), "epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - start,
+                "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(), "rng_cpu": torch.get_rng_state()})
+            done[0] = epoch + 1
     bar.close()
     metrics = evaluate(model, val, recipe, info, plain_logits, job.batch_size, job.workers)
     state = {"state_dict": model.state_dict(), "arch": job.arch, "num_classes": manifest.num_classes,
@@ -121,4 +135,38 @@ def _train(job: TeacherJob, info: DistInfo) -> dict[str, Any]:
              "val_top1": metrics["val_top1"], "val_top5": metrics["val_top5"],
              "train_seconds": time.perf_counter() - start}
     save_checkpoint(job.out, state)
+    resume_file(job).unlink(missing_ok=True)
     return {**{k: v for k, v in state.items() if k != "state_dict"}, "sha256": sha256_file(job.out)}
+
+
+def resume_file(job: TeacherJob) -> Path:
+    """Where train-teacher keeps its state after each epoch but the last (``OUT.resume``): a rerun
+    of the same command continues from it, and the finished checkpoint replaces it."""
+    return job.out.with_name(job.out.name + ".resume")
+
+
+def _resume_record(job: TeacherJob) -> dict[str, Any]:
+    """The settings a resume must share with the run it continues (not where or how fast it runs)."""
+    record = {k: v for k, v in asdict(job).items() if k not in ("workers", "device", "threads")}
+    record["recipe"] = job.recipe.to_json()
+    return {k: str(v) if isinstance(v, Path) else v for k, v in record.items()}
+
+
+def _resumed(job: TeacherJob, model: torch.nn.Module, optimizer: Any, schedule: Any) -> tuple[int, int, float]:
+    """(first epoch, steps done, seconds spent) of this start: a stopped run of the same settings
+    is continued from its ``resume_file``, one of other settings refused, saying what differs."""
+    path = resume_file(job)
+    if not path.exists():
+        return 0, 0, 0.0
+    state = load_checkpoint(path)
+    diffs = [k for k in sorted(set(state.get("job", {})) | set(_resume_record(job)))
+             if state.get("job", {}).get(k) != _resume_record(job).get(k)]
+    if diffs:
+        raise ConfigError(f"{path}: holds a stopped train-teacher run with other settings ({', '.join(diffs)}); "
+                          "give its settings to continue it, or remove the file to start over")
+    model.load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["rng_cpu"])
+    tqdm.write(f"train-teacher: resuming from {path}: {state['epoch']} of {job.epochs} epoch(s) done")
+    return int(state["epoch"]), int(state["step"]), float(state["seconds"])

@@ -18,6 +18,7 @@ from civt_cache.loader.batches import ValBatches, batch_loader, val_views
 from civt_cache.models.checkpoints import load_checkpoint_file, recorded_img_size
 from civt_cache.models.teachers import EMA_SUFFIX, build_teacher, checkpoint_file
 from civt_cache.progress import Progress
+from civt_cache.stopping import check_stop
 from civt_cache.views.engine import EVAL_CROP_PCT
 from civt_cache.views.recipe import Recipe
 
@@ -42,6 +43,7 @@ def evaluate(model: nn.Module, manifest: DataManifest, recipe: Recipe, info: Dis
     counts = [0.0] * (2 * len(names))
     n, loss = 0, 0.0  # summed cross-entropy of the model's prediction (the first output)
     for images, image_names, labels in loader:
+        check_stop()
         bar.update(len(labels))
         x = val_views(images, image_names, recipe, info.device)
         y = torch.from_numpy(labels).to(info.device)

@@ -212,3 +212,17 @@ def open_run(run_dir: Path, resume: bool, force: bool, asked: dict[str, Any], ep
         record_torchrun_job(run_dir)
     barrier(info)
     return state, None
+
+
+def checkpoint_position(epoch: int, step: int, epochs: int) -> str:
+    """A checkpoint's place, as a person counts: epochs done, or the step within the next."""
+    return f"{epoch} of {epochs} epoch(s) done" if step == 0 else f"step {step} of epoch {epoch + 1} of {epochs}"
+
+
+def kept_by_checkpoint(ckpt: Path, saved: tuple[int, int] | None, epochs: int) -> str:
+    """What a stop keeps of a run whose last checkpoint is at ``saved`` (None: none yet), and
+    the command that continues it (``stopping``)."""
+    if saved is None:
+        return "no checkpoint was written yet, so nothing is kept; the same command starts again"
+    return (f"{ckpt} keeps the run at {checkpoint_position(*saved, epochs)}; the same command with "
+            f"`--resume {ckpt.parent}` (under torchrun too) continues from there")

@@ -1,0 +1,76 @@
+"""Stopping a long command (Ctrl-C, or SIGTERM from a scheduler): one line that says what is
+kept and which command continues, never a traceback, and within a second or two.
+
+Why: Python turns SIGINT into KeyboardInterrupt, which click (under typer) prints as
+"Aborted!", and SIGTERM ends the process with no word at all. A user stopping a four-day run
+needs to know whether epoch 37 was saved and what to type next. So the main thread raises
+``Stopped`` (a BaseException: no ``except Exception`` on the way swallows it, and click does not
+catch it) and each command says, through ``say_kept``, what a stop at this moment keeps.
+Child processes (loader workers, encoding processes) ignore both, which a terminal or a
+scheduler sends to the whole process group: their parent ends them as it stops.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any, Callable
+
+_describe: list[Callable[[], str]] = []
+
+
+class Stopped(BaseException):
+    """SIGINT or SIGTERM arrived in the main thread."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_pending: list[int] = []
+
+
+def _raise(signum: int, _frame: object) -> None:
+    _pending.append(signum)
+    raise Stopped(signum)
+
+
+def check_stop() -> None:
+    """Raise ``Stopped`` if a stop signal came and its exception was lost: a handler's exception
+    raised inside a finalizer or ``__del__`` (tqdm's, a DataLoader's) is printed as "Exception
+    ignored" and dropped, and the command would run on. Long loops call this once per step."""
+    if _pending:
+        raise Stopped(_pending[-1])
+
+
+def catch_stop_signals() -> None:
+    """In the command's main process: SIGINT and SIGTERM raise ``Stopped`` in its main thread.
+    One raised where Python can only drop it (a finalizer) is not printed as "Exception
+    ignored": ``check_stop`` raises it again at the next step."""
+    signal.signal(signal.SIGINT, _raise)
+    signal.signal(signal.SIGTERM, _raise)
+    default_hook = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, Stopped):
+            default_hook(unraisable)
+    sys.unraisablehook = hook
+
+
+def ignore_stop_signals(*_: object) -> None:
+    """In a child process: SIGINT and SIGTERM sent to the whole process group (a terminal's
+    Ctrl-C, a scheduler's stop) are its parent's to handle; the parent ends it as it stops (or
+    the kernel does, ``processes.die_with_parent``). A loader worker killed by them instead would
+    make the parent's DataLoader report a lost worker as it shuts down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def say_kept(describe: Callable[[], str]) -> None:
+    """What a stop now keeps, asked only when the stop comes: the command's current state (an
+    empty string: say nothing, e.g. on a rank other than 0)."""
+    _describe[:] = [describe]
+
+
+def kept_line() -> str:
+    """What the last ``say_kept`` says now (nothing written yet, when none was said)."""
+    return _describe[0]() if _describe else "it had written nothing yet; the same command starts again"

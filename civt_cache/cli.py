@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from civt_cache.bench.cli import bench_app
-from civt_cache.cli_options import PIPELINE_OPT, THREADS_HELP, defaults_in_help
+from civt_cache.cli_options import PIPELINE_OPT, THREADS_HELP, class_names, defaults_in_help
 from civt_cache.cli_train import eval_cmd, train_student_cmd, train_teacher_cmd
 from civt_cache.data.manifest import data_location, default_manifest_path, load_manifest
 
@@ -20,7 +20,7 @@ app.add_typer(bench_app, name="bench")
 
 
 DATA_KEYS = frozenset({"src", "shards", "name", "shard_size", "manifest", "seed", "skip_bad", "workers",
-                       "max_memory_mb", "spool_dir"})
+                       "max_memory_mb", "spool_dir", "classes"})
 
 
 @app.command("make-shards")
@@ -36,6 +36,7 @@ def make_shards_cmd(
     workers: Optional[int] = typer.Option(None, help="Encoding processes [0: min(8, cores)]."),
     max_memory_mb: Optional[int] = typer.Option(None, help="Memory bound: images in flight to the encoders, and rewriting a manifest's shards (a shard is read whole: at least twice the largest) [2048]."),
     spool_dir: Optional[Path] = typer.Option(None, help="Where rewriting a manifest's shards spools the data's size on disk for the shuffle [OUT_DIR; a bucket's: the temp folder]."),
+    classes: Optional[Path] = typer.Option(None, help="Class names file, one per line: the classes and their order for an image folder (its folders must be among them), so every split numbers them alike [the sorted folder names]."),
 ) -> None:
     """Write WebDataset shards (KEY.jpg + KEY.cls) and their data manifest (shuffled)."""
     import tempfile
@@ -62,6 +63,10 @@ def make_shards_cmd(
     workers = setting(cfg, "data.workers", workers, int, pipeline, 0)
     max_memory_mb = setting(cfg, "data.max_memory_mb", max_memory_mb, int, pipeline, DEFAULT_MAX_MEMORY_MB)
     spool_dir = setting(cfg, "data.spool_dir", spool_dir, Path, pipeline)
+    names = class_names(setting(cfg, "data.classes", classes, Path, pipeline))
+    if names is not None and (src == "digits" or src.endswith(".json")):
+        raise ConfigError(f"make-shards {src}: --classes orders an image folder's classes; "
+                          + ("the digits have theirs" if src == "digits" else "a manifest's shards keep its classes"))
     if max_memory_mb < 1:
         raise ConfigError(f"make-shards: --max-memory-mb {max_memory_mb}: must be >= 1")
     if src == "digits":
@@ -83,9 +88,9 @@ def make_shards_cmd(
             m = write_stream(shuffled.items(), shuffled.total, source.classes, out_dir, name, shard_size, seed,
                              f"manifest:{src}", path, skip_bad, workers, max_memory_mb)
     else:
-        classes, items = image_folder_items(Path(src))
-        m = write_shards(items, classes, out_dir, name, shard_size, seed, f"imagefolder:{src}", path, skip_bad,
-                         workers, max_memory_mb)
+        folder_classes, items = image_folder_items(Path(src), names)
+        m = write_shards(items, folder_classes, out_dir, name, shard_size, seed, f"imagefolder:{src}", path,
+                         skip_bad, workers, max_memory_mb)
     typer.echo(f"{path}: {m.num_samples} samples in {len(m.shards)} shards, "
                f"{len(m.skipped)} skipped")
 
@@ -97,13 +102,12 @@ def scan_shards_cmd(
     manifest: Optional[str] = typer.Option(None, help="(a file or URL) Manifest path [data_manifests/NAME.json]."),
     classes: Optional[Path] = typer.Option(None, help="Text file of class names, one per line."),
     like: Optional[str] = typer.Option(None, help="(a file or URL) Another split's manifest (the training one): its classes, and a warning when this split holds fewer."),
-    label_key: str = typer.Option("cls", help="Where the integer label is: cls | txt | json:FIELD (a field of each sample's .json)."),
+    label_key: str = typer.Option("cls", help="Where the label is (an integer, or a class name of --classes): cls | txt | json:FIELD (a field of each sample's .json; json:meta.label one inside another)."),
 ) -> None:
     """Write a data manifest for WebDataset shards made elsewhere, checking every sample."""
     from civt_cache.data.scan import ClassesWarning, ShardOrderWarning, scan_shards
 
-    names = classes.read_text().split("\n") if classes else None
-    names = [n for n in names if n.strip()] if names else None
+    names = class_names(classes)
     path = data_location(manifest) if manifest else default_manifest_path(name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ShardOrderWarning)

@@ -38,3 +38,20 @@ def defaults_in_help(command: object, job: type) -> None:
             f.default_factory is not dataclasses.MISSING else f.default
         if default is not dataclasses.MISSING and default not in (None, [], ""):
             info.help = f"{info.help} [{default}]"
+
+
+def class_names(path: Optional[Path]) -> list[str] | None:
+    """A class names file (``--classes``): one name per line, blank lines ignored; a name twice is
+    refused, as it would make two labels of one class."""
+    from civt_cache.errors import ConfigError
+
+    if path is None:
+        return None
+    try:
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the class names ({e.strerror or e})") from None
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if not names or twice:
+        raise ConfigError(f"{path}: " + (f"names {twice[:3]} more than once" if twice else "holds no class names"))
+    return names

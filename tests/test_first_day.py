@@ -392,3 +392,47 @@ def test_ctrl_c_or_sigterm_says_what_is_kept_and_what_continues(world, tmp_path)
     proc, took = _stop_when(args, lambda: shards.exists() and any(shards.iterdir()), signal.SIGINT)
     _stopped(proc, signal.SIGINT, took, "nothing of them is kept", "the same command starts again")
     assert not list(shards.iterdir()) and not (tmp_path / "x.json").exists()
+
+
+def test_labels_as_people_store_them(world, tmp_path) -> None:
+    """Class names in .txt, or in a field inside a field of .json (``json:meta.label``), read
+    through --classes; without it the name is refused naming the fix; make-shards --classes
+    numbers an image folder's classes as the file does (a split missing a class included)."""
+    import webdataset as wds
+    from PIL import Image
+
+    from civt_cache.data.manifest import load_manifest
+    from civt_cache.data.shards import read_shard
+
+    source = load_manifest(world["manifest"])
+    samples = read_shard(source, 0)[:40]
+    names = [f"digit-{c}" for c in source.classes]
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
+    with wds.TarWriter(str(tmp_path / "named.tar")) as sink:
+        for s in samples:
+            sink.write({"__key__": s.key, "png": s.image, "txt": names[s.label],
+                        "json": json.dumps({"meta": {"label": names[s.label], "id": s.key}})})
+    for key in ("txt", "json:meta.label"):
+        manifest = tmp_path / f"{key.replace(':', '-')}.json"
+        run_cli("scan-shards", str(tmp_path / "named.tar"), "--name", "named", "--manifest", str(manifest),
+                "--label-key", key, "--classes", str(tmp_path / "names.txt"))
+        assert [s.label for s in read_shard(load_manifest(manifest), 0)] == [s.label for s in samples]
+    refused(run_cli("scan-shards", str(tmp_path / "named.tar"), "--name", "named", "--manifest",
+                    str(tmp_path / "bare.json"), "--label-key", "txt", check=False),
+            "named.tar", "not an integer", "--classes FILE")
+
+    src = tmp_path / "folder"
+    for cls in ("cat", "ant"):
+        (src / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), (i * 50, 90, 10)).save(src / cls / f"{i}.png")
+    (tmp_path / "animals.txt").write_text("cat\ndog\nant\n")
+    m = tmp_path / "animals.json"
+    run_cli("make-shards", str(src), str(tmp_path / "animals"), "--name", "animals", "--manifest", str(m),
+            "--classes", str(tmp_path / "animals.txt"), "--workers", "1")
+    made = load_manifest(m)
+    assert made.classes == ["cat", "dog", "ant"]
+    assert sorted(s.label for s in read_shard(made, 0)) == [0, 0, 0, 2, 2, 2]
+    (tmp_path / "two.txt").write_text("cat\ndog\n")
+    refused(run_cli("make-shards", str(src), str(tmp_path / "x"), "--name", "x", "--manifest", str(tmp_path / "x.json"),
+                    "--classes", str(tmp_path / "two.txt"), check=False), "['ant']", "not among the 2 --classes")

@@ -189,11 +189,13 @@ def _manifest_bytes(path: Path | str) -> bytes:
 
 
 def check_label_key(key: str, where: str) -> str:
-    """``cls``, ``txt`` or ``json:FIELD``: the member (or JSON field) holding a sample's integer
-    label, as WebDataset users store it (``.cls``, ``.txt``, Hugging Face-style ``.json``)."""
-    if key in ("cls", "txt") or (key.startswith("json:") and len(key) > 5):
+    """``cls``, ``txt`` or ``json:FIELD``: the member (or JSON field, ``json:meta.label`` one
+    inside another) holding a sample's label, an integer or a class name, as WebDataset users
+    store it (``.cls``, ``.txt``, Hugging Face-style ``.json``)."""
+    if key in ("cls", "txt") or (key.startswith("json:") and len(key) > 5 and "" not in key[5:].split(".")):
         return key
-    raise ManifestError(f"{where}: label key {key!r}: 'cls', 'txt' or 'json:FIELD' (e.g. json:label)")
+    raise ManifestError(f"{where}: label key {key!r}: 'cls', 'txt' or 'json:FIELD' (e.g. json:label, "
+                        "json:meta.label)")
 
 
 def class_difference(ours: list[str], theirs: list[str]) -> str | None:

@@ -65,7 +65,7 @@ def scan_shards(pattern: str, name: str, manifest_path: Path | str,
         n, counts = 0, Counter()
         tar = unpacked(data, str(path))
         for sample in iter_tar_samples(io.BytesIO(tar), str(path), len(classes) if classes else MAX_CLASSES,
-                                       label_key):
+                                       label_key, classes):
             n += 1
             counts[sample.label] += 1
             max_label = max(max_label, sample.label)

@@ -16,7 +16,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Sequence
 
 from civt_cache.data.manifest import MAX_CLASSES, DataManifest
 from civt_cache.data.remote import read_local, read_remote, remote_scheme, remote_size
@@ -50,20 +50,23 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2).lower()) if m else None
 
 
-def _finish_sample(shard: str, key: str, parts: dict[str, bytes], num_classes: int, label_key: str) -> Sample:
+def _finish_sample(shard: str, key: str, parts: dict[str, bytes], num_classes: int, label_key: str,
+                   names: dict[str, int] | None) -> Sample:
     image_ext = next((e for e in IMAGE_EXTS if e in parts), None)
     if image_ext is None:
         raise ShardError(f"{shard}: sample {key!r} has no image member "
                          f"(one of {', '.join(IMAGE_EXTS)}); has {sorted(parts)}")
-    label = _label(shard, key, parts, label_key)
+    label = _label(shard, key, parts, label_key, names)
     if not 0 <= label < num_classes:
         raise ShardError(f"{shard}: sample {key!r} has label {label}, outside the "
                          f"{num_classes:,} classes (0..{num_classes - 1})")
     return Sample(key, parts[image_ext], label)
 
 
-def _label(shard: str, key: str, parts: dict[str, bytes], label_key: str) -> int:
-    """The integer label of a sample from its ``label_key`` (``manifest.check_label_key``)."""
+def _label(shard: str, key: str, parts: dict[str, bytes], label_key: str, names: dict[str, int] | None) -> int:
+    """The label of a sample from its ``label_key`` (``manifest.check_label_key``): an integer,
+    or a class name looked up in ``names`` (the manifest's classes), as people store labels in
+    ``.txt`` or ``.json`` (``json:meta.label``: a field inside a field)."""
     member, _, field = label_key.partition(":")
     if member not in parts:
         hint = "" if label_key != "cls" or "json" not in parts else " (its label may be in its .json: --label-key json:FIELD)"
@@ -74,16 +77,27 @@ def _label(shard: str, key: str, parts: dict[str, bytes], label_key: str) -> int
             value = json.loads(text)
         except ValueError:
             raise ShardError(f"{shard}: sample {key!r}: its .json is not valid JSON") from None
-        if not isinstance(value, dict) or field not in value:
-            raise ShardError(f"{shard}: sample {key!r}: its .json has no field {field!r}")
-        value = value[field]
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ShardError(f"{shard}: sample {key!r} has a non-integer label {str(value)[:20]!r} in its .json")
-        return value
+        for part in field.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise ShardError(f"{shard}: sample {key!r}: its .json has no field {field!r}")
+            value = value[part]
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if not isinstance(value, str):
+            raise ShardError(f"{shard}: sample {key!r} has a label {str(value)[:20]!r} in its .json that is "
+                             "neither an integer nor a class name")
+        text = value.strip()
     try:
         return int(text)
     except ValueError:
-        raise ShardError(f"{shard}: sample {key!r} has a non-integer label {text[:20]!r}") from None
+        pass
+    if names is None:
+        raise ShardError(f"{shard}: sample {key!r} has the label {text[:40]!r}, not an integer; give the class "
+                         "names (--classes FILE, one per line) to read names as labels")
+    if text not in names:
+        raise ShardError(f"{shard}: sample {key!r} has the label {text[:40]!r}, which is not one of the "
+                         f"{len(names):,} class names")
+    return names[text]
 
 
 def unpacked(data: bytes, shard: str) -> bytes:
@@ -106,9 +120,11 @@ def unpacked(data: bytes, shard: str) -> bytes:
 
 
 def iter_tar_samples(fileobj: BinaryIO, shard: str, num_classes: int = MAX_CLASSES,
-                     label_key: str = "cls") -> Iterator[Sample]:
+                     label_key: str = "cls", classes: Sequence[str] | None = None) -> Iterator[Sample]:
     """Yield the samples of an open tar stream in stored order (see the module docstring);
-    a label outside ``0..num_classes - 1`` is refused naming the shard and key."""
+    a label outside ``0..num_classes - 1`` is refused naming the shard and key; a label that
+    is a name is looked up in ``classes``."""
+    names = {name: i for i, name in enumerate(classes)} if classes is not None else None
     key: str | None = None
     parts: dict[str, bytes] = {}
     seen: set[str] = set()
@@ -125,7 +141,7 @@ def iter_tar_samples(fileobj: BinaryIO, shard: str, num_classes: int = MAX_CLASS
                 mkey, ext = split
                 if mkey != key:
                     if key is not None:
-                        yield _finish_sample(shard, key, parts, num_classes, label_key)
+                        yield _finish_sample(shard, key, parts, num_classes, label_key, names)
                     if mkey in seen:
                         raise ShardError(f"{shard}: key {mkey!r} appears twice (members not grouped)")
                     seen.add(mkey)
@@ -146,7 +162,7 @@ def iter_tar_samples(fileobj: BinaryIO, shard: str, num_classes: int = MAX_CLASS
     except tarfile.TarError as e:
         raise ShardError(f"{shard}: truncated or corrupt tar ({e})") from None
     if key is not None:
-        yield _finish_sample(shard, key, parts, num_classes, label_key)
+        yield _finish_sample(shard, key, parts, num_classes, label_key, names)
     # tarfile stops silently when a file ends exactly between members; a complete archive
     # always ends in two zero blocks, so their absence means the shard was cut short.
     fileobj.seek(end)
@@ -189,7 +205,8 @@ def read_shard(manifest: DataManifest, shard: int, verify: bool = True) -> list[
             raise ManifestError(f"{path}: sha256 differs from manifest {manifest.location}; "
                                 "the shard changed since the manifest was written")
     tar = unpacked(data, str(path))
-    samples = list(iter_tar_samples(io.BytesIO(tar), str(path), manifest.num_classes, manifest.label_key))
+    samples = list(iter_tar_samples(io.BytesIO(tar), str(path), manifest.num_classes, manifest.label_key,
+                                    manifest.classes))
     if len(samples) != info.num_samples:
         raise ManifestError(f"{path}: holds {len(samples)} samples, manifest says {info.num_samples}")
     return samples

@@ -96,15 +96,23 @@ def file_key(relpath: str) -> str:
     return "f" + hashlib.blake2b(relpath.encode(), digest_size=8).hexdigest()
 
 
-def image_folder_items(root: Path) -> tuple[list[str], list[SourceItem]]:
-    """Classes (sorted folder names) and one item per file below them (hidden files ignored)."""
+def image_folder_items(root: Path, names: list[str] | None = None) -> tuple[list[str], list[SourceItem]]:
+    """Classes and one item per file below their folders (hidden files ignored). The classes are
+    ``names`` (a ``--classes`` file: every split numbered alike, also one that lacks a class's
+    folder), else the sorted folder names."""
     if not root.is_dir():
         raise ConfigError(f"{root}: not a directory (expected one folder per class)")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not folders:
         raise ConfigError(f"{root}: no class folders found (expected one folder per class, each holding its images)")
+    classes = folders if names is None else names
+    unknown = sorted(set(folders) - set(classes))
+    if unknown:
+        raise ConfigError(f"{root}: class folder(s) {unknown[:3]} are not among the {len(classes)} --classes names")
     items: list[SourceItem] = []
     for label, cls in enumerate(classes):
+        if cls not in folders:
+            continue
         for dirpath, dirnames, filenames in os.walk(root / cls):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for fn in sorted(filenames):

@@ -436,3 +436,44 @@ def test_labels_as_people_store_them(world, tmp_path) -> None:
     (tmp_path / "two.txt").write_text("cat\ndog\n")
     refused(run_cli("make-shards", str(src), str(tmp_path / "x"), "--name", "x", "--manifest", str(tmp_path / "x.json"),
                     "--classes", str(tmp_path / "two.txt"), check=False), "['ant']", "not among the 2 --classes")
+
+
+def test_progress_lines_say_seconds_per_step_under_one_a_second(monkeypatch, capsys) -> None:
+    from civt_cache import progress
+
+    clock = iter([0.0, 10.0, 10.0, 20.0, 20.0])  # start, then each update: its check and its line
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0")
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: False)
+    bar = progress.Progress(10, "epoch 1/1", "steps")
+    bar.update(2)
+    bar.update(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("epoch 1/1: 2/10 steps (20%), 5.0 s/step"), lines
+    assert lines[1].startswith("epoch 1/1: 3/10 steps (30%), 6.7 s/step"), lines
+
+
+def test_output_a_person_reads_ema_on_the_epoch_line_and_bars_that_end_at_the_whole(world, tmp_path) -> None:
+    """--model-ema's top-1 is on the epoch line; under two ranks the evaluation counts the whole
+    val set (not rank 0's 256 of 359) and each --claim process's progress ends at 100%, units
+    other processes computed counted."""
+    proc = run_cli(*student_args(world, world["ref"], tmp_path / "run", "--model-ema"))
+    assert "EMA val top-1" in proc.stdout
+    env = {**os.environ, "CIVT_PROGRESS_SECONDS": "0"}
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            "-m", "civt_cache.cli", "eval", "--manifest", str(world["manifest"]), "--checkpoint",
+                            str(world["root"] / "conv.pth"), "--arch", "resnet10t", "--img-size", "32"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert ranks.returncode == 0, ranks.stderr[-2000:]
+    counts = [ln for ln in ranks.stderr.splitlines() if ln.startswith("evaluate digits-val:")]
+    assert counts and counts[-1].startswith("evaluate digits-val: 359/359 images (100%)"), counts
+    cache = tmp_path / "cache"
+    claims = [subprocess.Popen([sys.executable, "-m", "civt_cache.cli",
+                                *cache_args(world["root"], cache, "--claim", "--lease-seconds", "5")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+              for _ in range(2)]
+    outs = [c.communicate(timeout=300) for c in claims]
+    for c, (_, err) in zip(claims, outs):
+        assert c.returncode == 0, err[-2000:]
+        last = [ln for ln in err.splitlines() if ln.startswith("cache-teachers:") and "views (" in ln][-1]
+        assert "718/718 views (100%)" in last, err[-2000:]  # 359 digits x 2 epochs

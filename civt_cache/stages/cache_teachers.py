@@ -178,18 +178,22 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
         f"{writer.committed} unit(s) committed by {'rank 0' if info.distributed else 'this process'} are kept, "
         f"with every unit committed before; the same command continues with the units left"))
     units, start, done, said = plan.units, time.perf_counter(), 0, 0
-    bar = Progress(sum(manifest.shards[s].num_samples * len(store.block_epochs(b)) for s, b in units),
+    views_of = {(s, b): manifest.shards[s].num_samples * len(store.block_epochs(b)) for s, b in units}
+    ours: set[tuple[int, int]] = set()  # units this process computed (counted as it goes)
+    bar = Progress(sum(views_of.values()),
                    f"cache-teachers (rank 0 of {info.world_size})" if info.distributed else "cache-teachers",
                    "views", enabled=info.is_main)
     try:
         while units:
             loader = UnitReader(manifest, store.root, units, plan.records, names, store.spec, leases,
                                 info).loader(min(job.workers, len(units)), pin_memory=info.device.type == "cuda")
-            done += _compute(job, info, store, teachers, loader, writer, renewer, bar)
+            done += _compute(job, info, store, teachers, loader, writer, renewer, bar, ours)
             if leases is None:
                 break
             # the rest is held by others: wait until committed or takeable (return only when all are)
-            units = [u for u in units if unit_needs(store.unit_record(*u), names)]
+            before, units = units, [u for u in units if unit_needs(store.unit_record(*u), names)]
+            bar.update(sum(views_of[u] for u in set(before) - set(units) - ours))  # others' units: the bar ends at 100%
+            ours -= set(before) - set(units)
             if units:
                 writer.check()  # a failed write would leave its unit leased by us for ever
                 if len(units) != said:  # said when the count changes, not every round
@@ -223,9 +227,9 @@ def _waiting_line(leases: Leases, units: list[tuple[int, int]]) -> str:
 
 
 def _compute(job: CacheJob, info: DistInfo, store: CacheStore, teachers: list[Teacher], loader: DataLoader,
-             writer: UnitWriter, renewer: LeaseRenewer, bar: Progress) -> int:
+             writer: UnitWriter, renewer: LeaseRenewer, bar: Progress, ours: set[tuple[int, int]]) -> int:
     """Run the teachers on every group the loader brings; each finished unit goes to the
-    writer. Returns the number of views done."""
+    writer (and into ``ours``). Returns the number of views done."""
     pending: dict[tuple[int, int], dict[str, Any]] = {}
     done = 0
 
@@ -242,6 +246,7 @@ def _compute(job: CacheJob, info: DistInfo, store: CacheStore, teachers: list[Te
             pending[unit]["teachers"][name].append(per_epoch)
         if item.group == item.num_groups - 1:
             writer.put((item, _unit_arrays(pending.pop(unit))))
+            ours.add(unit)
         n = item.records.shape[0] * item.records.shape[1]  # epochs x rows
         bar.update(n)
         return n

@@ -349,8 +349,9 @@ class _Run:
             plot_curves(self.rows, job.out / "curves.png", f"{job.model} teachers={job.teachers}"
                         + (" online" if self.teachers.live else ""))
             self.log(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, val top-1 {row['val_top1']:.2f}% "
-                     f"(cls {row['val_top1_cls']:.1f} conv {row['val_top1_conv']:.1f} inv {row['val_top1_inv']:.1f}), "
-                     f"{row['img_per_s']:.0f} img/s")
+                     f"(cls {row['val_top1_cls']:.1f} conv {row['val_top1_conv']:.1f} inv {row['val_top1_inv']:.1f})"
+                     + (f", EMA val top-1 {row['ema_val_top1']:.2f}%" if "ema_val_top1" in row else "")
+                     + f", {row['img_per_s']:.0f} img/s")
         self.checkpoint(epoch + 1, 0)
 
     def checkpoint(self, epoch: int, step: int) -> None:

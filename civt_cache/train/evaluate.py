@@ -34,17 +34,21 @@ def evaluate(model: nn.Module, manifest: DataManifest, recipe: Recipe, info: Dis
     model.eval()
     shards = list(range(len(manifest.shards)))[info.rank::info.world_size]
     loader = batch_loader(ValBatches(manifest, shards, batch_size), min(workers, len(shards)))
-    bar = Progress(sum(manifest.shards[s].num_samples for s in shards), f"evaluate {manifest.name}",
-                   "images", info.is_main, leave=False)
+    # rank 0 shows the whole val set, its own share's progress scaled to it (the ranks go at one
+    # pace), so a bar never ends at "250/250" of 300 images
+    own = sum(manifest.shards[s].num_samples for s in shards)
+    bar = Progress(manifest.num_samples, f"evaluate {manifest.name}", "images", info.is_main, leave=False)
     # every rank sums the same vector, also a rank with no val shard (more ranks than shards):
     # the heads' names come from one dummy view, not from this rank's data
     with device_autocast(info.device):
         names = list(heads_of(model, torch.zeros(1, 3, recipe.img_size, recipe.img_size, device=info.device)))
     counts = [0.0] * (2 * len(names))
     n, loss = 0, 0.0  # summed cross-entropy of the model's prediction (the first output)
+    seen = 0
     for images, image_names, labels in loader:
         check_stop()
-        bar.update(len(labels))
+        seen += len(labels)
+        bar.update(manifest.num_samples * seen // max(own, 1) - bar.n)
         x = val_views(images, image_names, recipe, info.device)
         y = torch.from_numpy(labels).to(info.device)
         x = device_layout(x, info.device)

@@ -66,13 +66,7 @@ def train_student_cmd(
     from civt_cache.config import build_config, load_pipeline
     from civt_cache.stages.train_student import StudentJob, train_student
 
-    cfg = load_pipeline(pipeline)
-    if resume_path is not None:
-        out, resume = resumed_run(resume_path, out), True
-    if resume and config is None:  # a resume is the run's own settings: nothing to repeat
-        run_dir = out or cfg.get("student", {}).get("out")
-        config = Path(run_dir) / "args.yaml" if run_dir and (Path(run_dir) / "args.yaml").is_file() else None
-    cfg = with_run_args(cfg, config)
+    cfg, out, resume = run_settings(load_pipeline(pipeline), config, out, resume, resume_path)
     flags = {"--aa": ("randaugment", aa), "--mixup": ("mixup_alpha", mixup), "--cutmix": ("cutmix_alpha", cutmix),
              "--reprob": ("erase_prob", reprob), "--img-size": ("img_size", img_size)}
     cfg["recipe"] = recipe_of_the_cache(cfg, {flag: kv for flag, kv in flags.items() if kv[1] is not None},
@@ -95,6 +89,19 @@ def train_student_cmd(
         at = res["stopped_at"]
         typer.echo(f"stopped by --max-steps at epoch {at['epoch'] + 1} step {at['step']}; "
                    f"--resume continues from {res['checkpoint']}")
+
+
+def run_settings(cfg: dict[str, Any], config: Optional[Path], out: Optional[Path], resume: Optional[bool],
+                 resume_path: Optional[Path]) -> tuple[dict[str, Any], Optional[Path], Optional[bool]]:
+    """The pipeline with the run's args.yaml over it (``-c``, or by itself on a resume: a resume
+    is the run's own settings, nothing to repeat), and the run folder and resume switch that
+    ``--resume PATH`` means."""
+    if resume_path is not None:
+        out, resume = resumed_run(resume_path, out), True
+    if resume and config is None:
+        run_dir = out or cfg.get("student", {}).get("out")
+        config = Path(run_dir) / "args.yaml" if run_dir and (Path(run_dir) / "args.yaml").is_file() else None
+    return with_run_args(cfg, config), out, resume
 
 
 def resumed_run(path: Path, out: Optional[Path]) -> Path:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -122,6 +123,7 @@ def init_distributed(device_preference: str = "auto", threads: int = 0, workers:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=collective_timeout())
+        _LIVENESS[:] = [dist.new_group(backend="gloo")]  # see ``silent_ranks``
     if rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 \
             and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         print("civt-cache: warning: torchrun --max-restarts with its rendezvous store shared with the ranks: "
@@ -179,6 +181,7 @@ def shutdown(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
+        _LIVENESS.clear()
 
 
 def all_reduce_sum(info: DistInfo, values: list[float]) -> list[float]:
@@ -204,20 +207,52 @@ def same_steps_on_every_rank(info: DistInfo, what: str, ran: int) -> None:
                         + ", ".join(f"rank {r}: {n}" for r, n in enumerate(counts)) + ")")
 
 
+#: A gloo group beside the training one, used only to ask which ranks still answer after a
+#: collective failed: the failed group's connections are closed by then (gloo closes every pair
+#: after a timeout), this one's are not.
+_LIVENESS: list[Any] = []
+#: How long rank 0 waits for each rank's answer (and the others for rank 0's) after a failure,
+#: at most: never longer than the process group's own timeout (``collective_timeout``).
+SILENT_AFTER = timedelta(seconds=20)
+
+
+def silent_ranks(info: DistInfo) -> list[int] | None:
+    """After a failed collective, on rank 0: the ranks that do not reach a barrier on the liveness
+    group within ``SILENT_AFTER`` (stopped, hung or dead), or None where that cannot be told
+    (other ranks, no liveness group, or every rank answered)."""
+    if not _LIVENESS:
+        return None
+    try:
+        dist.monitored_barrier(group=_LIVENESS[0], timeout=min(SILENT_AFTER, collective_timeout()),
+                               wait_all_ranks=True)
+    except RuntimeError as e:
+        found = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(e))
+        if info.is_main and found:
+            return [int(r) for r in found.group(1).replace(",", " ").split()]
+    return None
+
+
 @contextmanager
 def lost_ranks_named(info: DistInfo, position: Callable[[], tuple[int, int]]) -> Iterator[None]:
     """A collective that lost its peers (a rank died, hung past ``collective_timeout``, or ran
-    other steps) becomes one ``RankError`` naming this rank and its (epoch, step) from
-    ``position``, instead of a gloo/NCCL traceback."""
+    other steps) becomes one ``RankError`` naming its (epoch, step) from ``position`` and, on
+    rank 0, the ranks that stopped answering (``silent_ranks``), instead of a gloo/NCCL
+    traceback that reads as if this rank were the one at fault."""
     try:
         yield
     except RuntimeError as e:
         if not (info.distributed and collective_failure(e)):
             raise
         epoch, step = position()
-        raise RankError(f"rank {info.rank} of {info.world_size}: lost the other ranks at epoch {epoch + 1} "
-                        f"step {step + 1} ({str(e).strip().splitlines()[0][:160]}): a rank died, hung past "
-                        "the process-group timeout, or ran other steps; see its own error line") from None
+        where = f"epoch {epoch + 1} step {step + 1} ({str(e).strip().splitlines()[0][:160]})"
+        silent = silent_ranks(info)
+        if silent:
+            raise RankError(f"rank {info.rank} of {info.world_size}: rank(s) {', '.join(map(str, silent))} stopped "
+                            f"answering at {where}: stopped, hung past the process-group timeout, or dead; "
+                            "see their own lines and the machine they ran on") from None
+        raise RankError(f"rank {info.rank} of {info.world_size}: lost the other ranks at {where}: a rank died, "
+                        "hung past the process-group timeout, or ran other steps; rank 0's line names the ranks "
+                        "that stopped answering where it can tell") from None
 
 
 def all_gather_objects(info: DistInfo, obj: object) -> list[object]:

@@ -6,11 +6,12 @@ Why: Python turns SIGINT into KeyboardInterrupt, which click (under typer) print
 needs to know whether epoch 37 was saved and what to type next. So the main thread raises
 ``Stopped`` (a BaseException: no ``except Exception`` on the way swallows it, and click does not
 catch it) and each command says, through ``say_kept``, what a stop at this moment keeps.
-Child processes (loader workers, encoding processes) ignore both, which a terminal or a
-scheduler sends to the whole process group: their parent ends them as it stops.
+Child processes (loader workers, encoding processes) leave a terminal's SIGINT to their parent,
+which ends them as it stops, and end quietly on SIGTERM.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any, Callable
@@ -45,24 +46,31 @@ def check_stop() -> None:
 def catch_stop_signals() -> None:
     """In the command's main process: SIGINT and SIGTERM raise ``Stopped`` in its main thread.
     One raised where Python can only drop it (a finalizer) is not printed as "Exception
-    ignored": ``check_stop`` raises it again at the next step."""
+    ignored": ``check_stop`` raises it again at the next step; nor is what finalizers raise
+    while the stop unwinds (a DataLoader iterator the signal cut short in its constructor)."""
     signal.signal(signal.SIGINT, _raise)
     signal.signal(signal.SIGTERM, _raise)
     default_hook = sys.unraisablehook
 
     def hook(unraisable: Any) -> None:
-        if not isinstance(unraisable.exc_value, Stopped):
+        if not _pending:  # once stopping, a finalizer's error is the stop's echo (an object torn mid-build)
             default_hook(unraisable)
     sys.unraisablehook = hook
 
 
 def ignore_stop_signals(*_: object) -> None:
-    """In a child process: SIGINT and SIGTERM sent to the whole process group (a terminal's
-    Ctrl-C, a scheduler's stop) are its parent's to handle; the parent ends it as it stops (or
-    the kernel does, ``processes.die_with_parent``). A loader worker killed by them instead would
-    make the parent's DataLoader report a lost worker as it shuts down."""
+    """In a child process: SIGINT, which a terminal sends the whole process group, is its
+    parent's to handle (the parent ends it as it stops, or the kernel does:
+    ``processes.die_with_parent``); SIGTERM ends it at once but quietly, with exit code 0. A
+    worker killed by the signal would make its parent's DataLoader report a lost worker as it
+    shuts down; one that ignored SIGTERM would hang its parent's exit, which terminates and
+    then joins its daemon children."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_quietly)
+
+
+def _exit_quietly(_signum: int, _frame: object) -> None:
+    os._exit(0)
 
 
 def say_kept(describe: Callable[[], str]) -> None:

@@ -219,7 +219,7 @@ def test_make_shards_bad_files_and_settings(tmp_path) -> None:
     ("--batch-size", "-5", "--batch-size -5: must be in 1..65536"),
     ("--workers", "-1", "--workers -1: must be in 0..256"),
     ("--epochs", "0", "--epochs 0: must be in 1..10000"),
-    ("--model", "nosuch", "--model 'nosuch': must be a registered model"),
+    ("--model", "nosuch", "--model 'nosuch': must be a CivT model"),
 ])
 def test_bad_student_settings_refused_before_anything(world, tmp_path, flag, value, needle) -> None:
     """Rows 8 and 9: values that cannot work are refused before a run directory exists (a zero

@@ -477,3 +477,37 @@ def test_output_a_person_reads_ema_on_the_epoch_line_and_bars_that_end_at_the_wh
         assert c.returncode == 0, err[-2000:]
         last = [ln for ln in err.splitlines() if ln.startswith("cache-teachers:") and "views (" in ln][-1]
         assert "718/718 views (100%)" in last, err[-2000:]  # 359 digits x 2 epochs
+
+
+def test_a_hung_rank_is_named_by_rank_0_not_rank_0_itself(world, tmp_path) -> None:
+    """One of two ranks stopped (SIGSTOP: a hung node, a debugger): rank 0's line names rank 1 as
+    the one that stopped answering, not itself; the torchrun job ends; nothing is left behind."""
+    run = tmp_path / "run"
+    args = student_args(world, world["ref"], run, "--epochs", "30", "--cycle-cache", "--workers", "0",
+                        "--checkpoint-every", "2")
+    env = {**os.environ, "CIVT_DIST_TIMEOUT": "6"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "civt_cache.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    seen: set[int] = set()
+    try:
+        deadline = time.time() + 300
+        while not (run / "last.pth.tar").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        ranks = children(proc.pid)
+        seen |= set(descendants(proc.pid))
+        assert len(ranks) == 2 and proc.poll() is None, "no two ranks to stop one of"
+        rank1 = [p for p in ranks if "RANK=1" in Path(f"/proc/{p}/environ").read_text(errors="replace").split("\0")]
+        os.kill(rank1[0], signal.SIGSTOP)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        for pid in seen:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "rank 0 of 2: rank(s) 1 stopped answering at epoch" in err, err[-3000:]
+    assert_gone(sorted(seen))

@@ -1,6 +1,8 @@
 """Shared fixtures: small data sets built once per test session."""
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import shutil
@@ -212,3 +214,18 @@ def refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
     return errors[0]
+
+
+@contextlib.contextmanager
+def small_disk(tmp_path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (e.g. "256k") mounted at ``tmp_path/disk`` for the block: a disk that
+    fills up. Skips the test where it cannot be mounted (mount needs root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

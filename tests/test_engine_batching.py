@@ -217,3 +217,19 @@ def test_launches_and_transfers_per_batch_do_not_grow_with_it() -> None:
     assert counts[512].launches <= 1.25 * counts[256].launches, counts
     assert max(c.transfers for c in counts.values()) <= 8, counts
     assert all(c.reads == 0 for c in counts.values()), counts
+
+
+def test_many_record_sets_are_built_in_passes_the_decode_budget_bounds(monkeypatch) -> None:
+    """Stage one builds a unit's every epoch from one decode; the crops of all its epochs were
+    held at once (1.2 GB for 30 epochs of 256 rows at 224 px). Sets whose crops exceed the
+    decode budget are built in passes, each decoding again: the same views, and the memory of
+    the budget whatever the epochs per unit."""
+    items, _, recipe = _batch(12, 48)
+    sets = [V.sample_shard_records(recipe, 3, e, 0, list(range(12)), [V.image_size(j) for j in items]) for e in range(6)]
+    whole = [v.clone() for v in render_encoded(items, sets, list(range(12)), recipe, torch.device("cpu"))]
+    decodes = []
+    real = engine.decoded_in_budget
+    monkeypatch.setattr(engine, "decoded_in_budget", lambda *a, **k: decodes.append(1) or real(*a, **k))
+    monkeypatch.setenv(engine.BUDGET_ENV, str(2 * 12 * 48 * 48))  # two sets' crops a pass
+    passes = [v.clone() for v in render_encoded(items, sets, list(range(12)), recipe, torch.device("cpu"))]
+    assert len(decodes) == 3 and all(torch.equal(a, b) for a, b in zip(whole, passes))

@@ -22,7 +22,7 @@ import zarr
 
 from civt_cache.cache.store import CacheStore
 
-from .conftest import ROOT, cache_args, refused, run_cli, student_args
+from .conftest import ROOT, cache_args, refused, run_cli, small_disk, student_args
 
 
 def arrays(root: Path) -> dict[str, np.ndarray]:
@@ -254,12 +254,7 @@ def test_bad_cache_settings_leave_no_cache(world, tmp_path) -> None:
 @pytest.mark.slow
 def test_full_disk_is_one_line_and_loses_nothing_committed(world, tmp_path) -> None:
     """Row 9: a full disk names the path; every unit committed before it stays sound."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with small_disk(tmp_path, "256k") as disk:
         free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
         (disk / "filler").write_bytes(b"\0" * max(0, free - 60_000))
         out = disk / "cache"
@@ -271,8 +266,6 @@ def test_full_disk_is_one_line_and_loses_nothing_committed(world, tmp_path) -> N
             (disk / "filler").unlink()
             run_cli(*cache_args(world["root"], out))
             assert_same_cache(out, world["ref"])
-    finally:
-        subprocess.run(["umount", str(disk)], capture_output=True)
 
 
 def test_orphan_checkpoint_temp_files_are_removed(world, tmp_path) -> None:

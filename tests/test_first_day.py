@@ -27,6 +27,7 @@ from tests.conftest import (
     free_port,
     refused,
     run_cli,
+    small_disk,
     student_args,
 )
 
@@ -226,12 +227,7 @@ def test_make_shards_on_a_full_disk_names_the_shard_and_the_space_and_leaves_no_
         (src / cls).mkdir(parents=True)
         for i in range(40):  # noise: ~12 kB each as JPEG, 480 kB in all
             Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(src / cls / f"{i}.jpg", quality=95)
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(disk)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with small_disk(tmp_path, "192k") as disk:
         out = disk / "shards"
         proc = run_cli("make-shards", str(src), str(out), "--name", "x", "--manifest", str(tmp_path / "m.json"),
                        "--shard-size", "16", "--workers", "1", check=False)
@@ -239,8 +235,6 @@ def test_make_shards_on_a_full_disk_names_the_shard_and_the_space_and_leaves_no_
         assert f"{out}/x-0000" in line, line
         assert not [p.name for p in out.iterdir() if p.name.startswith(".")], list(out.iterdir())
         assert not (tmp_path / "m.json").exists()
-    finally:
-        subprocess.run(["umount", str(disk)], capture_output=True)
 
 
 def test_a_mid_epoch_checkpoint_keeps_the_seconds_of_the_images_it_counts(world, tmp_path) -> None:

@@ -85,6 +85,16 @@ def bench_requests_cmd(cache: str = typer.Argument(..., help="An s3:// cache."))
     typer.echo(bench_requests(cache))
 
 
+@bench_app.command("unit-memory")
+def bench_unit_memory_cmd(epochs_per_unit: list[int] = typer.Option([1, 10, 30], help="Epochs per unit to measure (repeat)."),
+                          samples: int = typer.Option(256, help="ImageNet-shaped JPEGs (one pair group: 256)."),
+                          img_size: int = typer.Option(224, help="View size.")) -> None:
+    """Stage one's peak memory against its epochs per unit, at ImageNet's image size."""
+    from civt_cache.bench.unit_memory import bench_unit_memory
+
+    typer.echo(bench_unit_memory(epochs_per_unit, samples, img_size))
+
+
 @bench_app.command("scale")
 def bench_scale_cmd(fraction: list[float] = typer.Option([1 / 64, 1 / 16], help="Fractions of ImageNet's counts (repeat), e.g. 0.015625 0.0625 0.25 1."),
                     samples: bool = typer.Option(True, "--samples/--no-samples", help="The sample-count operations (make-shards, scan-shards, resharding, plan)."),

@@ -27,7 +27,7 @@ from civt_cache.distributed import (
     lost_ranks_named,
     same_steps_on_every_rank,
 )
-from civt_cache.errors import CheckpointError, ConfigError, NonFiniteError
+from civt_cache.errors import ConfigError, NonFiniteError
 from civt_cache.fsutil import folder_problem
 from civt_cache.loader.batches import (
     StudentBatches,

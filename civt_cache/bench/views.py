@@ -89,18 +89,34 @@ def _batches(recs: np.ndarray, batch: int) -> list[tuple[list[int], int]]:
     return batches
 
 
-def _count_engine(jpegs: list[bytes], recipe: Recipe, batches: tuple[int, ...] = (256, 512)) -> dict[int, Any]:
+def _count_engine(jpegs: list[bytes], recipe: Recipe, batches: tuple[int, ...] = (256, 512)) -> dict[str, Any]:
     """Launches, host-to-device transfers and device reads of one engine batch (decode
-    included) of each size, counted on the CPU running a GPU's op stream (``op_counts``).
+    included) of each size, counted on the CPU running a GPU's op stream (``op_counts``), with
+    a decode budget that holds the batch's images in one decode group (as a GPU's does: 1/64 of
+    its memory), and the largest batch once more in two groups: what each group more costs.
     Sizes are whole pair groups, so every partner is in the batch."""
-    counts = {}
-    for n in batches:
-        rows = list(range(n))
-        batch = [jpegs[r % len(jpegs)] for r in rows]
-        recs = sample_shard_records(recipe, 1, 0, 0, rows, [image_size(j) for j in batch])
-        items = [worker_image(j, str(r)) for r, j in zip(rows, batch)]
-        with gpu_op_stream():
-            counts[n] = count_ops(lambda: next(render_encoded(items, [recs], rows, recipe, torch.device("cpu"))))
+    import os
+
+    from civt_cache.views.engine import BUDGET_ENV, encoded_pixels
+
+    counts, saved = {}, os.environ.get(BUDGET_ENV)
+    try:
+        for n in batches:
+            rows = list(range(n))
+            batch = [jpegs[r % len(jpegs)] for r in rows]
+            recs = sample_shard_records(recipe, 1, 0, 0, rows, [image_size(j) for j in batch])
+            items = [worker_image(j, str(r)) for r, j in zip(rows, batch)]
+            pixels = sum(encoded_pixels(x) for x in items)
+            for groups in ((1, 2) if n == max(batches) else (1,)):
+                os.environ[BUDGET_ENV] = str(pixels // groups + 1)
+                with gpu_op_stream():
+                    counts[f"{n} views, {groups} decode group{'s' if groups > 1 else ''}"] = count_ops(
+                        lambda: next(render_encoded(items, [recs], rows, recipe, torch.device("cpu"))))
+    finally:
+        if saved is None:
+            os.environ.pop(BUDGET_ENV, None)
+        else:
+            os.environ[BUDGET_ENV] = saved
     return counts
 
 
@@ -112,7 +128,7 @@ def format_views(r: dict[str, Any]) -> str:
               "per row, per core)" for k, v in r["rates"].items()]
     lines.append("  per batch, as a GPU runs it (counted on the CPU): kernel launches, host-to-device "
                  "transfers, device reads")
-    lines += [f"  {n:5d} views: {c.launches:6d} launches {c.transfers:3d} transfers {c.reads:3d} reads"
+    lines += [f"  {n:>26s}: {c.launches:6d} launches {c.transfers:3d} transfers {c.reads:3d} reads"
               for n, c in r["counts"].items()]
     return "\n".join(lines)
 

@@ -352,7 +352,8 @@ def _base_views(crops: torch.Tensor, recs: np.ndarray, recipe: Recipe, out: torc
     ``scratch``, at least M rows), normalisation and erasing run in place."""
     ra, groups = randaugment_params(recs, recipe.img_size)
     p = to_device({**ra, **erase_params(recs), **_normalize_params(recipe)}, crops.device)
-    randaugment(out.copy_(crops), p, groups, p["fill"].float().view(1, 3, 1, 1), scratch)
+    randaugment(out.copy_(crops), p, groups, p["fill"].float().view(1, 3, 1, 1), scratch,
+                warp_kinds=crops.device.type == "cpu" and not _gpu_stream[0])
     erase(_normalize(out, p, out=out), p)
 
 

@@ -9,8 +9,9 @@ ops, is the reference the tests hold every op against):
 
 - RandAugment, one op slot at a time, in place: the slot's samples are gathered once so that
   each op's samples are one contiguous slice (geometric ops together), each op writes its
-  result over its slice, and they are put back. The five geometric ops are ONE inverse-affine
-  warp (per-sample matrices) computed as Pillow's transform computes it: pixel centres, its
+  result over its slice, and they are put back. The five geometric ops are inverse-affine
+  warps (per-sample matrices; one batched warp per kind: rotations over 16 taps, shears and
+  translations along one axis over 4) computed as Pillow's transform computes it: pixel centres, its
   cubic kernel (a = -1) over 16 clamped taps, truncation, the mean colour outside (``torch``'s
   ``grid_sample`` would be cheaper, but its kernel is a = -0.75 and it rounds: 0.4-0.7 levels
   off, with a bias). Colour ops are PIL's blends with its degenerate images and truncation;
@@ -44,10 +45,16 @@ from civt_cache.views.records import (
 from civt_cache.views.transfer import DeviceArrays
 
 _LEVEL_DENOM = 10.0  # timm's RandAugment magnitude scale
-_GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
-_GEOMETRIC_IDS = np.array([RA_OPS.index(n) for n in _GEOMETRIC])
+#: Which of a warp's tap axes a geometric op needs: a shear or translation along x leaves every
+#: output row on an input row (its vertical cubic weights are exactly 0, 1, 0, 0), along y every
+#: column on a column; only a rotation needs all 16 taps. Each kind is one batched warp
+#: (``_warp_affine``), so a translation costs 4 taps where it cost 16, with the very same sums.
+_WARP_KIND = {"Rotate": "warp_xy", "ShearX": "warp_x", "TranslateXRel": "warp_x", "ShearY": "warp_y",
+              "TranslateYRel": "warp_y"}
+_KIND_FIRST = {"warp_xy": -3, "warp_x": -2, "warp_y": -1}  # the slot's sort key: warps first, by kind
+_GEOMETRIC_KEY = {RA_OPS.index(n): _KIND_FIRST[k] for n, k in _WARP_KIND.items()}
 _ENHANCERS = ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing")
-Groups = list[tuple[str, int, int]]  # (op name or "geometric", start, stop) in a slot's order
+Groups = list[tuple[str, int, int]]  # (op name or warp kind, start, stop) in a slot's order
 
 
 # ---- RandAugment --------------------------------------------------------------------------------
@@ -60,7 +67,7 @@ def randaugment_params(recs: np.ndarray, s: int) -> tuple[dict[str, np.ndarray],
     groups: list[Groups] = []
     for k in range(RA_MAX_OPS):
         ops, mags = ra[:, k, 0], ra[:, k, 1]
-        key = np.where(np.isin(ops, _GEOMETRIC_IDS), -1, ops)  # geometric ops first, together
+        key = np.array([_GEOMETRIC_KEY.get(int(o), int(o)) for o in ops])  # warps first, by kind
         order = np.flatnonzero(ops >= 0)
         order = order[np.argsort(key[order], kind="stable")]
         level = np.abs(mags[order]) / MAG_SCALE / _LEVEL_DENOM  # timm: magnitude / _LEVEL_DENOM
@@ -68,12 +75,12 @@ def randaugment_params(recs: np.ndarray, s: int) -> tuple[dict[str, np.ndarray],
         names = [RA_OPS[o] for o in ops[order]]
         slot: Groups = []
         for i, name in enumerate(names):
-            label = "geometric" if name in _GEOMETRIC else name
+            label = _WARP_KIND.get(name, name)
             if slot and slot[-1][0] == label:
                 slot[-1] = (label, slot[-1][1], i + 1)
             else:
                 slot.append((label, i, i + 1))
-        geo = [i for i, n in enumerate(names) if n in _GEOMETRIC]
+        geo = [i for i, n in enumerate(names) if n in _WARP_KIND]
         arrays[f"ra{k}_order"] = order
         arrays[f"ra{k}_arg"] = _op_arguments(names, level, sign)
         arrays[f"ra{k}_affine"] = np.array([_affine_matrix(names[i], level[i], sign[i], s) for i in geo],
@@ -100,23 +107,31 @@ def _op_arguments(names: list[str], level: np.ndarray, sign: np.ndarray) -> np.n
 
 
 def randaugment(v: torch.Tensor, p: DeviceArrays, groups: list[Groups], fill: torch.Tensor,
-                scratch: torch.Tensor) -> torch.Tensor:
+                scratch: torch.Tensor, warp_kinds: bool = True) -> torch.Tensor:
     """Each op slot in turn, in place: gather the slot's samples in op order into ``scratch``
-    (one copy), each op writes its result over its slice, scatter them back (one copy)."""
+    (one copy), each op writes its result over its slice, scatter them back (one copy).
+    ``warp_kinds``: one warp per kind (the fewest taps: a CPU's choice); else one warp over all
+    of a slot's geometric samples (the fewest launches: a GPU's), the same numbers either way."""
     for k, slot in enumerate(groups):
         if not slot:
             continue
         order = p[f"ra{k}_order"]
         sub = torch.index_select(v, 0, order, out=scratch[:order.numel()])
         arg = p[f"ra{k}_arg"].float()
-        for name, a, b in slot:
+        for name, a, b in (slot if warp_kinds else _one_warp(slot)):
             part = sub[a:b]
-            if name == "geometric":
-                _warp_affine(part, p[f"ra{k}_affine"].float(), fill, out=part)
+            if name in _KIND_FIRST:  # the warps come first in the slot: their matrices are rows a..b
+                _warp_affine(part, p[f"ra{k}_affine"][a:b].float(), fill, out=part, along=name[5:])
             else:
                 _colour_op(name, part, arg[a:b].view(-1, 1, 1, 1), out=part)
         v.index_copy_(0, order, sub)
     return v
+
+
+def _one_warp(slot: Groups) -> Groups:
+    """A slot's groups with its warps (first in it, by kind) as one warp over all 16 taps."""
+    warps = [g for g in slot if g[0] in _KIND_FIRST]
+    return ([("warp_xy", warps[0][1], warps[-1][2])] if warps else []) + slot[len(warps):]
 
 
 def _affine_matrix(name: str, level: float, sign: float, s: int) -> np.ndarray:
@@ -138,13 +153,16 @@ def _affine_matrix(name: str, level: float, sign: float, s: int) -> np.ndarray:
     return np.array([1.0, 0.0, 0.0, 0.0, 1.0, sign * 0.45 * level * s])  # TranslateYRel
 
 
-def _warp_affine(v: torch.Tensor, mats: torch.Tensor, fill: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _warp_affine(v: torch.Tensor, mats: torch.Tensor, fill: torch.Tensor, out: torch.Tensor,
+                 along: str = "xy") -> torch.Tensor:
     """One batched inverse-affine warp [G, 3, S, S] with per-sample matrices [G, 6], as Pillow's
     ``Image.transform(AFFINE, BICUBIC, fillcolor)`` computes it, into ``out`` (which may be
     ``v``): an output pixel whose centre maps outside the image gets ``fill`` ([1, 3, 1, 1]);
     inside, Pillow's cubic (a = -1) over the 4 x 4 taps around the point, edge taps clamped,
     the sum clipped to 0..255 and truncated. The taps come as four row gathers of four
-    neighbouring columns each, whatever G is."""
+    neighbouring columns each, whatever G is. ``along`` "x" (or "y"): every sample's matrix
+    keeps rows on rows (columns on columns), whose other-axis weights are exactly 0, 1, 0, 0;
+    the taps of weight 0 are left out, which changes no bit of the sums."""
     g, c, h, w = v.shape
     ys, xs = torch.meshgrid(torch.arange(h, device=v.device, dtype=torch.float32) + 0.5,
                             torch.arange(w, device=v.device, dtype=torch.float32) + 0.5, indexing="ij")
@@ -153,16 +171,22 @@ def _warp_affine(v: torch.Tensor, mats: torch.Tensor, fill: torch.Tensor, out: t
     yin = (m[:, 3] * xs + m[:, 4] * ys + m[:, 5]).view(g, h * w)
     inside = (xin >= 0) & (xin < w) & (yin >= 0) & (yin < h)
     x0, y0 = torch.floor(xin - 0.5), torch.floor(yin - 0.5)
-    wx, wy = _cubic_weights(xin - 0.5 - x0), _cubic_weights(yin - 0.5 - y0)  # [G, HW, 4]
     taps = torch.arange(-1, 3, device=v.device)
-    cols = (x0.long().unsqueeze(-1) + taps).clamp_(0, w - 1)                    # [G, HW, 4]
-    rows = (y0.long().unsqueeze(-1) + taps).clamp_(0, h - 1) * w
-    flat = v.reshape(g, c, h * w)
-    acc = torch.zeros((g, c, h * w), device=v.device)
-    for j in range(4):
-        idx = (rows[..., j:j + 1] + cols).view(g, 1, h * w * 4).expand(g, c, h * w * 4)
-        row = (flat.gather(2, idx).view(g, c, h * w, 4) * wx.unsqueeze(1)).sum(-1)
-        acc.addcmul_(row, wy[:, None, :, j])
+    xtaps, ytaps = (taps if "x" in along else taps[1:2]), (taps if "y" in along else taps[1:2])
+    cols = (x0.long().unsqueeze(-1) + xtaps).clamp_(0, w - 1)                   # [G, HW, 4 or 1]
+    rows = (y0.long().unsqueeze(-1) + ytaps).clamp_(0, h - 1) * w
+    flat, nx = v.reshape(g, c, h * w), len(xtaps)
+    wx = _cubic_weights(xin - 0.5 - x0).unsqueeze(1) if "x" in along else None   # [G, 1, HW, 4]
+    wy = _cubic_weights(yin - 0.5 - y0) if "y" in along else None                # [G, HW, 4]
+    acc = torch.zeros((g, c, h * w), device=v.device) if wy is not None else None
+    for j in range(len(ytaps)):
+        idx = (rows[..., j:j + 1] + cols).view(g, 1, h * w * nx).expand(g, c, h * w * nx)
+        row = flat.gather(2, idx).view(g, c, h * w, nx)
+        row = (row * wx).sum(-1) if wx is not None else row.view(g, c, h * w)
+        if acc is not None:
+            acc.addcmul_(row, wy[:, None, :, j])
+        else:  # one row of weight 1: the sum is the row itself (0 + row, bit for bit)
+            acc = row
     warped = acc.clamp_(0, 255).floor_().view(g, c, h, w)
     return torch.where(inside.view(g, 1, h, w), warped, fill, out=out)
 

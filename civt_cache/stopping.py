@@ -28,9 +28,15 @@ class Stopped(BaseException):
 
 
 _pending: list[int] = []
+_main_pid: list[int] = []  # the process that caught the signals (a forked child inherits the handler)
 
 
-def _raise(signum: int, _frame: object) -> None:
+def _raise(signum: int, frame: object) -> None:
+    if _main_pid and os.getpid() != _main_pid[0]:  # a child forked before it could ignore them
+        ignore_stop_signals()
+        if signum == signal.SIGTERM:
+            _exit_quietly(signum, frame)
+        return
     _pending.append(signum)
     raise Stopped(signum)
 
@@ -45,9 +51,12 @@ def check_stop() -> None:
 
 def catch_stop_signals() -> None:
     """In the command's main process: SIGINT and SIGTERM raise ``Stopped`` in its main thread.
-    One raised where Python can only drop it (a finalizer) is not printed as "Exception
-    ignored": ``check_stop`` raises it again at the next step; nor is what finalizers raise
-    while the stop unwinds (a DataLoader iterator the signal cut short in its constructor)."""
+    A child forked from it that meets them before it could ignore them (a loader worker between
+    its fork and its ``worker_init_fn``: a stop as an epoch's workers start) does as
+    ``ignore_stop_signals`` says. One raised where Python can only drop it (a finalizer) is not
+    printed as "Exception ignored": ``check_stop`` raises it again at the next step; nor is what
+    finalizers raise while the stop unwinds (a DataLoader iterator cut short in its constructor)."""
+    _main_pid[:] = [os.getpid()]
     signal.signal(signal.SIGINT, _raise)
     signal.signal(signal.SIGTERM, _raise)
     default_hook = sys.unraisablehook

@@ -43,6 +43,8 @@ def defaults_in_help(command: object, job: type) -> None:
 def class_names(path: Optional[Path]) -> list[str] | None:
     """A class names file (``--classes``): one name per line, blank lines ignored; a name twice is
     refused, as it would make two labels of one class."""
+    from collections import Counter
+
     from civt_cache.errors import ConfigError
 
     if path is None:
@@ -51,7 +53,7 @@ def class_names(path: Optional[Path]) -> list[str] | None:
         names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the class names ({e.strerror or e})") from None
-    twice = sorted({n for n in names if names.count(n) > 1})
+    twice = sorted(n for n, count in Counter(names).items() if count > 1)  # one pass: 21k classes are many
     if not names or twice:
         raise ConfigError(f"{path}: " + (f"names {twice[:3]} more than once" if twice else "holds no class names"))
     return names

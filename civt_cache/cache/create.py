@@ -20,7 +20,7 @@ from civt_cache.cache.commits import any_committed
 from civt_cache.cache.layout import build_cache, layout_differences, metadata_problems, publish, rewrite_metadata
 from civt_cache.cache.objects import CacheRoot
 from civt_cache.cache.spec import CacheSpec
-from civt_cache.cache.store import CacheStore
+from civt_cache.cache.store import CacheStore, identity_differences
 from civt_cache.errors import CacheMismatchError, CorruptUnitError
 
 
@@ -34,8 +34,10 @@ def create_or_open(root: str | Path, spec: CacheSpec, teachers: Sequence[dict[st
     if not objects.exists("zarr.json"):
         publish(objects, "", lambda tmp: build_cache(tmp, spec))
     store = CacheStore.open(root, mode="r+")
-    _check_metadata(store, repair, log)
-    differs = ([] if store.spec.grows_to(spec) else store.spec.differences(spec)) + _teacher_differences(store, teachers)
+    stored = _checked_teachers(store, repair, log)
+    differs = ([] if store.spec.grows_to(spec) else store.spec.differences(spec)) + [
+        f"teacher {t['name']!r} {diff}" for t in teachers if t["name"] in stored
+        for diff in identity_differences(stored[t["name"]], t)]
     if differs and not _pinned(objects):
         if log is not None:
             log(f"{root}: holds no committed unit, so it is made again with this run's settings "
@@ -56,35 +58,30 @@ def create_or_open(root: str | Path, spec: CacheSpec, teachers: Sequence[dict[st
     return store
 
 
-def _check_metadata(store: CacheStore, repair: bool, log: Callable[[str], None] | None) -> None:
-    """Refuse a cache whose array metadata is damaged, naming the object; with ``repair`` write
-    it again (it follows from the cache's settings and its teachers' identities)."""
+def _checked_teachers(store: CacheStore, repair: bool, log: Callable[[str], None] | None) -> dict[str, dict[str, Any]]:
+    """The cache's teachers' identities, once its array metadata is known sound: damaged
+    metadata is refused naming the object, or with ``repair`` written again (it follows from
+    the cache's settings and its teachers' identities)."""
     try:
         identities = store.teachers()
     except (ValueError, KeyError):  # the teachers group's own metadata is the damaged one
         identities = {}
     broken = metadata_problems(store.objects, list(identities))
     if not broken:
-        return
+        return identities
     if not repair:
         key, why = next(iter(broken.items()))
         raise CorruptUnitError(f"{store.objects.name(key)}: array metadata {why}"
                                + (f" (and {len(broken) - 1} more)" if len(broken) > 1 else "")
                                + "; `cache-teachers --repair` writes it again from the cache's settings")
     rewrite_metadata(store.objects, store.spec, list(broken), identities)
-    if not identities and store.teachers():  # readable now: their arrays' metadata next
-        rewrite_metadata(store.objects, store.spec, list(metadata_problems(store.objects, list(store.teachers()))),
-                         store.teachers())
+    if not identities:  # the teachers group is readable now: its teachers' arrays next
+        identities = store.teachers()
+        rewrite_metadata(store.objects, store.spec, list(metadata_problems(store.objects, list(identities))),
+                         identities)
     if log is not None:
         log(f"--repair: wrote {', '.join(str(store.objects.name(k)) for k in broken)} again from the cache's settings")
-
-
-def _teacher_differences(store: CacheStore, teachers: Sequence[dict[str, Any]]) -> list[str]:
-    """How the stored teachers of the asked names differ from the asked ones."""
-    stored = store.teachers()
-    return [f"teacher {t['name']!r} {key}: cache has {stored[t['name']].get(key)!r}, asked {t.get(key)!r}"
-            for t in teachers if t["name"] in stored
-            for key in ("arch", "checkpoint_sha256", "num_classes") if stored[t["name"]].get(key) != t.get(key)]
+    return identities
 
 
 def _pinned(objects: CacheRoot) -> bool:

@@ -140,8 +140,6 @@ def publish(objects: CacheRoot, prefix: str, build: Callable[[Path], None], repl
             objects.create(f"{prefix}zarr.json", top.read_bytes())
 
 
-
-
 def metadata_problems(objects: CacheRoot, teachers: Sequence[str]) -> dict[str, str]:
     """The cache's array and group metadata objects (under its root group) that are missing or
     do not parse, by key: zarr reads them with no file named, and nothing computes around them."""

@@ -59,6 +59,13 @@ def sample_ids(keys: Sequence[str], labels: Sequence[int] | np.ndarray) -> np.nd
                      np.asarray(labels, dtype=np.uint64)], axis=1)
 
 
+def identity_differences(stored: dict[str, Any], asked: dict[str, Any]) -> list[str]:
+    """How a cached teacher's identity differs from an asked one's, key by key: what makes it
+    another teacher (its architecture, weights or classes; not where its file now is)."""
+    return [f"{key}: cache has {stored.get(key)!r}, asked {asked.get(key)!r}"
+            for key in ("arch", "checkpoint_sha256", "num_classes") if stored.get(key) != asked.get(key)]
+
+
 class CacheStore:
     """Read/write access to one cache."""
 
@@ -149,12 +156,10 @@ class CacheStore:
                 raise CacheMismatchError(f"teacher {name!r} predicts {identity['num_classes']} "
                                          f"classes, the data has {self.spec.num_classes}")
             publish(self.objects, f"teachers/{name}/", lambda tmp: build_teacher(tmp, self.spec, identity))
-        stored = self.teachers()[name]
-        for key in ("arch", "checkpoint_sha256", "num_classes"):
-            if stored.get(key) != identity.get(key):
-                raise CacheMismatchError(
-                    f"{self.root}: teacher {name!r} in the cache has {key} {stored.get(key)!r}, "
-                    f"asked {identity.get(key)!r}; give the new teacher another name")
+        diffs = identity_differences(self.teachers()[name], identity)
+        if diffs:
+            raise CacheMismatchError(f"{self.root}: teacher {name!r} in the cache differs ({'; '.join(diffs)}); "
+                                     "give the new teacher another name")
 
     def _array(self, name: str) -> zarr.Array:
         """An array of the cache, its metadata read once per store."""

@@ -29,7 +29,6 @@ _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 _TAR_END = 1024  # two zero blocks end every complete tar archive
 
 
-
 @dataclass(frozen=True)
 class Sample:
     """One stored sample: its WebDataset key, the encoded image, and the integer label."""

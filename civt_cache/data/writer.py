@@ -48,7 +48,6 @@ DEFAULT_MAX_MEMORY_MB = 2048
 ENCODE_WINDOW = 16
 
 
-
 @dataclass(frozen=True)
 class SourceItem:
     """One input sample: a stable key, its label, where it came from, and its raw bytes loader."""
@@ -110,8 +109,9 @@ def image_folder_items(root: Path, names: list[str] | None = None) -> tuple[list
     if unknown:
         raise ConfigError(f"{root}: class folder(s) {unknown[:3]} are not among the {len(classes)} --classes names")
     items: list[SourceItem] = []
+    held = set(folders)
     for label, cls in enumerate(classes):
-        if cls not in folders:
+        if cls not in held:
             continue
         for dirpath, dirnames, filenames in os.walk(root / cls):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))

@@ -59,12 +59,10 @@ def epoch_coverage(counts: Sequence[int], world: int, batch_size: int) -> tuple[
     return epoch_steps(counts, world, batch_size) * world * batch_size, sum(counts)
 
 
-def rank_segments(counts: Sequence[int], order: Sequence[int], rank: int, world: int,
-                  batch_size: int) -> list[Segment]:
+def rank_segments(counts: Sequence[int], order: Sequence[int], rank: int, share: int) -> list[Segment]:
     """Rank ``rank``'s share of the stream of samples of the shards in ``order`` (an epoch's:
-    all of them): the segments of the ``steps x batch_size`` samples from ``rank x steps x
-    batch_size`` on."""
-    share = epoch_steps([counts[s] for s in order], world, batch_size) * batch_size
+    all of them): the segments of the ``share`` (steps x batch size) samples from ``rank x
+    share`` on."""
     low, high = rank * share, (rank + 1) * share
     segments: list[Segment] = []
     offset = 0
@@ -84,7 +82,7 @@ def rank_plan(counts: Sequence[int], order: Sequence[int], rank: int, world: int
     ``s``'s samples), laid out for ``workers`` loader workers (0 counts as 1)."""
     w_count = max(1, workers)
     steps = epoch_steps([counts[s] for s in order], world, batch_size)
-    segments = rank_segments(counts, order, rank, world, batch_size)
+    segments = rank_segments(counts, order, rank, steps * batch_size)
     slots = [len(range(w, steps, w_count)) for w in range(w_count)]
     own: list[list[Batch]] = []
     pool: list[Segment] = []

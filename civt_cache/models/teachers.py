@@ -34,6 +34,7 @@ class Teacher:
     std: tuple[float, float, float]
     img_size: int | None = None  # what it was trained at, where its file says (``recorded_img_size``)
     classes: list[str] | None = None  # the class names it was trained on, where its checkpoint says
+    img_size_from: str = ""  # where its file records ``img_size`` ("" when it does not)
 
     def identity(self) -> dict[str, Any]:
         """What a cache stores to recognise this teacher later (and to find its file again:
@@ -94,9 +95,10 @@ def build_teacher(spec: str, device: torch.device | str = "cpu") -> Teacher:
     mean = tuple(meta.get("mean", model.pretrained_cfg.get("mean", IMAGENET_MEAN)))
     std = tuple(meta.get("std", model.pretrained_cfg.get("std", IMAGENET_STD)))
     classes = meta.get("classes")
+    img_size, img_size_from = recorded_img_size(meta)
     return Teacher(name, arch, str(ckpt), checkpoint_sha256(ckpt), model.eval().to(device), num_classes,
-                   mean, std, recorded_img_size(meta)[0],  # type: ignore[arg-type]
-                   [str(c) for c in classes] if isinstance(classes, list) else None)
+                   mean, std, img_size,  # type: ignore[arg-type]
+                   [str(c) for c in classes] if isinstance(classes, list) else None, img_size_from)
 
 
 def create_teacher_model(arch: str, num_classes: int) -> nn.Module:

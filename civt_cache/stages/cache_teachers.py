@@ -68,13 +68,14 @@ class CacheJob:
     def __post_init__(self) -> None:
         if isinstance(self.teachers, str):
             self.teachers = [self.teachers]
+        problem = folder_problem(self.out)  # why --out cannot be the folder written into, if it cannot
         require("cache-teachers",
                 teacher=(self.teachers, bool(self.teachers), "given at least once (NAME=ARCH:CHECKPOINT)"),
                 epochs=(self.epochs, 1 <= self.epochs <= MAX_EPOCHS, f"in 1..{MAX_EPOCHS}"),
                 epochs_per_unit=(self.epochs_per_unit, 1 <= self.epochs_per_unit <= MAX_EPOCHS,
                                  f"in 1..{MAX_EPOCHS}"),
                 topk=(self.topk, self.topk >= 1, ">= 1"),
-                out=(str(self.out), folder_problem(self.out) is None, f"a folder (that path is {folder_problem(self.out)})"),
+                out=(str(self.out), problem is None, f"a folder (that path is {problem})"),
                 batch_size=(self.batch_size, 1 <= self.batch_size <= MAX_BATCH, f"in 1..{MAX_BATCH}"),
                 workers=(self.workers, 0 <= self.workers <= MAX_WORKERS, f"in 0..{MAX_WORKERS}"),
                 threads=(self.threads, 0 <= self.threads <= MAX_WORKERS, f"in 0..{MAX_WORKERS} (0: auto)"),
@@ -192,8 +193,9 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
                 break
             # the rest is held by others: wait until committed or takeable (return only when all are)
             before, units = units, [u for u in units if unit_needs(store.unit_record(*u), names)]
-            bar.update(sum(views_of[u] for u in set(before) - set(units) - ours))  # others' units: the bar ends at 100%
-            ours -= set(before) - set(units)
+            finished = set(before) - set(units)
+            bar.update(sum(views_of[u] for u in finished - ours))  # others' units: the bar ends at 100%
+            ours -= finished
             if units:
                 writer.check()  # a failed write would leave its unit leased by us for ever
                 if len(units) != said:  # said when the count changes, not every round

@@ -119,11 +119,12 @@ class StudentJob:
     allow_sorted_shards: bool = False  # train on shards sorted by class (``data.spread``) deliberately
 
     def __post_init__(self) -> None:
+        problem = folder_problem(self.out)  # why --out cannot be the folder written into, if it cannot
+        students = timm.list_models("civt_*")
         require("train-student",
-                model=(self.model, self.model in timm.list_models("civt_*"),
-                       f"a CivT model: {', '.join(timm.list_models('civt_*'))}"),
+                model=(self.model, self.model in students, f"a CivT model: {', '.join(students)}"),
                 teachers=(self.teachers, self.teachers in TEACHER_SETS, f"one of {list(TEACHER_SETS)}"),
-                out=(str(self.out), folder_problem(self.out) is None, f"a folder (that path is {folder_problem(self.out)})"),
+                out=(str(self.out), problem is None, f"a folder (that path is {problem})"),
                 epochs=(self.epochs, 1 <= self.epochs <= MAX_EPOCHS, f"in 1..{MAX_EPOCHS}"),
                 batch_size=(self.batch_size, 1 <= self.batch_size <= MAX_BATCH, f"in 1..{MAX_BATCH}"),
                 workers=(self.workers, 0 <= self.workers <= MAX_WORKERS, f"in 0..{MAX_WORKERS}"),

@@ -32,7 +32,7 @@ from civt_cache.train.losses import soft_ce
 from civt_cache.train.optim import optimizer_and_schedule
 from civt_cache.stopping import check_stop, say_kept
 from civt_cache.train.records import save_checkpoint
-from civt_cache.train.runs import load_checkpoint
+from civt_cache.train.runs import load_checkpoint, resume_differences
 from civt_cache.views.recipe import Recipe
 
 
@@ -146,9 +146,9 @@ def resume_file(job: TeacherJob) -> Path:
 
 
 def _resume_record(job: TeacherJob) -> dict[str, Any]:
-    """The settings a resume must share with the run it continues (not where or how fast it runs)."""
-    record = {k: v for k, v in asdict(job).items() if k not in ("workers", "device", "threads")}
-    record["recipe"] = job.recipe.to_json()
+    """The job as JSON, kept in the resume file: a resume must share its settings but those
+    ``train.runs.RESUMABLE_CHANGES`` names (where and how fast it runs)."""
+    record = {**asdict(job), "recipe": job.recipe.to_json()}
     return {k: str(v) if isinstance(v, Path) else v for k, v in record.items()}
 
 
@@ -159,10 +159,9 @@ def _resumed(job: TeacherJob, model: torch.nn.Module, optimizer: Any, schedule: 
     if not path.exists():
         return 0, 0, 0.0
     state = load_checkpoint(path)
-    diffs = [k for k in sorted(set(state.get("job", {})) | set(_resume_record(job)))
-             if state.get("job", {}).get(k) != _resume_record(job).get(k)]
+    diffs = resume_differences(state.get("job", {}), _resume_record(job))
     if diffs:
-        raise ConfigError(f"{path}: holds a stopped train-teacher run with other settings ({', '.join(diffs)}); "
+        raise ConfigError(f"{path}: holds a stopped train-teacher run with other settings ({'; '.join(diffs)}); "
                           "give its settings to continue it, or remove the file to start over")
     model.load_state_dict(state["state_dict"])
     optimizer.load_state_dict(state["optimizer"])

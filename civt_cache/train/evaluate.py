@@ -15,7 +15,7 @@ from civt_cache.data.manifest import DataManifest, class_difference, load_manife
 from civt_cache.distributed import DistInfo, all_reduce_sum, device_autocast, device_layout, distributed_session
 from civt_cache.errors import ConfigError, ManifestError
 from civt_cache.loader.batches import ValBatches, batch_loader, val_views
-from civt_cache.models.checkpoints import load_checkpoint_file, recorded_img_size
+from civt_cache.models.checkpoints import load_checkpoint_file
 from civt_cache.models.teachers import EMA_SUFFIX, build_teacher, checkpoint_file
 from civt_cache.progress import Progress
 from civt_cache.stopping import check_stop
@@ -92,15 +92,14 @@ def evaluate_checkpoint(manifest_path: Path | str, arch: str | None, checkpoint:
     records (ours and timm's train.py record it); ``ema``: its EMA weights. The image size is
     ``img_size``, else the one the checkpoint records (``recorded_img_size``), else the model
     cfg's; ``log`` hears which, and the crop."""
-    path, _ = checkpoint_file(str(checkpoint))
-    meta = load_checkpoint_file(path, ema)[1]
-    arch = arch or meta.get("arch")
-    if not isinstance(arch, str):
-        raise ConfigError(f"{checkpoint}: records no architecture; give --arch")
+    if arch is None:  # read from the file only then: build_teacher reads it (once) below
+        arch = load_checkpoint_file(checkpoint_file(str(checkpoint))[0], ema)[1].get("arch")
+        if not isinstance(arch, str):
+            raise ConfigError(f"{checkpoint}: records no architecture; give --arch")
     with distributed_session(device) as info:
         teacher = build_teacher(f"{arch}:{checkpoint}{EMA_SUFFIX if ema else ''}", info.device)
-        recorded, where = recorded_img_size(meta)
-        size, source = ((img_size, "--img-size") if img_size else (recorded, f"{checkpoint}: {where}") if recorded
+        size, source = ((img_size, "--img-size") if img_size else
+                        (teacher.img_size, f"{checkpoint}: {teacher.img_size_from}") if teacher.img_size
                         else (teacher.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1],
                               f"{arch}'s default cfg; the checkpoint records no size"))
         if log is not None:

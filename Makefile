@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # extra flags for the CLI targets, e.g. make train-student ARGS=--resume
 ARGS ?=
 
-.PHONY: setup test test-slow rehearsal timm-tests demo prepare reproduce cache-teachers train-student bench bench-imagenet bench-scale bench-threads gpu-check clean
+.PHONY: setup test test-slow rehearsal timm-tests demo demo-classes prepare reproduce cache-teachers train-student bench bench-imagenet bench-scale bench-threads gpu-check clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,12 @@ timm-tests: setup
 demo: setup
 	$(PY) -m civt_cache.demo --pipeline $(PIPELINE) $(ARGS)
 
+# Top-k where k < classes: 100 classes of digit pairs, caches at k = 1, 5, 10, 100 and online
+# teachers, students over 3 seeds (civt_cache/topk_study.py; about two hours on 2 cores;
+# ARGS="--topk 1 10 --seeds 0 1" about 45 minutes once the teachers exist). docs/fidelity.md.
+demo-classes: setup
+	$(PY) -m civt_cache.topk_study --pipeline pipelines/digit-pairs.toml $(ARGS)
+
 # The demo pipeline's shards and teachers come from the demo itself (made once, then reused),
 # so `make cache-teachers` works from a fresh clone; other pipelines name their own files.
 prepare: setup
@@ -87,11 +93,12 @@ bench-imagenet: setup
 	$(CLI) bench imagenet --samples $(SAMPLES)
 
 # ImageNet's counts without its compute at fractions of them (1,281,167 samples, 1,025 shards,
-# 30,750 units per teacher): each operation's time, peak RSS and growth exponent. The slow tier
-# runs it at 1/256 and 1/64 and fails on a growth exponent over 1.2 (tests/test_scale.py).
+# 30,750 units per teacher): each operation's time, peak RSS and growth exponent, and the cache in a
+# local S3 server with 4 claiming processes (requests counted at the server). The slow tier runs
+# it at 1/256 and 1/64 and fails on a growth exponent over 1.2 (tests/test_scale.py).
 FRACTIONS ?= 0.015625 0.0625 0.25
 bench-scale: setup
-	$(CLI) bench scale $(foreach f,$(FRACTIONS),--fraction $(f))
+	$(CLI) bench scale --s3 $(foreach f,$(FRACTIONS),--fraction $(f))
 
 # On a GPU machine without network access whose python3 already holds torch, timm, typer, tqdm
 # and pytest: the packages it lacks come as wheels in $(WHEELS) (fetched on a networked machine

@@ -25,7 +25,7 @@ DATA_KEYS = frozenset({"src", "shards", "name", "shard_size", "manifest", "seed"
 
 @app.command("make-shards")
 def make_shards_cmd(
-    src: Optional[str] = typer.Argument(None, help="ImageFolder root (one folder per class), a data manifest (.json: its shards rewritten shuffled) or 'digits' [[data] src]."),
+    src: Optional[str] = typer.Argument(None, help="ImageFolder root (one folder per class), a data manifest (.json: its shards rewritten shuffled), or a built-in source: 'digits' (10 classes) or 'digit-pairs' (100) [[data] src]."),
     out_dir: Optional[str] = typer.Argument(None, help="Folder (or s3:// / gs:// prefix) for the .tar shards [[data] shards]."),
     pipeline: Optional[Path] = PIPELINE_OPT,
     name: Optional[str] = typer.Option(None, help="Dataset name; shards are NAME-000000.tar ... [[data] name]."),
@@ -42,6 +42,7 @@ def make_shards_cmd(
     import tempfile
 
     from civt_cache.config import load_pipeline, need, setting
+    from civt_cache.data.digits import BUILT_IN
     from civt_cache.data.reshard import ShuffleSpool
     from civt_cache.data.writer import DEFAULT_MAX_MEMORY_MB, image_folder_items, write_shards, write_stream
     from civt_cache.errors import ConfigError
@@ -64,20 +65,18 @@ def make_shards_cmd(
     max_memory_mb = setting(cfg, "data.max_memory_mb", max_memory_mb, int, pipeline, DEFAULT_MAX_MEMORY_MB)
     spool_dir = setting(cfg, "data.spool_dir", spool_dir, Path, pipeline)
     names = class_names(setting(cfg, "data.classes", classes, Path, pipeline))
-    if names is not None and (src == "digits" or src.endswith(".json")):
+    if names is not None and (src in BUILT_IN or src.endswith(".json")):
         raise ConfigError(f"make-shards {src}: --classes orders an image folder's classes; "
-                          + ("the digits have theirs" if src == "digits" else "a manifest's shards keep its classes"))
+                          + (f"{src} has its own" if src in BUILT_IN else "a manifest's shards keep its classes"))
     if max_memory_mb < 1:
         raise ConfigError(f"make-shards: --max-memory-mb {max_memory_mb}: must be >= 1")
-    if src == "digits":
-        from civt_cache.data.digits import digits_items
-
-        for split, (classes, items) in digits_items().items():
+    if src in BUILT_IN:
+        splits, origin = BUILT_IN[src]
+        for split, (classes, items) in splits().items():
             split_name = f"{name}-{split}"
             path = (data_location(f"{manifest.removesuffix('.json')}-{split}.json") if manifest
                     else default_manifest_path(split_name))
-            m = write_shards(items, classes, out_dir, split_name, shard_size, seed,
-                             "sklearn.datasets.load_digits (32x32 RGB)", path, skip_bad, workers)
+            m = write_shards(items, classes, out_dir, split_name, shard_size, seed, origin, path, skip_bad, workers)
             typer.echo(f"{path}: {m.num_samples} samples in {len(m.shards)} shards")
         return
     path = data_location(manifest) if manifest else default_manifest_path(name)
@@ -188,7 +187,11 @@ def verify_cmd(
     from civt_cache.stages.verify import verify_cache, verify_full
 
     cache = _cache_dir(cache, pipeline)
-    report, ok = verify_full(cache) if full else verify_cache(cache, manifest, teacher, samples, seed, device)
+    if full:
+        report, ok = verify_full(cache)
+    else:
+        checked = verify_cache(cache, manifest, teacher, samples, seed, device)
+        report, ok = checked.report, checked.ok
     typer.echo(report)
     if not ok:
         raise typer.Exit(1)

@@ -62,7 +62,7 @@ def test_demo_reuses_only_runs_of_the_same_settings(tmp_path) -> None:
     ones asked for: after an upgrade that changes what records render, runs are redone."""
     import json
 
-    from civt_cache.demo import _finished
+    from civt_cache.demo_steps import finished as _finished
 
     key = {"views_version": 2, "job": {"seed": 0, "out": "runs/x"}, "teachers": {"conv=a:b": "f00"}}
     assert not _finished(tmp_path, key)

@@ -127,6 +127,35 @@ def test_digits_manifests(digits) -> None:
     assert Image.open(io.BytesIO(s.image)).size == (32, 32)
 
 
+def test_digit_pairs_are_made_by_make_shards_from_disjoint_scans(tmp_path: Path) -> None:
+    """The 100-class task: ``make-shards digit-pairs`` writes the very shards the committed
+    manifests list (byte for byte), every class equally often, each pair's class its two
+    digits, and no scan both in a training pair and in a held-out one."""
+    from sklearn.datasets import load_digits
+
+    root = Path(__file__).resolve().parents[1]
+    run_cli("make-shards", "digit-pairs", str(tmp_path / "shards"), "--name", "digit-pairs", "--shard-size", "256",
+            "--manifest", str(tmp_path / "dp.json"), cwd=tmp_path)
+    target = load_digits().target
+    scans = {}
+    for split, per_class in (("train", 24), ("val", 10)):
+        made, committed = (json.loads(p.read_text()) for p in (tmp_path / f"dp-{split}.json",
+                                                                 root / "data_manifests" / f"digit-pairs-{split}.json"))
+        assert [s["sha256"] for s in made["shards"]] == [s["sha256"] for s in committed["shards"]]
+        m = load_manifest(tmp_path / f"dp-{split}.json")
+        assert m.num_classes == 100 and m.num_samples == 100 * per_class
+        labels, used = [], set()
+        for shard in range(len(m.shards)):
+            for sample in read_shard(m, shard):
+                _, _, a, b = sample.key.split("-")
+                assert (target[int(a)], target[int(b)]) == divmod(sample.label, 10), sample.key
+                labels.append(sample.label)
+                used |= {int(a), int(b)}
+        assert np.bincount(labels).tolist() == [per_class] * 100
+        scans[split] = used
+    assert not scans["train"] & scans["val"]
+
+
 def test_scan_shards_ours_and_tarwriter(digits, tmp_path: Path) -> None:
     ours = load_manifest(digits["val"])
     shard_dir = ours.shard_path(0).parent

@@ -89,8 +89,12 @@ def test_cache_contents_inspect_and_verify(reference, digits, teachers) -> None:
     assert "units: 4 in all; views committed in 4; conv in 4, inv in 4" in report
     bpv = float(report.split("bytes per view: ")[1].split()[0])
     assert bpv < 100
-    text, ok = verify_cache(reference, digits["val"], [teachers["conv"], teachers["inv"]], 6, 0, "cpu")
-    assert ok, text
+    checked = verify_cache(reference, digits["val"], [teachers["conv"], teachers["inv"]], 6, 0, "cpu")
+    assert checked.ok, checked.report
+    for name, loss in checked.targets.summary().items():  # top-5 of 10: a real cut
+        assert loss["views"] == 6 and 0 < loss["kl_mean"] <= loss["kl_p99"], (name, loss)
+        assert 0 < loss["tail_mean"] <= loss["tail_p99"] < 1, (name, loss)
+    assert "stored top-5 of 10 against each teacher's full softmax" in checked.report
 
 
 def _stage_one_views(m, root: Path, committed: dict) -> tuple:

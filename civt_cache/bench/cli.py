@@ -102,12 +102,13 @@ def bench_scale_cmd(fraction: list[float] = typer.Option([1 / 64, 1 / 16], help=
                     tmp: Optional[Path] = typer.Option(None, help="Folder for the worlds built (a temporary folder in it) [the system's]."),
                     max_growth: float = typer.Option(0.0, help="Exit 1 when an operation's fitted growth exponent exceeds this (0: never)."),
                     repeats: int = typer.Option(1, help="Runs of each operation that changes nothing it reads (scan, plan, rerun, inspect, verify); the fastest counts."),
+                    s3: bool = typer.Option(False, "--s3", help="Also the unit world's cache in a local S3 server (moto): 4 processes claiming its units, the start-ups from the bucket, requests counted at the server."),
                     ) -> None:
     """ImageNet's shard, unit and sample counts without its compute: each operation's time and
     peak RSS at each fraction, and its growth exponent."""
     from civt_cache.bench.scale import bench_scale, over_growth
 
-    text, table = bench_scale(fraction, samples, units, tmp, repeats)
+    text, table = bench_scale(fraction, samples, units, tmp, repeats, s3)
     typer.echo(text)
     over = over_growth(table, max_growth) if max_growth else {}
     if over:

@@ -108,10 +108,12 @@ class ScaleTable:
         self.rows.setdefault(op, {})[fraction] = m
 
 
-def measured(args: list[str], cwd: Path) -> Measured:
-    """Run ``civt-cache ARGS`` (or ``["--code", CODE]``) as its own process: wall time and peak RSS."""
+def measured(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> Measured:
+    """Run ``civt-cache ARGS`` (or ``["--code", CODE]``) as its own process, with ``env`` added to
+    its environment: wall time and peak RSS."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _MEASURED, *args], cwd=cwd, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", _MEASURED, *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **env} if env else None)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"bench scale: {' '.join(args[:3])} failed:\n{proc.stderr[-3000:]}")
@@ -163,8 +165,9 @@ def sample_world(table: ScaleTable, fraction: float, root: Path, repeats: int = 
               fastest(["--code", _PLAN.format(manifest=str(root / "in.json"))], root, repeats))
 
 
-def unit_world(table: ScaleTable, fraction: float, root: Path, repeats: int = 1) -> None:
-    """The unit-count operations at ``fraction`` of ImageNet's shards (30,750 x F units)."""
+def unit_world(table: ScaleTable, fraction: float, root: Path, repeats: int = 1, s3: bool = False) -> None:
+    """The unit-count operations at ``fraction`` of ImageNet's shards (30,750 x F units); with
+    ``s3`` the cache also in a local S3 server, made by processes claiming units (``s3_world``)."""
     import timm
     import torch
 
@@ -210,6 +213,24 @@ def unit_world(table: ScaleTable, fraction: float, root: Path, repeats: int = 1)
     table.add("train-student to its first step", fraction, measured([*student, "--max-steps", "1"], root))
     table.add("train-student --resume to its next step", fraction,
               measured([*student, "--max-steps", "2", "--resume"], root))
+    if s3:
+        from civt_cache.bench.s3_world import claimed_in_s3
+
+        s3_student = _replaced(_replaced(student, "--cache", "CACHE"), "--out", str(root / "run-s3"))
+        rows, lines = claimed_in_s3(
+            _replaced(stage_one, "--out", "CACHE"),
+            {"inspect": ["inspect", "CACHE"], "verify --samples 8": ["verify", "CACHE", "--samples", "8", "--device", "cpu"],
+             "train-student to its first step": [*s3_student, "--max-steps", "1"]},
+            units, root)
+        for op, m in rows.items():
+            table.add(op, fraction, m)
+        table.notes += [f"F = {fraction:g}: {line}" for line in lines]
+
+
+def _replaced(args: list[str], flag: str, value: str) -> list[str]:
+    """``args`` with the value after ``flag`` replaced by ``value``."""
+    at = args.index(flag) + 1
+    return [*args[:at], value, *args[at + 1:]]
 
 
 #: Seconds above start-up under which an operation counts as not growing: start-up itself varies
@@ -263,7 +284,7 @@ def format_scale(table: ScaleTable, fractions: list[float]) -> str:
 
 
 def bench_scale(fractions: list[float], sample_count: bool = True, unit_count: bool = True,
-                keep: Path | None = None, repeats: int = 1) -> tuple[str, ScaleTable]:
+                keep: Path | None = None, repeats: int = 1, s3: bool = False) -> tuple[str, ScaleTable]:
     """The table of every operation at every fraction (see the module docstring); operations
     that change nothing they read are timed ``repeats`` times, the fastest kept."""
     table = ScaleTable()
@@ -275,7 +296,7 @@ def bench_scale(fractions: list[float], sample_count: bool = True, unit_count: b
                 sample_world(table, fraction, Path(tmp) / "s", repeats)
             if unit_count:
                 (Path(tmp) / "u").mkdir()
-                unit_world(table, fraction, Path(tmp) / "u", repeats)
+                unit_world(table, fraction, Path(tmp) / "u", repeats, s3)
     table.notes.append(f"fractions of ImageNet-1k: {IMAGENET_SAMPLES:,} samples; {IMAGENET_SHARDS:,} shards x "
                        f"{EPOCHS // EPOCHS_PER_UNIT} units ({EPOCHS} epochs, {EPOCHS_PER_UNIT} a unit) per teacher; "
                        f"{os.cpu_count()} cores")

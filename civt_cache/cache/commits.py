@@ -50,6 +50,11 @@ class Commits:
     def __init__(self, objects: CacheRoot, spec: CacheSpec) -> None:
         self.objects, self.spec = objects, spec
         self.unreadable: dict[tuple[int, int], str] = {}
+        # records this process read, by key: (stamp, record); ``all`` reads one again only when
+        # its stamp changed, so a process that asks every few seconds (--claim's rounds) reads
+        # each record once, not once a round
+        self._read: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._index: tuple[str | None, dict[str, tuple[str, dict[str, Any]]]] = (None, {})  # (its stamp, it)
 
     def _parse(self, shard: int, block: int, data: bytes | None) -> dict[str, Any] | None:
         """The record in ``data``; None when absent, unreadable (noted in ``unreadable``) or
@@ -78,21 +83,23 @@ class Commits:
         """Every unit's record, from one listing and the index (records written since the index
         are read one by one); with ``save_index`` a new index is saved when any was."""
         listed = self.objects.listing("progress")
-        index = self._load_index()
+        index = self._index_at(listed[INDEX_KEY][0] if INDEX_KEY in listed else None)
         out, fresh = {}, {}
         for key, (stamp, _) in listed.items():
             m = _RECORD.match(key)
             if not m:
                 continue
             unit = (int(m.group(1)), int(m.group(2)))
-            entry = index.get(key)
+            entry = self._read.get(key) or index.get(key)
             if entry is not None and entry[0] == stamp:
                 rec = self._current(unit[1], entry[1])
+                if key not in index:
+                    fresh[key] = entry
             else:
                 raw = self.objects.read(key)
                 rec = self._parse(*unit, raw)
                 if rec is not None and raw is not None:
-                    fresh[key] = (stamp, rec)
+                    fresh[key] = self._read[key] = (stamp, rec)
             if rec is not None:
                 out[unit] = rec
         if save_index and fresh:
@@ -100,6 +107,15 @@ class Commits:
             body = json.dumps({k: list(v) for k, v in {**kept, **fresh}.items()}, separators=(",", ":"))
             self.objects.write(INDEX_KEY, gzip.compress(body.encode(), mtime=0))
         return out
+
+    def _index_at(self, stamp: str | None) -> dict[str, tuple[str, dict[str, Any]]]:
+        """The saved index as listed with ``stamp`` (None: there is none), read again only when
+        it changed since this process last read it."""
+        if stamp is None:
+            return {}
+        if self._index[0] != stamp:
+            self._index = (stamp, self._load_index())
+        return self._index[1]
 
     def _load_index(self) -> dict[str, tuple[str, dict[str, Any]]]:
         """The saved index (empty when missing or unreadable: then every record is read)."""

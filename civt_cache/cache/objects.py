@@ -66,7 +66,7 @@ class CacheRoot:
         if self._fs is None or self._fs_pid != os.getpid():
             import fsspec
 
-            self._fs = fsspec.filesystem(self.scheme, use_listings_cache=False)
+            self._fs = fsspec.filesystem(self.scheme, **self._options())
             self._fs_pid = os.getpid()
         return self._fs
 
@@ -209,6 +209,11 @@ class CacheRoot:
 
         if self.local:
             return LocalStore(self.base, read_only=read_only)
-        # no listings cache: other processes add teachers and objects while this one runs
-        return FsspecStore.from_url(str(self.location), read_only=read_only,
-                                    storage_options={"use_listings_cache": False})
+        return FsspecStore.from_url(str(self.location), read_only=read_only, storage_options=self._options())
+
+    def _options(self) -> dict[str, Any]:
+        """The filesystem's options: no listings cache (other processes add teachers and objects
+        while this one runs); on S3, whole-object reads in one GET. s3fs otherwise asks each
+        object's size first (a HEAD; a HEAD and a listing when the object is missing) to split
+        large reads: three requests instead of one for a cache's small objects."""
+        return {"use_listings_cache": False, **({"max_concurrency": 1} if self.scheme == "s3" else {})}

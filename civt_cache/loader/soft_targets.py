@@ -40,3 +40,16 @@ def mixed_targets(labels: torch.Tensor, partner_labels: torch.Tensor, lam: torch
     a.scatter_(1, labels[:, None], on)
     lam = lam[:, None].float()
     return lam * a + (1.0 - lam) * b
+
+
+def stored_target_loss(full_logits: torch.Tensor, topk_logprobs: torch.Tensor, topk_idx: torch.Tensor,
+                       renormalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """What storing only the top-k costs, per view: KL(the teacher's full softmax || the target a
+    student builds from the stored values, ``pseudo_logits``) in nats at T = 1, and the full
+    softmax's mass outside its top-k (what the stored target has to guess the shape of)."""
+    num_classes, k = full_logits.shape[1], topk_logprobs.shape[1]
+    logp = torch.log_softmax(full_logits.float(), 1)
+    logq = torch.log_softmax(pseudo_logits(topk_logprobs.float(), topk_idx, num_classes, renormalize), 1)
+    p = logp.exp()
+    kl = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(1)
+    return kl, (1.0 - p.topk(k, 1).values.sum(1)).clamp_min(0.0)  # not -0.0 where nothing is left

@@ -192,7 +192,8 @@ def _run(job: CacheJob, info: DistInfo) -> dict[str, Any]:
             if leases is None:
                 break
             # the rest is held by others: wait until committed or takeable (return only when all are)
-            before, units = units, [u for u in units if unit_needs(store.unit_record(*u), names)]
+            records = store.commits.all()  # each record read once in this process, not once a round
+            before, units = units, [u for u in units if unit_needs(records.get(u), names)]
             finished = set(before) - set(units)
             bar.update(sum(views_of[u] for u in finished - ours))  # others' units: the bar ends at 100%
             ours -= finished

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from civt_cache.cache.store import CacheStore
 from civt_cache.data.manifest import data_location, load_manifest
 from civt_cache.distributed import pick_device
 from civt_cache.errors import CacheMismatchError, CorruptUnitError
+from civt_cache.loader.soft_targets import stored_target_loss
 from civt_cache.loader.units import ShardRead
 from civt_cache.models.teachers import build_teacher, parse_teacher_spec, teacher_logits
 from civt_cache.views.engine import render_encoded
@@ -63,6 +65,10 @@ def inspect_cache(root: Path | str) -> str:
                      f"(records {sizes['views'] / views_committed:.1f}"
                      + "".join(f", {n} {sizes['teachers/' + n] / views_committed:.1f}" for n in teachers)
                      + ")")
+    if s.topk < s.num_classes:
+        lines.append(f"  targets: each teacher's top-{s.topk} of {s.num_classes} classes per view, the rest's mass "
+                     f"spread evenly; what that loses (KL to the full softmax, mass outside the top-{s.topk}): "
+                     f"`civt-cache verify {root}`")
     lines += _agreement(store, committed_units[:INSPECT_MAX_UNITS], list(teachers))
     if len(committed_units) > INSPECT_MAX_UNITS:
         lines.append(f"  (agreement over the first {INSPECT_MAX_UNITS} committed units)")
@@ -129,10 +135,50 @@ def cached_teacher_specs(root: Path | str, stored: dict[str, dict], overrides: l
     return specs
 
 
+@dataclass
+class StoredTargetLoss:
+    """What the cache's top-k keeps of each teacher, over the views ``verify`` rebuilt: per view,
+    KL(full softmax || the stored target a student trains on) and the mass outside the top-k."""
+    k: int
+    num_classes: int
+    kl: dict[str, list[float]] = field(default_factory=dict)
+    tail: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, name: str, full: torch.Tensor, logprobs: torch.Tensor, idx: torch.Tensor) -> None:
+        kl, tail = stored_target_loss(full[None], logprobs[None], idx[None])
+        self.kl.setdefault(name, []).append(float(kl))
+        self.tail.setdefault(name, []).append(float(tail))
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per teacher: mean and 99th percentile of the KL (nats) and of the mass outside the top-k."""
+        return {name: {"kl_mean": float(np.mean(kl)), "kl_p99": float(np.percentile(kl, 99)),
+                       "tail_mean": float(np.mean(self.tail[name])),
+                       "tail_p99": float(np.percentile(self.tail[name], 99)), "views": len(kl)}
+                for name, kl in self.kl.items()}
+
+    def lines(self) -> list[str]:
+        rest = ("the rest spread evenly over the other classes" if self.k < self.num_classes
+                else "every class kept: only the float16 storage differs")
+        out = [f"stored top-{self.k} of {self.num_classes} against each teacher's full softmax ({rest}):"]
+        for name, s in self.summary().items():
+            out.append(f"  {name}: KL(full || stored) mean {s['kl_mean']:.4f} nats, 99th percentile "
+                       f"{s['kl_p99']:.4f}; mass outside the top-{self.k} mean {s['tail_mean']:.4f}, "
+                       f"99th percentile {s['tail_p99']:.4f} ({s['views']} views)")
+        return out
+
+
+@dataclass
+class Verification:
+    report: str
+    ok: bool
+    targets: StoredTargetLoss
+
+
 def verify_cache(root: Path | str, manifest_path: Path | str | None, teacher_specs: list[str], samples: int,
-                 seed: int, device_pref: str = "auto") -> tuple[str, bool]:
+                 seed: int, device_pref: str = "auto") -> Verification:
     """Rebuild ``samples`` random committed views through the same view function, check their
-    records regenerate identically, rerun every cached teacher and compare with the stored top-k.
+    records regenerate identically, rerun every cached teacher and compare with the stored top-k,
+    and measure what the top-k keeps of each teacher's full softmax (``StoredTargetLoss``).
     The data manifest and checkpoints are found where the cache recorded them unless given."""
     store = CacheStore.open(root)
     if manifest_path is None:
@@ -153,8 +199,9 @@ def verify_cache(root: Path | str, manifest_path: Path | str | None, teacher_spe
             raise CacheMismatchError(f"{root}: teacher {t.name!r} ({t.checkpoint}) is not the one "
                                      f"cached: sha256 {t.sha256[:12]}, cached {ident['checkpoint_sha256'][:12]}")
     committed = [(u.shard, u.block, u.record) for u in scan_cache(store, chunks=False).units if u.has("views")]
+    targets = StoredTargetLoss(store.spec.topk, store.spec.num_classes)
     if not committed:
-        return f"{root}: no committed units to verify", False
+        return Verification(f"{root}: no committed units to verify", False, targets)
     rng = np.random.default_rng(seed)
     picks: dict[int, list[tuple[int, int]]] = {}
     for _ in range(samples):
@@ -180,6 +227,7 @@ def verify_cache(root: Path | str, manifest_path: Path | str | None, teacher_spe
             for t in teachers:
                 full = teacher_logits(t, view, recipe.mean, recipe.std, device)[0].cpu()
                 logprobs, idx, lse = (torch.from_numpy(np.asarray(a[pos])) for a in outs[t.name])
+                targets.add(t.name, full, logprobs, idx)
                 fresh_lse = torch.logsumexp(full, 0)
                 diff = ((full[idx] - fresh_lse).clamp_min(FP16_LOWEST) - logprobs).abs()  # as stored
                 worst = max(worst, float(diff.nan_to_num(math.inf).max()))
@@ -196,7 +244,7 @@ def verify_cache(root: Path | str, manifest_path: Path | str | None, teacher_spe
               f"log-probability difference {worst:.4g} (tolerance {atol} + {rtol:.3g}*|value|), top-{spec.topk} "
               f"index mismatch {100 * rate:.2f}% (tolerance {100 * max_mismatch:.0f}%), "
               f"records regenerated differently: {record_errors} -> {'OK' if ok else 'FAILED'}")
-    return report, ok
+    return Verification("\n".join([report, *targets.lines()]), ok, targets)
 
 
 def verify_full(root: Path | str) -> tuple[str, bool]:

@@ -1,0 +1,127 @@
+"""``bench scale --s3``: the unit world's cache in a local S3 server, made by 4 processes that
+claim units of it at once (``cache-teachers --claim``), and the start-ups read from the bucket.
+
+The server is moto's (``pip install 'moto[server]'``), run in this process behind a WSGI layer
+that counts every request it answers, whichever process sent it: writes (PUT), reads (GET of an
+object), existence checks (HEAD), listings (GET of a bucket) and deletes. Counted at the server,
+the figures are what a real bucket bills, with no hook in the commands measured.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import parse_qs
+
+from civt_cache.errors import ConfigError
+
+CLAIMERS = 4
+BUCKET = "civt-bench"
+KINDS = ("PUT", "GET", "HEAD", "LIST", "DELETE")
+
+
+class CountingApp:
+    """A WSGI layer that counts each request by kind before the app answers it."""
+
+    def __init__(self, app: Callable[..., Any]) -> None:
+        self.app, self.counts, self.lock = app, collections.Counter(), threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/").strip("/")
+        query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        if method == "GET" and "/" not in path:  # a bucket's GET is a listing
+            kind = "LIST"
+        elif method == "POST" and "delete" in query:  # DeleteObjects
+            kind = "DELETE"
+        else:
+            kind = method
+        with self.lock:
+            self.counts[kind] += 1
+        return self.app(environ, start_response)
+
+    def taken(self) -> collections.Counter:
+        """The counts so far, and zero from here on."""
+        with self.lock:
+            counts, self.counts = self.counts, collections.Counter()
+        return counts
+
+
+@contextmanager
+def counted_s3() -> Iterator[tuple[dict[str, str], CountingApp]]:
+    """A moto S3 server on 127.0.0.1 with an empty bucket ``BUCKET``, the environment S3 clients
+    read to reach it (for child processes), and its request counter."""
+    try:
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
+    except ImportError:
+        raise ConfigError("bench scale --s3 runs a local S3 server: pip install 'moto[server]' s3fs") from None
+    class Quiet(MotoRequestHandler):  # type: ignore[misc, valid-type]
+        def log_request(self, *args: Any, **kwargs: Any) -> None:  # a line per request otherwise
+            pass
+
+    app = CountingApp(DomainDispatcherApplication(create_backend_app))
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_address[1]}", "AWS_ACCESS_KEY_ID": "bench",
+           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"}
+    try:
+        subprocess.run([sys.executable, "-c", f"import fsspec; fsspec.filesystem('s3').mkdir({BUCKET!r})"],
+                       env={**os.environ, **env}, check=True, capture_output=True)
+        app.taken()
+        yield env, app
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+def per_unit(counts: collections.Counter, units: int) -> str:
+    """Requests by kind per unit, e.g. ``PUT 9.0, GET 3.1, ...``."""
+    return ", ".join(f"{k} {counts[k] / units:.2f}" for k in KINDS)
+
+
+def claimed_in_s3(stage_one: list[str], start_ups: dict[str, list[str]], units: int,
+                  run_dir: Path) -> tuple[dict[str, Any], list[str]]:
+    """Stage one by ``CLAIMERS`` processes claiming units of one cache in the counted bucket
+    (``stage_one``'s ``--out`` replaced), then each start-up (``start_ups``, where the text
+    ``CACHE`` is the bucket's cache). Returns {row: Measured} and the request lines."""
+    from civt_cache.bench.scale import _MEASURED, Measured, measured
+
+    cache = f"s3://{BUCKET}/cache"
+    args = [cache if a == "CACHE" else a for a in stage_one] + ["--claim"]
+    rows: dict[str, Any] = {}
+    lines = []
+    with counted_s3() as (env, app):
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, "-c", _MEASURED, *args], cwd=run_dir, env={**os.environ, **env},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(CLAIMERS)]
+        said = [p.communicate() for p in procs]
+        seconds = time.perf_counter() - t0
+        for proc, (out, err) in zip(procs, said):
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench scale --s3: a claiming cache-teachers failed:\n{err[-3000:]}")
+        peaks = [int([ln for ln in err.splitlines() if ln.startswith("PEAK_RSS_KIB")][-1].split()[1])
+                 for _, err in said]
+        made = app.taken()
+        rows[f"stage one in S3, {CLAIMERS} processes claiming units"] = Measured(seconds, max(peaks) / 1024, 0.0,
+                                                                                "\n".join(e for _, e in said))
+        lines.append(f"stage one in S3: {per_unit(made, units)} requests per unit; {made['LIST']:,} listings "
+                     f"in all ({sum(made.values()):,} requests for {units:,} units)")
+        objects = subprocess.run([sys.executable, "-c", f"import fsspec; print(len(fsspec.filesystem('s3')"
+                                  f".find('{BUCKET}/cache')))"], env={**os.environ, **env}, check=True,
+                                 capture_output=True, text=True)
+        rows["  S3 objects per unit"] = Measured(int(objects.stdout) / units, 0.0)
+        rows["  S3 requests per unit (stage one)"] = Measured(sum(made.values()) / units, 0.0)
+        app.taken()
+        for name, cmd in start_ups.items():
+            rows[f"{name} (S3)"] = measured([cache if a == "CACHE" else a for a in cmd], run_dir, env)
+            took = app.taken()
+            lines.append(f"{name} (S3): {sum(took.values()):,} requests ({', '.join(f'{k} {took[k]}' for k in KINDS)})")
+    return rows, lines

@@ -22,7 +22,7 @@ from urllib.parse import parse_qs
 from civt_cache.errors import ConfigError
 
 CLAIMERS = 4
-BUCKET = "civt-bench"
+BUCKET = "civt-bench"  # + the server's port: moto's buckets live as long as the process, not the server
 KINDS = ("PUT", "GET", "HEAD", "LIST", "DELETE")
 
 
@@ -53,9 +53,9 @@ class CountingApp:
 
 
 @contextmanager
-def counted_s3() -> Iterator[tuple[dict[str, str], CountingApp]]:
-    """A moto S3 server on 127.0.0.1 with an empty bucket ``BUCKET``, the environment S3 clients
-    read to reach it (for child processes), and its request counter."""
+def counted_s3() -> Iterator[tuple[dict[str, str], CountingApp, str]]:
+    """A moto S3 server on 127.0.0.1, the environment S3 clients read to reach it (for child
+    processes), its request counter and a new empty bucket on it."""
     try:
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
         from werkzeug.serving import make_server
@@ -71,14 +71,23 @@ def counted_s3() -> Iterator[tuple[dict[str, str], CountingApp]]:
     thread.start()
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_address[1]}", "AWS_ACCESS_KEY_ID": "bench",
            "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"}
+    bucket = f"{BUCKET}-{server.server_address[1]}"
     try:
-        subprocess.run([sys.executable, "-c", f"import fsspec; fsspec.filesystem('s3').mkdir({BUCKET!r})"],
-                       env={**os.environ, **env}, check=True, capture_output=True)
+        bucket_fs(env).mkdir(bucket)
         app.taken()
-        yield env, app
+        yield env, app, bucket
     finally:
         server.shutdown()
         thread.join()
+
+
+def bucket_fs(env: dict[str, str]) -> Any:
+    """An s3fs filesystem on the server of ``env``, named explicitly (this process's own
+    environment is left as it is)."""
+    import fsspec
+
+    return fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False, endpoint_url=env["AWS_ENDPOINT_URL"],
+                             key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"])
 
 
 def per_unit(counts: collections.Counter, units: int) -> str:
@@ -93,11 +102,11 @@ def claimed_in_s3(stage_one: list[str], start_ups: dict[str, list[str]], units: 
     ``CACHE`` is the bucket's cache). Returns {row: Measured} and the request lines."""
     from civt_cache.bench.scale import _MEASURED, Measured, measured
 
-    cache = f"s3://{BUCKET}/cache"
-    args = [cache if a == "CACHE" else a for a in stage_one] + ["--claim"]
     rows: dict[str, Any] = {}
     lines = []
-    with counted_s3() as (env, app):
+    with counted_s3() as (env, app, bucket):
+        cache = f"s3://{bucket}/cache"
+        args = [cache if a == "CACHE" else a for a in stage_one] + ["--claim"]
         t0 = time.perf_counter()
         procs = [subprocess.Popen([sys.executable, "-c", _MEASURED, *args], cwd=run_dir, env={**os.environ, **env},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -114,10 +123,7 @@ def claimed_in_s3(stage_one: list[str], start_ups: dict[str, list[str]], units: 
                                                                                 "\n".join(e for _, e in said))
         lines.append(f"stage one in S3: {per_unit(made, units)} requests per unit; {made['LIST']:,} listings "
                      f"in all ({sum(made.values()):,} requests for {units:,} units)")
-        objects = subprocess.run([sys.executable, "-c", f"import fsspec; print(len(fsspec.filesystem('s3')"
-                                  f".find('{BUCKET}/cache')))"], env={**os.environ, **env}, check=True,
-                                 capture_output=True, text=True)
-        rows["  S3 objects per unit"] = Measured(int(objects.stdout) / units, 0.0)
+        rows["  S3 objects per unit"] = Measured(len(bucket_fs(env).find(f"{bucket}/cache")) / units, 0.0)
         rows["  S3 requests per unit (stage one)"] = Measured(sum(made.values()) / units, 0.0)
         app.taken()
         for name, cmd in start_ups.items():

@@ -100,24 +100,26 @@ def claimed_in_s3(stage_one: list[str], start_ups: dict[str, list[str]], units: 
     """Stage one by ``CLAIMERS`` processes claiming units of one cache in the counted bucket
     (``stage_one``'s ``--out`` replaced), then each start-up (``start_ups``, where the text
     ``CACHE`` is the bucket's cache). Returns {row: Measured} and the request lines."""
-    from civt_cache.bench.scale import _MEASURED, Measured, measured
+    from civt_cache.bench.scale import _MEASURED, Measured, measured, peak_rss_kib
 
     rows: dict[str, Any] = {}
     lines = []
     with counted_s3() as (env, app, bucket):
         cache = f"s3://{bucket}/cache"
-        args = [cache if a == "CACHE" else a for a in stage_one] + ["--claim"]
+        def at_cache(cmd: list[str]) -> list[str]:
+            return [cache if a == "CACHE" else a for a in cmd]
+
+        args = at_cache(stage_one) + ["--claim"]
         t0 = time.perf_counter()
         procs = [subprocess.Popen([sys.executable, "-c", _MEASURED, *args], cwd=run_dir, env={**os.environ, **env},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(CLAIMERS)]
         said = [p.communicate() for p in procs]
         seconds = time.perf_counter() - t0
-        for proc, (out, err) in zip(procs, said):
+        for proc, (_, err) in zip(procs, said):
             if proc.returncode != 0:
                 raise RuntimeError(f"bench scale --s3: a claiming cache-teachers failed:\n{err[-3000:]}")
-        peaks = [int([ln for ln in err.splitlines() if ln.startswith("PEAK_RSS_KIB")][-1].split()[1])
-                 for _, err in said]
+        peaks = [peak_rss_kib(err)[0] for _, err in said]
         made = app.taken()
         rows[f"stage one in S3, {CLAIMERS} processes claiming units"] = Measured(seconds, max(peaks) / 1024, 0.0,
                                                                                 "\n".join(e for _, e in said))
@@ -127,7 +129,7 @@ def claimed_in_s3(stage_one: list[str], start_ups: dict[str, list[str]], units: 
         rows["  S3 requests per unit (stage one)"] = Measured(sum(made.values()) / units, 0.0)
         app.taken()
         for name, cmd in start_ups.items():
-            rows[f"{name} (S3)"] = measured([cache if a == "CACHE" else a for a in cmd], run_dir, env)
+            rows[f"{name} (S3)"] = measured(at_cache(cmd), run_dir, env)
             took = app.taken()
             lines.append(f"{name} (S3): {sum(took.values()):,} requests ({', '.join(f'{k} {took[k]}' for k in KINDS)})")
     return rows, lines

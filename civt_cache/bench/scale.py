@@ -117,9 +117,15 @@ def measured(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> M
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"bench scale: {' '.join(args[:3])} failed:\n{proc.stderr[-3000:]}")
-    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("PEAK_RSS_KIB")][-1]
-    own, child = (int(v) for v in line.split()[1:])
+    own, child = peak_rss_kib(proc.stderr)
     return Measured(seconds, own / 1024, child / 1024, proc.stdout + proc.stderr)
+
+
+def peak_rss_kib(stderr: str) -> tuple[int, int]:
+    """The peak RSS (own, largest child) in KiB that ``_MEASURED`` printed."""
+    line = [ln for ln in stderr.splitlines() if ln.startswith("PEAK_RSS_KIB")][-1]
+    own, child = (int(v) for v in line.split()[1:])
+    return own, child
 
 
 def fastest(args: list[str], cwd: Path, runs: int) -> Measured:
